@@ -1,0 +1,39 @@
+"""Shared bits of the benchmark scripts: machine description and timing of compiled loops."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Callable
+
+import jax
+
+
+def machine_description() -> str:
+    """One line naming the CPU/GPU the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+    return f"{os.cpu_count()} cores ({cpu}); JAX {jax.__version__} on {devices}"
+
+
+def time_compiled(run: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(compile-and-first-run seconds, median seconds of ``repeats`` later runs)."""
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return first, times[len(times) // 2]

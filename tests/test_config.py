@@ -1,0 +1,57 @@
+"""Presets applied left to right, then flags; run folders refuse a different config."""
+
+import dataclasses
+
+import pytest
+
+from online_rl.ppo import PPOConfig
+from utils.config import apply_presets, parse_config
+from utils.errors import UserError
+from utils.run_dir import default_run_name, open_run_dir, resolve_run_dir
+
+PRESETS = {"small": {"num_envs": 8, "lr": 0.1}, "fast": {"lr": 0.5, "num_steps": 4}}
+
+
+def test_presets_apply_left_to_right_then_fields_override():
+    cfg = apply_presets(PPOConfig(), ["small", "fast"], PRESETS, "test")
+    assert (cfg.num_envs, cfg.lr, cfg.num_steps) == (8, 0.5, 4)
+    cfg = apply_presets(PPOConfig(), ["fast", "small"], PRESETS, "test")
+    assert cfg.lr == 0.1 and cfg.preset == ("fast", "small")
+
+
+def test_parse_config_uses_yaml_presets_then_flags():
+    cfg = parse_config(PPOConfig, "online_rl", "ppo", ["--preset", "debug", "--num-envs", "12", "--seed", "3"])
+    assert cfg.num_envs == 12  # flag beats preset
+    assert cfg.num_steps == 16  # from the debug preset
+    assert cfg.seed == 3 and cfg.preset == ("debug",)
+    cfg = parse_config(PPOConfig, "online_rl", "ppo", ["--preset", "debug", "--preset", "cpu"])
+    assert cfg.num_envs == 256 and cfg.preset == ("debug", "cpu")
+
+
+def test_unknown_preset_and_unknown_field_are_clear_errors():
+    with pytest.raises(UserError, match="unknown preset 'nope'.*available"):
+        apply_presets(PPOConfig(), ["nope"], PRESETS, "test")
+    with pytest.raises(UserError, match="unknown fields: nmu_envs"):
+        apply_presets(PPOConfig(), ["bad"], {"bad": {"nmu_envs": 3}}, "test")
+
+
+def test_help_documents_every_field(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(PPOConfig, "online_rl", "ppo", ["--help"])
+    text = capsys.readouterr().out
+    for field in dataclasses.fields(PPOConfig):
+        assert "--" + field.name.replace("_", "-") in text, field.name
+
+
+def test_run_folder_resumes_same_config_and_refuses_a_different_one(tmp_path):
+    cfg = PPOConfig(run_dir=str(tmp_path / "run"))
+    assert open_run_dir(cfg, tmp_path / "run") is False
+    assert open_run_dir(dataclasses.replace(cfg, progress=False), tmp_path / "run") is True
+    with pytest.raises(UserError, match=r"different config \(lr: 0.0002 -> 0.001\)"):
+        open_run_dir(dataclasses.replace(cfg, lr=1e-3), tmp_path / "run")
+
+
+def test_default_run_folder_is_deterministic_so_rerunning_resumes():
+    cfg = PPOConfig(preset=("debug",), seed=2)
+    assert default_run_name(cfg) == "debug-s2"
+    assert str(resolve_run_dir(cfg, "online_rl", "ppo")) == "runs/online_rl/ppo/Craftax-Classic-Symbolic-v1/debug-s2"

@@ -1,0 +1,347 @@
+"""Tetris env rules, reward modes, action modes and JAX transformations.
+
+Boards are written directly into the state and checked against plain-numpy references, so a
+wrong shift, score or shaping sign fails here rather than silently in training.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from utils.envs.tetris import OBS_DIM, Action, TetrisEnv, TetrisParams, TetrisState
+from utils.envs.tetris_pieces import BOARD_H, BOARD_W, PIECE_NAMES
+
+I, O, T, S, Z, J, L = range(7)
+KEY = jax.random.PRNGKey(0)
+
+DIRECT = TetrisEnv("direct")
+PLACEMENT = TetrisEnv("placement")
+LINES_ONLY = TetrisEnv("direct", reward_mode="lines_only")
+# Gravity far away so that single actions can be checked in isolation.
+NO_GRAVITY = DIRECT.default_params.replace(gravity_period=10**6)
+
+
+def step(env: TetrisEnv, state: TetrisState, action: int, params: TetrisParams | None = None):
+    """Always pass params explicitly: one compiled step per env for the whole file."""
+    params = NO_GRAVITY if params is None else params
+    return env.step(KEY, state, jnp.int32(action), params)
+
+
+def fresh(env: TetrisEnv = DIRECT, seed: int = 0) -> TetrisState:
+    return env.reset(jax.random.PRNGKey(seed), NO_GRAVITY)[1]
+
+
+def with_piece(state: TetrisState, piece: int, rot: int, row: int, col: int, board=None) -> TetrisState:
+    state = state.replace(
+        piece=jnp.int32(piece), rot=jnp.int32(rot), row=jnp.int32(row), col=jnp.int32(col)
+    )
+    return state if board is None else state.replace(board=jnp.asarray(board, jnp.int8))
+
+
+def cells_of(state: TetrisState) -> set[tuple[int, int]]:
+    """Falling-piece cells read back from the observation's piece plane."""
+    obs = np.asarray(DIRECT.get_obs(state, NO_GRAVITY))
+    plane = obs[BOARD_H * BOARD_W : 2 * BOARD_H * BOARD_W].reshape(BOARD_H, BOARD_W)
+    return {(int(r), int(c)) for r, c in zip(*np.nonzero(plane))}
+
+
+def position(state: TetrisState) -> tuple[int, int, int, int]:
+    return int(state.piece), int(state.rot), int(state.row), int(state.col)
+
+
+def ref_clear(board: np.ndarray) -> tuple[np.ndarray, int]:
+    keep = [row for row in board if not row.all()]
+    n = BOARD_H - len(keep)
+    return np.vstack([np.zeros((n, BOARD_W), board.dtype)] + keep) if keep else np.zeros_like(board), n
+
+
+def ref_potential(board: np.ndarray, p: TetrisParams) -> float:
+    filled = board > 0
+    heights, holes = [], 0
+    for c in range(BOARD_W):
+        rows = np.nonzero(filled[:, c])[0]
+        top = rows[0] if len(rows) else BOARD_H
+        heights.append(BOARD_H - top)
+        holes += int(np.sum(~filled[top:, c]))
+    bump = sum(abs(a - b) for a, b in zip(heights, heights[1:]))
+    return -(p.height_weight * sum(heights) + p.holes_weight * holes + p.bumpiness_weight * bump)
+
+
+# ---------------------------------------------------------------------------- moves and rotation
+
+
+def test_walls_and_blocks_stop_sideways_moves():
+    s = with_piece(fresh(), T, 0, 5, 0)  # T spawn cells in box cols 0..2: touching the left wall
+    assert position(step(DIRECT, s, Action.LEFT)[1]) == position(s)
+    moved = step(DIRECT, s, Action.RIGHT)[1]
+    assert int(moved.col) == 1
+    s = with_piece(fresh(), T, 0, 5, 7)  # touching the right wall
+    assert position(step(DIRECT, s, Action.RIGHT)[1]) == position(s)
+    board = np.zeros((BOARD_H, BOARD_W), np.int8)
+    board[6, 6] = 8  # a locked cell right of the T's bottom row
+    s = with_piece(fresh(), T, 0, 5, 3, board)
+    assert position(step(DIRECT, s, Action.RIGHT)[1]) == position(s)
+
+
+@pytest.mark.parametrize(
+    "piece, rot, col, action, expected_rot, expected_shift",
+    [
+        (I, 1, -2, Action.ROTATE_CW, 2, +2),  # vertical I on the left wall, SRS R->2 test 3
+        (I, 3, 8, Action.ROTATE_CCW, 2, -2),  # vertical I on the right wall, SRS L->2 test 2
+        (T, 1, -1, Action.ROTATE_CCW, 0, +1),  # T pointing right on the left wall, R->0 test 2
+    ],
+)
+def test_wall_kicks_move_piece_off_the_wall(piece, rot, col, action, expected_rot, expected_shift):
+    s = with_piece(fresh(), piece, rot, 8, col)
+    assert all(0 <= c < BOARD_W for _, c in cells_of(s))
+    out = step(DIRECT, s, action)[1]
+    assert int(out.rot) == expected_rot
+    assert int(out.col) - col == expected_shift
+    assert all(0 <= c < BOARD_W for _, c in cells_of(out))
+
+
+def test_kick_can_lift_the_piece():
+    """SRS 0->R test 3 is (-1, +1): one left and one UP; a sign slip in rows would miss it."""
+    board = np.zeros((BOARD_H, BOARD_W), np.int8)
+    board[19, 4:6] = 8  # blocks tests 1 and 2 under the T's stem
+    s = with_piece(fresh(), T, 0, 17, 4, board)
+    out = step(DIRECT, s, Action.ROTATE_CW)[1]
+    assert (int(out.rot), int(out.row), int(out.col)) == (1, 16, 3)
+
+
+def test_blocked_rotation_leaves_piece_unchanged():
+    board = np.full((BOARD_H, BOARD_W), 8, np.int8)
+    board[19, :4] = 0  # a one-row tunnel exactly as long as the flat I piece
+    board[:, 9] = 0  # keep every row from being full
+    s = with_piece(fresh(), I, 0, 18, 0, board)
+    for action in (Action.ROTATE_CW, Action.ROTATE_CCW):
+        assert position(step(DIRECT, s, action)[1]) == position(s)
+
+
+def test_gravity_and_soft_drop_lock_when_blocked():
+    params = DIRECT.default_params.replace(gravity_period=4)
+    s = with_piece(fresh(), T, 0, 3, 3)
+    for _ in range(3):
+        s = step(DIRECT, s, Action.NOOP, params)[1]
+        assert int(s.row) == 3
+    s = step(DIRECT, s, Action.NOOP, params)[1]
+    assert int(s.row) == 4
+    s = with_piece(s, O, 0, 18, 0)  # O resting on the floor
+    s = step(DIRECT, s, Action.SOFT_DROP)[1]
+    assert int(s.pieces) == 1 and np.asarray(s.board)[18:, 1:3].all()
+
+
+# ---------------------------------------------------------------------------- line clears, score
+
+
+def _clear_setup(full_rows: list[int], extra: list[tuple[int, int]]) -> np.ndarray:
+    board = np.zeros((BOARD_H, BOARD_W), np.int8)
+    for r in full_rows:
+        board[r, 1:] = 8  # full except column 0, which the vertical I fills
+    for r, c in extra:
+        board[r, c] = 8
+    return board
+
+
+@pytest.mark.parametrize(
+    "full_rows, extra",
+    [
+        ([19], [(18, 5)]),
+        ([18, 19], [(17, 5)]),
+        ([17, 18, 19], [(16, 5)]),
+        ([16, 17, 18, 19], [(15, 5)]),
+        ([17, 19], [(18, 1), (18, 2), (16, 7)]),  # not contiguous: row 18 must survive between
+    ],
+)
+def test_line_clears_score_and_shift(full_rows, extra):
+    board = _clear_setup(full_rows, extra)
+    s = with_piece(fresh(), I, 1, 0, -2, board)  # vertical I above column 0
+    _, out, reward, _, info = step(DIRECT, s, Action.HARD_DROP)
+    n = len(full_rows)
+    dropped = board.copy()
+    dropped[16:, 0] = I + 1
+    expected, ref_n = ref_clear(dropped)
+    assert ref_n == n
+    np.testing.assert_array_equal(np.asarray(out.board), expected)
+    score = (0, 100, 300, 500, 800)[n]
+    assert int(info["lines_cleared"]) == n and float(info["score"]) == score
+    assert int(out.lines) == n and int(out.score) == score
+    shaping = ref_potential(expected, NO_GRAVITY) - ref_potential(board, NO_GRAVITY)
+    assert float(reward) == pytest.approx(0.01 * score + shaping, abs=1e-4)
+    if full_rows == list(range(20 - n, 20)):  # contiguous: the marker row above fell n rows
+        assert expected[19, 5] and np.asarray(out.board)[19, 5]
+    assert bool(np.asarray(DIRECT.achievements(out))[n - 1])
+
+
+def test_lines_only_reward_is_lines_cleared():
+    s = with_piece(fresh(LINES_ONLY), I, 1, 0, -2, _clear_setup([18, 19], []))
+    _, _, reward, _, info = step(LINES_ONLY, s, Action.HARD_DROP)
+    assert float(reward) == 2.0 and int(info["lines_cleared"]) == 2
+    s = with_piece(fresh(LINES_ONLY), S, 0, 5, 0)  # a drop that makes a hole clears nothing
+    assert float(step(LINES_ONLY, s, Action.HARD_DROP)[2]) == 0.0
+
+
+def test_standard_shaping_penalises_holes():
+    s = with_piece(fresh(), S, 0, 5, 0)  # flat S on the floor leaves a hole under its right end
+    _, out, reward, _, info = step(DIRECT, s, Action.HARD_DROP)
+    assert float(info["shaping"]) < 0 and float(reward) < 0
+    holes_only = NO_GRAVITY.replace(height_weight=0.0, bumpiness_weight=0.0)
+    shaping = float(step(DIRECT, s, Action.HARD_DROP, holes_only)[4]["shaping"])
+    assert shaping == pytest.approx(-holes_only.holes_weight)  # exactly one hole, negative sign
+    s = with_piece(fresh(), O, 0, 5, 0)  # an O on the floor makes none
+    assert float(step(DIRECT, s, Action.HARD_DROP, holes_only)[4]["shaping"]) == 0.0
+
+
+# ---------------------------------------------------------------------------- bag, game over, limit
+
+
+def test_seven_bag_yields_each_piece_once_per_seven_spawns():
+    s = fresh(seed=3)
+    seen = []
+    for _ in range(21):
+        seen.append(int(s.piece))
+        s = step(DIRECT, s, Action.HARD_DROP)[1]
+        s = s.replace(board=jnp.zeros_like(s.board))
+    for bag in range(3):
+        assert sorted(seen[7 * bag : 7 * bag + 7]) == list(range(7)), seen
+    assert seen[:7] != seen[7:14] or seen[7:14] != seen[14:]  # bags are reshuffled
+
+
+def test_game_over_on_spawn_collision_and_frozen_after():
+    board = np.zeros((BOARD_H, BOARD_W), np.int8)
+    board[0, 3:7] = 8  # every piece spawns over these columns
+    s = with_piece(fresh(), O, 0, 10, 0, board)
+    _, out, _, done, info = step(DIRECT, s, Action.HARD_DROP)
+    assert bool(done) and bool(out.game_over) and float(info["discount"]) == 0.0
+    _, again, reward, done, _ = step(DIRECT, out, Action.HARD_DROP)
+    assert bool(done) and float(reward) == 0.0
+    np.testing.assert_array_equal(np.asarray(again.board), np.asarray(out.board))
+
+
+def test_step_limit_ends_episode():
+    params = NO_GRAVITY.replace(max_steps=5)
+    s = fresh()
+    for t in range(5):
+        _, s, _, done, _ = step(DIRECT, s, Action.NOOP, params)
+        assert bool(done) == (t == 4)
+    assert not bool(s.game_over)
+
+
+# ---------------------------------------------------------------------------- placement and hold
+
+
+@pytest.mark.parametrize(
+    "piece, rot, col, stack, expected",
+    [
+        (T, 2, 4, [], {(18, 4), (18, 5), (18, 6), (19, 5)}),  # upside-down T
+        (I, 1, 9, [], {(16, 9), (17, 9), (18, 9), (19, 9)}),  # vertical I in the last column
+        (I, 0, 9, [], {(19, 6), (19, 7), (19, 8), (19, 9)}),  # too far right: clamped to col 6
+        (T, 2, 4, [(19, 5)], {(17, 4), (17, 5), (17, 6), (18, 5)}),  # lands on the stack
+    ],
+)
+def test_placement_lands_at_chosen_column_and_rotation(piece, rot, col, stack, expected):
+    board = np.zeros((BOARD_H, BOARD_W), np.int8)
+    for r, c in stack:
+        board[r, c] = 8
+    s = with_piece(fresh(PLACEMENT), piece, 0, 0, 3, board)
+    _, out, _, done, info = step(PLACEMENT, s, rot * BOARD_W + col)
+    placed = {(int(r), int(c)) for r, c in zip(*np.nonzero(np.asarray(out.board) == piece + 1))}
+    assert placed == expected and bool(info["piece_locked"]) and not bool(done)
+
+
+def test_placement_into_a_full_column_is_game_over():
+    board = np.zeros((BOARD_H, BOARD_W), np.int8)
+    board[:, 0] = 8
+    s = with_piece(fresh(PLACEMENT), O, 0, 0, 3, board)
+    _, out, _, done, _ = step(PLACEMENT, s, 0)
+    assert bool(done) and bool(out.game_over)
+    np.testing.assert_array_equal(np.asarray(out.board), board)
+
+
+@pytest.mark.parametrize("env, hold", [(DIRECT, Action.HOLD), (PLACEMENT, 4 * BOARD_W)])
+def test_hold_swaps_once_per_piece(env, hold):
+    s = fresh(env, seed=1)
+    first, second, third = int(s.queue[0]), int(s.queue[1]), int(s.queue[2])
+    assert int(s.piece) == first and int(s.held) == -1
+    s = step(env, s, hold)[1]
+    assert (int(s.piece), int(s.held), bool(s.hold_used)) == (second, first, True)
+    again = step(env, s, hold)[1]
+    assert (int(again.piece), int(again.held)) == (second, first)  # second hold: no-op
+    drop = Action.HARD_DROP if env is DIRECT else 0
+    s = step(env, again, drop)[1]
+    assert (int(s.piece), bool(s.hold_used)) == (third, False)
+    s = step(env, s, hold)[1]
+    assert (int(s.piece), int(s.held)) == (first, third)
+    assert (int(s.rot), int(s.col)) == (0, 3)  # the swapped-in piece starts at the spawn
+
+
+# ---------------------------------------------------------------------------- JAX transformations
+
+
+@pytest.mark.parametrize("env", [DIRECT, PLACEMENT], ids=["direct", "placement"])
+def test_vmap_batch_matches_single_envs(env):
+    n, steps = 8, 25
+    params = env.default_params
+    reset_keys = jax.random.split(jax.random.PRNGKey(7), n)
+    obs_b, state_b = jax.vmap(env.reset, in_axes=(0, None))(reset_keys, params)
+    singles = [env.reset(k, params) for k in reset_keys]
+    np.testing.assert_array_equal(np.asarray(obs_b), np.stack([np.asarray(o) for o, _ in singles]))
+    states = [st for _, st in singles]
+    vstep = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))
+    key = jax.random.PRNGKey(11)
+    for _ in range(steps):
+        key, k_act, k_step = jax.random.split(key, 3)
+        actions = jax.random.randint(k_act, (n,), 0, env.num_actions)
+        step_keys = jax.random.split(k_step, n)
+        obs_b, state_b, rew_b, done_b, _ = vstep(step_keys, state_b, actions, params)
+        for i in range(n):
+            o, states[i], r, d, _ = env.step(step_keys[i], states[i], actions[i], params)
+            np.testing.assert_array_equal(np.asarray(obs_b[i]), np.asarray(o))
+            assert float(rew_b[i]) == float(r) and bool(done_b[i]) == bool(d)
+
+
+def test_random_play_ends_in_game_over_under_jit():
+    env, n, steps = DIRECT, 8, 1500
+    params = env.default_params
+    obs, state = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))(jax.random.split(KEY, n), params)
+    assert obs.shape == (n, *env.observation_space(params).shape) == (n, OBS_DIM)
+
+    @jax.jit
+    def rollout(state, key):
+        def body(state, key):
+            k_act, k_step = jax.random.split(key)
+            actions = jax.random.randint(k_act, (n,), 0, env.num_actions)
+            _, state, _, done, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+                jax.random.split(k_step, n), state, actions, params
+            )
+            return state, done
+
+        return jax.lax.scan(body, state, jax.random.split(key, steps))
+
+    state, dones = rollout(state, jax.random.PRNGKey(5))
+    assert bool(state.game_over.all()) and bool(dones[-1].all())
+    assert int(state.pieces.min()) > 5
+    metrics = jax.vmap(env.episode_metrics)(state)
+    assert set(metrics) >= {"lines", "pieces"} and metrics["pieces"].shape == (n,)
+
+
+def test_observation_layout_and_render():
+    s = with_piece(fresh(), T, 0, 0, 3)
+    s = s.replace(held=jnp.int32(L), hold_used=jnp.bool_(True))
+    obs = np.asarray(DIRECT.get_obs(s, NO_GRAVITY))
+    assert obs.shape == (OBS_DIM,) and obs.dtype == np.float32
+    tail = obs[2 * BOARD_H * BOARD_W :]
+    assert tail[T] == 1 and tail[7 + int(s.queue[s.queue_idx])] == 1 and tail[14 + L] == 1
+    assert tail[21] == 1.0  # hold used
+    assert cells_of(s) == {(0, 4), (1, 3), (1, 4), (1, 5)}
+    img = np.asarray(DIRECT.render_pixels(s))
+    assert img.shape == (160, 120, 3) and img.dtype == np.uint8
+    assert (img[4, 36] > 0).any() and not img[100, 36].any()  # T drawn at the top, empty below
+    assert len(DIRECT.achievement_names) == DIRECT.achievements(s).shape[0]
+    assert DIRECT.num_actions == 8 and PLACEMENT.num_actions == 41
+    assert len(PIECE_NAMES) == 7
+    with pytest.raises(ValueError, match="action_mode"):
+        TetrisEnv("teleport")

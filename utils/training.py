@@ -1,0 +1,246 @@
+"""What every compiled training loop shares: episode statistics and the host loop between chunks.
+
+Algorithms run their updates as compiled chunks; between chunks this host loop turns the chunk's
+summed statistics into per-seed metrics, logs them, moves the progress bar, checkpoints, and at the
+end writes ``summary.json`` and the learning curve. Resume is handled here once: the run folder, the
+checkpoint, the metrics file and a trajectory dataset are all rolled back to the same update.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from utils.checkpoint import Checkpointer
+from utils.config import to_dict
+from utils.errors import UserError
+from utils.io import atomic_write_json, read_jsonl
+from utils.logger import MetricsLogger
+from utils.plotting import plot_learning_curve
+from utils.run_dir import open_run_dir, resolve_run_dir
+
+
+@struct.dataclass
+class EpisodeStats:
+    """Sums over the episodes that finished in a window; divide on the host for means."""
+
+    count: jax.Array
+    return_sum: jax.Array
+    length_sum: jax.Array
+    achievement_sum: jax.Array  # [A]
+    metric_sums: dict
+
+    @classmethod
+    def from_step(cls, done: jax.Array, info: dict) -> "EpisodeStats":
+        mask = done.astype(jnp.float32)
+        return cls(
+            count=mask.sum(),
+            return_sum=(info["episode_return"] * mask).sum(),
+            length_sum=(info["episode_length"] * mask).sum(),
+            achievement_sum=(info["achievements"] * mask[:, None]).sum(0),
+            metric_sums={k: (v * mask).sum() for k, v in info["episode_metrics"].items()},
+        )
+
+    def sum(self, axis: int = 0) -> "EpisodeStats":
+        return jax.tree.map(lambda x: x.sum(axis), self)
+
+
+def episode_metrics(stats: EpisodeStats, achievement_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-seed means from summed stats ([seeds, ...]); NaN where no episode finished."""
+    count = np.asarray(stats.count, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_episode = lambda total: np.where(count > 0, np.asarray(total) / count, np.nan)
+        metrics = {
+            "episode/count": count,
+            "episode/return": per_episode(stats.return_sum),
+            "episode/length": per_episode(stats.length_sum),
+        }
+        for i, name in enumerate(achievement_names):
+            metrics[f"achievements/{name}"] = 100.0 * per_episode(np.asarray(stats.achievement_sum)[..., i])
+        for name, total in stats.metric_sums.items():
+            metrics[f"episode/{name}"] = per_episode(total)
+    return metrics
+
+
+def weighted_final(rows: list[dict], fraction: float = 0.1) -> dict[str, Any]:
+    """Episode-weighted mean of the last ``fraction`` of logged rows, per seed and over seeds."""
+    rows = [r for r in rows if r.get("episode/count") is not None]
+    if not rows:
+        return {}
+    tail = rows[-max(1, int(len(rows) * fraction)) :]
+    counts = np.array([r["episode/count"] for r in tail], dtype=np.float64)  # [rows, seeds]
+    keys = [k for k in tail[-1] if k.startswith(("episode/", "achievements/")) and k != "episode/count"]
+    result: dict[str, Any] = {"episodes": counts.sum(0).tolist()}
+    for key in keys:
+        values = np.array([[np.nan if v is None else v for v in r.get(key) or []] for r in tail], dtype=np.float64)
+        if values.shape != counts.shape:
+            continue
+        weights = np.where(np.isnan(values), 0.0, counts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_seed = np.nansum(np.nan_to_num(values) * weights, 0) / weights.sum(0)
+        result[key] = {"mean": float(np.nanmean(per_seed)) if np.isfinite(per_seed).any() else None,
+                       "per_seed": [None if not np.isfinite(v) else float(v) for v in per_seed]}
+    return result
+
+
+class HostLoop:
+    """Run-folder, logging, progress, checkpoint and resume logic around compiled chunks."""
+
+    def __init__(self, cfg: Any, area: str, algo: str, *, steps_per_update: int, total_updates: int,
+                 achievement_names: Sequence[str]):
+        from utils import envs
+
+        if cfg.env not in envs.ENV_NAMES:
+            raise envs.UnknownEnvError(f"unknown env {cfg.env!r}; valid names: {', '.join(envs.ENV_NAMES)}")
+        self.cfg, self.area, self.algo = cfg, area, algo
+        self.steps_per_update = steps_per_update
+        self.total_updates = total_updates
+        self.achievement_names = tuple(achievement_names)
+        self.run_dir = resolve_run_dir(cfg, area, algo)
+        open_run_dir(cfg, self.run_dir)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints")
+        latest = self.checkpointer.latest_step()
+        self.start_update = int(latest) if latest is not None else 0
+        self.resuming = latest is not None
+        self.logger = MetricsLogger(
+            self.run_dir,
+            config=to_dict(cfg),
+            resume_step=self.start_update * steps_per_update if self.resuming else None,
+            tensorboard=cfg.tensorboard,
+            wandb_mode=cfg.wandb,
+            wandb_project=cfg.wandb_project,
+        )
+        self._last_checkpoint = self.start_update
+        self._started = time.perf_counter()
+        self._progress = self._open_progress()
+        self.last_eval: dict = {}
+
+    # -- resume -----------------------------------------------------------------------------------
+    def restore(self, carry: Any) -> Any:
+        if not self.resuming:
+            return carry
+        carry, _ = self.checkpointer.restore(self.start_update, carry)
+        self._write(f"resuming {self.run_dir} from update {self.start_update}")
+        return carry
+
+    def open_trajectory_writer(self, env, directory: str | None, num_streams: int):
+        if not directory:
+            return None
+        from utils.trajectories import TrajectoryWriter
+
+        path = Path(directory)
+        if not self.resuming and (path / "manifest.json").exists():
+            raise UserError(
+                f"trajectory folder {path} already holds a dataset; pass a new --save-trajectories folder "
+                "(or resume the run that wrote it)"
+            )
+        return TrajectoryWriter(
+            path,
+            env_name=env.name,
+            obs_shape=env.obs_shape,
+            obs_dtype=np.dtype(env.obs_dtype),
+            num_streams=num_streams,
+            num_actions=env.num_actions,
+            resume_after_update=self.start_update - 1 if self.resuming else None,
+            metadata={"config": to_dict(self.cfg), "run_dir": str(self.run_dir)},
+        )
+
+    # -- between chunks ---------------------------------------------------------------------------
+    def after_chunk(self, update: int, stats: EpisodeStats, losses: dict, evals: dict, seconds: float) -> dict:
+        """Log one row for the chunk that just finished at ``update``."""
+        chunk_updates = np.asarray(stats.count).shape[1]
+        stats = jax.tree.map(lambda x: np.asarray(x).sum(1), stats)  # [seeds, chunk] -> [seeds]
+        metrics = episode_metrics(stats, self.achievement_names)
+        metrics.update({k: np.asarray(v).mean(1) for k, v in losses.items()})
+        steps = self.cfg.num_seeds * chunk_updates * self.steps_per_update
+        metrics["perf/sps"] = steps / max(seconds, 1e-9)
+        metrics["perf/update"] = update
+        metrics["perf/wall_seconds"] = time.perf_counter() - self._started
+        metrics.update(evals)
+        row = self.logger.log(update * self.steps_per_update, metrics)
+        self._advance_progress(update, row)
+        return row
+
+    def eval_metrics(self, result: dict) -> dict[str, np.ndarray]:
+        """Per-seed means over the evaluation episodes that finished."""
+        finished = np.asarray(result["finished"], dtype=np.float64)  # [seeds, envs]
+        count = finished.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = lambda x: np.where(count > 0, (np.asarray(x) * finished).sum(1) / count, np.nan)
+            metrics = {
+                "eval/return": mean(result["return"]),
+                "eval/length": mean(result["length"]),
+                "eval/finished_fraction": finished.mean(1),
+            }
+            for i, name in enumerate(self.achievement_names):
+                metrics[f"eval/achievements/{name}"] = 100.0 * mean(np.asarray(result["achievements"])[..., i])
+        self.last_eval = {k: [None if not np.isfinite(v) else float(v) for v in vals] for k, vals in metrics.items()}
+        return metrics
+
+    def maybe_checkpoint(self, update: int, carry: Any, final: bool = False) -> None:
+        every = max(1, self.cfg.checkpoint_every)
+        if final or update // every > self._last_checkpoint // every:
+            self.checkpointer.save(update, carry, {"config": to_dict(self.cfg), "update": update})
+            self._last_checkpoint = update
+
+    # -- the end ----------------------------------------------------------------------------------
+    def finish(self, update: int, carry: Any, final: bool) -> dict:
+        self.checkpointer.close()
+        self.logger.close()
+        if self._progress is not None:
+            self._progress.close()
+        rows = read_jsonl(self.logger.path) if self.logger.path.exists() else []
+        sps = [r["perf/sps"] for r in rows if r.get("perf/sps")]
+        summary = {
+            "area": self.area,
+            "algo": self.algo,
+            "env": self.cfg.env,
+            "complete": bool(final),
+            "updates": update,
+            "env_steps_per_seed": update * self.steps_per_update,
+            "num_seeds": self.cfg.num_seeds,
+            "median_sps": float(np.median(sps)) if sps else None,
+            "final": weighted_final(rows),
+            "eval": self.last_eval,
+        }
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        if rows:
+            plot_learning_curve(self.logger.path, self.run_dir / "learning_curve.png",
+                                title=f"{self.algo} on {self.cfg.env}")
+        return summary
+
+    # -- progress -----------------------------------------------------------------------------------
+    def _open_progress(self):
+        if not self.cfg.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.total_updates * self.steps_per_update,
+            initial=self.start_update * self.steps_per_update,
+            unit="step",
+            unit_scale=True,
+            dynamic_ncols=True,
+            desc=f"{self.algo} {self.cfg.env}",
+        )
+
+    def _advance_progress(self, update: int, row: dict) -> None:
+        if self._progress is None:
+            return
+        self._progress.update(update * self.steps_per_update - self._progress.n)
+        returns = row.get("episode/return")
+        finite = [v for v in (returns or []) if v is not None]
+        if finite:
+            self._progress.set_postfix(ret=f"{np.mean(finite):.2f}", refresh=False)
+
+    def _write(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress.write(message)
+        else:
+            print(message)
