@@ -1,5 +1,8 @@
 """Raw env throughput: random actions through ``utils.envs.make`` (optimistic resets), steps/s.
 
+It also reports what the random policy achieves (mean return and achievement rates over the
+episodes that finished), the baseline that trained agents are compared with in docs/results.md.
+
 The PPO benchmark (``benchmarks/ppo_sps.py``) measures training at the same env and num_envs, so the
 two figures can be compared as a ratio.
 
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 from benchmarks.common import machine_description, time_compiled
 from utils import envs
 from utils.jax_setup import enable_compilation_cache
+from utils.training import EpisodeStats, episode_metrics
 
 
 def measure_env_sps(env_name: str, num_envs: int, num_steps: int, repeats: int = 3, reset_ratio: int = 16):
@@ -29,21 +33,24 @@ def measure_env_sps(env_name: str, num_envs: int, num_steps: int, repeats: int =
         obs, state = env.reset(reset_key)
 
         def body(carry, _):
-            key, state, finished = carry
+            key, state = carry
             key, action_key, step_key = jax.random.split(key, 3)
             action = jax.random.randint(action_key, (num_envs,), 0, env.num_actions)
-            _, state, _, done, _ = env.step(step_key, state, action)
-            return (key, state, finished + done.sum()), None
+            _, state, _, done, info = env.step(step_key, state, action)
+            return (key, state), EpisodeStats.from_step(done, info)
 
-        (_, _, finished), _ = jax.lax.scan(body, (key, state, jnp.int32(0)), None, length=num_steps)
-        return finished
+        _, stats = jax.lax.scan(body, (key, state), None, length=num_steps)
+        return stats.sum()
 
     compile_s, run_s = time_compiled(lambda: rollout(jax.random.PRNGKey(0)), repeats)
+    stats = jax.tree.map(lambda x: jnp.asarray(x)[None], rollout(jax.random.PRNGKey(1)))
+    random_policy = {k: float(v[0]) for k, v in episode_metrics(stats, env.achievement_names).items()}
     return {
         "env": env_name,
         "num_envs": num_envs,
         "steps_per_second": num_envs * num_steps / run_s,
         "compile_seconds": compile_s - run_s,
+        "random_policy": random_policy,
     }
 
 

@@ -73,3 +73,28 @@ def test_cli_rejects_bad_env_and_mismatched_run_folder_with_one_line(tmp_path):
     (tmp_path / "b" / "config.yaml").write_text("lr: 0.5\n")
     mismatch = run_cli("--preset", "debug", "--run-dir", str(tmp_path / "b"))
     assert mismatch.returncode == 2 and "different config" in mismatch.stderr
+
+
+def test_saved_trajectories_match_training_and_survive_a_kill(tmp_path):
+    from utils.trajectories import TrajectoryDataset
+
+    def run(name, stop=None):
+        cfg = debug_config(tmp_path, name, save_trajectories=str(tmp_path / f"{name}_data"), eval_every=0)
+        return train(cfg, stop_after_updates=stop)
+
+    run("full")
+    full = TrajectoryDataset(tmp_path / "full_data")
+    assert full.num_shards == 4 and full.num_transitions == 4 * 16 * 8
+    data = full.read_all([*full.row_keys(), "terminal_obs", "terminal_rows"])
+    rows = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    assert int(data["done"].sum()) == int(sum(r["episode/count"][0] for r in rows))
+    assert data["obs"].shape[1:] == (1345,) and data["obs"].dtype == np.float32
+    np.testing.assert_array_equal(np.sort(data["terminal_rows"]), np.flatnonzero(data["done"]))
+    assert data["terminal_obs"].shape == (int(data["done"].sum()), 1345)
+
+    run("killed", stop=2)
+    run("killed")
+    resumed = TrajectoryDataset(tmp_path / "killed_data").read_all(list(data))
+    assert set(resumed) == set(data)
+    for key in data:
+        np.testing.assert_array_equal(resumed[key], data[key], err_msg=key)
