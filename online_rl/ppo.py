@@ -126,11 +126,12 @@ def num_updates_for(cfg: PPOConfig) -> int:
 
 
 def chunk_length(cfg: PPOConfig) -> int:
-    """Updates per compiled chunk; a saved rollout must be the last update of a chunk."""
-    length = min(cfg.updates_per_chunk, num_updates_for(cfg))
-    if cfg.save_trajectories:
-        length = math.gcd(length, cfg.save_every)
-    return max(1, length)
+    """Updates per compiled chunk: the largest that divides the run (so it takes exactly the asked
+    updates with one compiled program) and, when saving, the save interval (a saved rollout must be
+    a chunk's last update). Between chunks the host spends milliseconds, so short chunks cost little."""
+    total = num_updates_for(cfg)
+    multiple_of = math.gcd(total, cfg.save_every) if cfg.save_trajectories else total
+    return max(d for d in range(1, min(cfg.updates_per_chunk, total) + 1) if multiple_of % d == 0)
 
 
 def make_optimizer(cfg: PPOConfig, total_updates: int) -> optax.GradientTransformation:
