@@ -98,3 +98,13 @@ def test_saved_trajectories_match_training_and_survive_a_kill(tmp_path):
     assert set(resumed) == set(data)
     for key in data:
         np.testing.assert_array_equal(resumed[key], data[key], err_msg=key)
+
+
+def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
+    cfg = debug_config(tmp_path)
+    first = train(cfg)["summary"]
+    again = train(cfg)
+    assert again["summary"]["complete"] and again["summary"]["eval"] == first["eval"] != {}
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [256, 512]
+    for a, b in zip(jax.tree.leaves(train(cfg)["carry"].params), jax.tree.leaves(again["carry"].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

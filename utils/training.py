@@ -8,6 +8,7 @@ checkpoint, the metrics file and a trajectory dataset are all rolled back to the
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -196,6 +197,9 @@ class HostLoop:
         if self._progress is not None:
             self._progress.close()
         rows = read_jsonl(self.logger.path) if self.logger.path.exists() else []
+        previous = self.run_dir / "summary.json"
+        if not self.last_eval and previous.exists():  # re-running a finished run evaluates nothing new
+            self.last_eval = json.loads(previous.read_text()).get("eval", {})
         sps = [r["perf/sps"] for r in rows if r.get("perf/sps")]
         summary = {
             "area": self.area,
