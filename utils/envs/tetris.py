@@ -15,9 +15,10 @@ Rules chosen (see also ``TetrisParams``):
   that would push the piece past the right wall is clamped to the rightmost legal column. The
   piece enters that column with its top cell in row 0 and is hard-dropped from there (reachability
   from the spawn position is not checked). If it cannot even enter (that column is stacked to the
-  top) the game is over, as for a spawn collision. Action 40 is hold; larger actions are no-ops.
+  top) the game is over, as for a spawn collision. Action 40 is hold; once hold is used for this
+  piece, action 40 drops the piece at its spawn rotation and column (so the game can never stall).
 - Hold swaps the current piece with the held one (or takes the next piece if nothing is held);
-  once per piece, a second hold before the piece locks is a no-op.
+  once per piece; in direct mode a second hold before the piece locks is a no-op.
 - Score per clear of 1, 2, 3, 4 lines: 100, 300, 500, 800 (guideline, level 1; no levels).
 - Game over when a new piece overlaps the stack; the episode also ends after ``max_steps`` env
   steps (actions, in both modes). Stepping a game-over state returns it unchanged with reward 0.
@@ -274,13 +275,18 @@ class TetrisEnv(EnvironmentNoAutoReset):
         )
 
     def _placement_move(self, state: TetrisState, action: Array) -> dict:
-        """Drop the piece at the chosen rotation and leftmost column (clamped), or hold."""
-        hold = (action == PLACEMENT_HOLD) & ~state.hold_used
-        place = action < PLACEMENT_HOLD
+        """Drop the piece at the chosen rotation and leftmost column (clamped), or hold.
+
+        A hold that is no longer available drops the piece where it spawned: otherwise repeating it
+        would freeze the game, and agents learn to stall forever rather than place pieces.
+        """
+        chosen = action < PLACEMENT_HOLD
+        hold = ~chosen & ~state.hold_used
+        place = chosen | state.hold_used
         p = state.piece
-        rot = jnp.clip(action // BOARD_W, 0, NUM_ROTATIONS - 1)
+        rot = jnp.where(chosen, jnp.clip(action // BOARD_W, 0, NUM_ROTATIONS - 1), state.rot)
         left = jnp.clip(action % BOARD_W, 0, BOARD_W - _WIDTH[p, rot])
-        col = left - _MIN_COL[p, rot]
+        col = jnp.where(chosen, left - _MIN_COL[p, rot], state.col)
         row = -_MIN_ROW[p, rot]
         dist = logic.drop_distance(state.board, p, rot, row, col)
         top_out = place & (dist < 0)
