@@ -255,16 +255,17 @@ def make_evaluate(cfg: PPOConfig, network: ActorCritic):
         key, reset_key = jax.random.split(key)
         obs, state = env.reset(reset_key)
         n = cfg.eval_envs
+        metric_names = jax.eval_shape(lambda s: env.step(key, s, jnp.zeros(n, jnp.int32))[4]["episode_metrics"], state)
         init = (
             key, obs, state, jnp.int32(0), jnp.zeros(n, bool), jnp.zeros(n), jnp.zeros(n),
-            jnp.zeros((n, len(env.achievement_names))),
+            jnp.zeros((n, len(env.achievement_names))), {k: jnp.zeros(n) for k in metric_names},
         )
 
         def running(c):
             return (~c[4].all()) & (c[3] < cfg.eval_max_steps)
 
         def step(c):
-            key, obs, state, t, finished, returns, lengths, achievements = c
+            key, obs, state, t, finished, returns, lengths, achievements, metrics = c
             key, action_key, step_key = jax.random.split(key, 3)
             logits, _ = network.apply(params, obs)
             action = jax.random.categorical(action_key, logits)
@@ -273,10 +274,12 @@ def make_evaluate(cfg: PPOConfig, network: ActorCritic):
             returns = jnp.where(first, info["episode_return"], returns)
             lengths = jnp.where(first, info["episode_length"], lengths)
             achievements = jnp.where(first[:, None], info["achievements"], achievements)
-            return key, obs, state, t + 1, finished | done, returns, lengths, achievements
+            metrics = {k: jnp.where(first, info["episode_metrics"][k], v) for k, v in metrics.items()}
+            return key, obs, state, t + 1, finished | done, returns, lengths, achievements, metrics
 
-        _, _, _, _, finished, returns, lengths, achievements = jax.lax.while_loop(running, step, init)
-        return {"finished": finished, "return": returns, "length": lengths, "achievements": achievements}
+        _, _, _, _, finished, returns, lengths, achievements, metrics = jax.lax.while_loop(running, step, init)
+        return {"finished": finished, "return": returns, "length": lengths, "achievements": achievements,
+                "episode_metrics": metrics}
 
     return env, evaluate
 

@@ -108,3 +108,10 @@ def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [256, 512]
     for a, b in zip(jax.tree.leaves(train(cfg)["carry"].params), jax.tree.leaves(again["carry"].params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ppo_trains_on_tetris_and_reports_lines(tmp_path):
+    cfg = debug_config(tmp_path, env="Tetris-Placement-Standard-v0")
+    summary = train(cfg)["summary"]
+    assert summary["complete"]
+    assert "eval/lines" in summary["eval"] and "episode/lines" in summary["final"]

@@ -181,6 +181,8 @@ class HostLoop:
             }
             for i, name in enumerate(self.achievement_names):
                 metrics[f"eval/achievements/{name}"] = 100.0 * mean(np.asarray(result["achievements"])[..., i])
+            for name, values in result.get("episode_metrics", {}).items():
+                metrics[f"eval/{name}"] = mean(values)
         self.last_eval = {k: [None if not np.isfinite(v) else float(v) for v in vals] for k, vals in metrics.items()}
         return metrics
 
