@@ -250,12 +250,12 @@ def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollou
 def make_evaluate(cfg: PPOConfig, network: ActorCritic):
     """``evaluate(params, key)``: one episode in each of ``eval_envs`` fresh envs, sampled actions."""
     env = envs.make(cfg.env, cfg.eval_envs, reset_ratio=cfg.reset_ratio)
+    metric_names = env.episode_metric_names
 
     def evaluate(params, key):
         key, reset_key = jax.random.split(key)
         obs, state = env.reset(reset_key)
         n = cfg.eval_envs
-        metric_names = jax.eval_shape(lambda s: env.step(key, s, jnp.zeros(n, jnp.int32))[4]["episode_metrics"], state)
         init = (
             key, obs, state, jnp.int32(0), jnp.zeros(n, bool), jnp.zeros(n), jnp.zeros(n),
             jnp.zeros((n, len(env.achievement_names))), {k: jnp.zeros(n) for k in metric_names},

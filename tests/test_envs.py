@@ -82,5 +82,7 @@ def test_env_description():
     env = envs.make("Craftax-Classic-Symbolic-v1", 2)
     assert env.obs_shape == (1345,) and env.num_actions == 17 and not env.is_pixels
     assert len(env.achievement_names) == 22 and "collect_diamond" in env.achievement_names
+    assert env.episode_metric_names == ()
     pixels = envs.make("Craftax-Classic-Pixels-v1", 2)
     assert pixels.is_pixels
+    assert envs.make("Tetris-Direct-Standard-v0", 2).episode_metric_names == ("length", "lines", "pieces", "score")

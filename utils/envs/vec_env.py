@@ -63,6 +63,7 @@ class VecEnv:
         self.achievement_names = tuple(achievement_names)
         self._achievements_fn = achievements_fn
         self._episode_metrics_fn = episode_metrics_fn or (lambda state: {})
+        self._has_episode_metrics = episode_metrics_fn is not None
         self._reset_one = lambda key: base_env.reset(key, self.params)
         self._step_one = lambda key, state, action: base_env.step(key, state, action, self.params)
 
@@ -78,6 +79,17 @@ class VecEnv:
     @property
     def obs_dtype(self):
         return jnp.dtype(self.base_env.observation_space(self.params).dtype)
+
+    @property
+    def episode_metric_names(self) -> tuple[str, ...]:
+        """Names of the env-specific per-episode values in ``info["episode_metrics"]`` (Tetris: lines).
+
+        Found by tracing (no compute) one reset; envs without such metrics skip even that.
+        """
+        if not self._has_episode_metrics:
+            return ()
+        shapes = jax.eval_shape(lambda key: self._episode_metrics_fn(self._reset_one(key)[1]), jax.random.PRNGKey(0))
+        return tuple(shapes)
 
     @property
     def is_pixels(self) -> bool:
