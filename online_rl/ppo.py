@@ -1,86 +1,135 @@
-"""PPO on Craftax (MLP for symbolic, CNN for pixel observations), several seeds in one program.
+"""PPO on Craftax (MLP for symbolic, CNN for pixel observations), optionally with ICM or E3B bonuses.
 
-Read top to bottom: the config, ``make_train`` (pure and jittable: one call runs a chunk of PPO
-updates for one seed, vmapped over seeds), the evaluation program, and the host loop that runs the
-compiled chunks and between them logs, shows progress, saves trajectories, evaluates and checkpoints.
+Read top to bottom: the config, the exploration networks (ICM) and the E3B bonus, ``make_train``
+(pure and jittable: one call runs a chunk of PPO updates for one seed, vmapped over seeds by the
+host loop in :mod:`online_rl.common`), and ``main``.
 
     python -m online_rl.ppo --preset debug
     python -m online_rl.ppo --env Craftax-Symbolic-v1 --total-steps 1000000 --num-seeds 2
+    python -m online_rl.ppo --preset cpu --icm        # curiosity: ICM forward-model error
+    python -m online_rl.ppo --preset cpu --e3b        # elliptical episodic bonus on ICM embeddings
+
+Runs with ``--icm``/``--e3b`` are filed under ``runs/online_rl/ppo_icm`` / ``ppo_e3b`` so they
+never share a run folder with plain PPO.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
+from flax.linen.initializers import orthogonal
 
+from online_rl.common import (
+    Algorithm, PPOFamilyConfig, Transition, categorical_log_prob_entropy, clipped_value_loss, make_optimizer, memoryless_policy,
+    minibatch_epochs, next_obs_for_bonus, ppo_policy_loss, run_main, run_training, scan_updates,
+)
 from utils import envs
-from utils.checkpoint import Checkpointer
-from utils.config import RunConfig, parse_config, to_dict
-from utils.errors import UserError, exit_on_user_error
-from utils.networks import ActorCritic
+from utils.errors import exit_on_user_error
+from utils.networks import MLP, ActorCritic, ConvTorso
 from utils.returns import gae
-from utils.training import EpisodeStats, HostLoop
+from utils.training import EpisodeStats
 
 AREA, ALGO = "online_rl", "ppo"
 
 
 @dataclasses.dataclass
-class PPOConfig(RunConfig):
-    """PPO with GAE (defaults: the Craftax baselines, sized for a GPU; see --preset cpu / debug)."""
+class PPOConfig(PPOFamilyConfig):
+    """PPO with GAE, plus the optional ICM and E3B exploration bonuses (Craftax-baseline defaults)."""
 
-    num_envs: int = 1024
-    """Parallel envs per seed."""
-    num_steps: int = 64
-    """Rollout length per update (steps per env)."""
-    update_epochs: int = 4
-    """Passes over each rollout."""
-    num_minibatches: int = 8
-    """Minibatches per pass."""
-    lr: float = 2e-4
-    """Adam learning rate (linearly annealed to 0 when --anneal-lr)."""
-    anneal_lr: bool = True
-    """Anneal the learning rate linearly to zero over the run."""
-    gamma: float = 0.99
-    """Discount factor."""
-    gae_lambda: float = 0.8
-    """GAE lambda."""
-    clip_eps: float = 0.2
-    """PPO ratio clip (also clips the value update)."""
-    ent_coef: float = 0.01
-    """Entropy bonus coefficient."""
-    vf_coef: float = 0.5
-    """Value loss coefficient."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clip."""
-    layer_width: int = 512
-    """Units per hidden layer."""
-    num_layers: int = 3
-    """Hidden layers of the actor and of the critic MLP (symbolic observations)."""
-    activation: str = "tanh"
-    """Hidden activation of the MLPs: tanh or relu."""
-    reset_ratio: int = 16
-    """Optimistic resets: generate num_envs / reset_ratio fresh worlds per step."""
-    updates_per_chunk: int = 10
-    """PPO updates per compiled chunk; the host logs and checkpoints between chunks."""
-    eval_every: int = 100
-    """Evaluate every this many updates (and at the end); 0: only at the end."""
-    eval_envs: int = 32
-    """Evaluation episodes per seed (one per env)."""
-    eval_max_steps: int = 10_000
-    """Evaluation stops after this many steps even if some episodes are still running."""
-    save_trajectories: str | None = None
-    """Folder to save rollouts to, in the dataset format of DESIGN.md (off when unset)."""
-    save_every: int = 1
-    """With --save-trajectories, save the rollout of every this-many-th update."""
+    icm: bool = False
+    """Add ICM's curiosity reward: the forward model's error in predicting the next embedding."""
+    e3b: bool = False
+    """Add E3B's elliptical episodic bonus over embeddings trained by ICM's inverse model."""
+    icm_reward_coef: float = 1.0
+    """Weight of the ICM reward (with --icm)."""
+    e3b_reward_coef: float = 1.0
+    """Weight of the E3B bonus (with --e3b)."""
+    e3b_lambda: float = 0.1
+    """E3B ridge: each episode's inverse covariance starts at I / lambda."""
+    icm_latent_size: int = 32
+    """Size of the ICM embedding (E3B's feature size)."""
+    icm_layer_width: int = 256
+    """Units per hidden layer of the ICM encoder, forward and inverse models."""
+    icm_lr: float = 3e-4
+    """Adam learning rate of the ICM networks."""
+    icm_forward_coef: float = 1.0
+    """Weight of the forward-model loss (trains the forward model only)."""
+    icm_inverse_coef: float = 1.0
+    """Weight of the inverse-model loss (trains the inverse model and the encoder)."""
+
+
+def algo_name(cfg: PPOConfig) -> str:
+    return ALGO + ("_icm" if cfg.icm else "") + ("_e3b" if cfg.e3b else "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exploration: ICM networks and the E3B bonus
+# ---------------------------------------------------------------------------------------------------
+
+
+class ICM(nn.Module):
+    """Intrinsic Curiosity Module: an encoder, a forward model f(z, a) -> z' and an inverse model
+    g(z, z') -> a. The encoder learns only from the inverse loss, so it keeps what the agent controls
+    and cannot collapse to make the forward model's job trivial."""
+
+    num_actions: int
+    latent_size: int
+    width: int
+    pixels: bool = False
+
+    def setup(self):
+        torso = ConvTorso(self.width) if self.pixels else MLP(self.width, 2, "relu")
+        self.encoder = nn.Sequential([torso, nn.Dense(self.latent_size, kernel_init=orthogonal(1.0))])
+        self.forward_model = nn.Sequential([MLP(self.width, 2, "relu"), nn.Dense(self.latent_size)])
+        self.inverse_model = nn.Sequential([MLP(self.width, 2, "relu"), nn.Dense(self.num_actions)])
+
+    def encode(self, obs):
+        return self.encoder(obs)
+
+    def predict_next(self, z, action):
+        return self.forward_model(jnp.concatenate([z, jax.nn.one_hot(action, self.num_actions)], -1))
+
+    def __call__(self, obs, next_obs, action):
+        """``(predicted next embedding, inverse-model logits, next embedding)``."""
+        z, z_next = self.encode(obs), self.encode(next_obs)
+        predicted = self.predict_next(jax.lax.stop_gradient(z), action)
+        return predicted, self.inverse_model(jnp.concatenate([z, z_next], -1)), z_next
+
+
+def icm_losses(icm: ICM, params, obs, next_obs, action) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(forward loss, inverse loss, per-transition forward error)``; the error is ICM's reward."""
+    predicted, inverse_logits, z_next = icm.apply(params, obs, next_obs, action)
+    error = 0.5 * jnp.mean((predicted - jax.lax.stop_gradient(z_next)) ** 2, -1)
+    inverse = optax.softmax_cross_entropy_with_integer_labels(inverse_logits, action.astype(jnp.int32))
+    return error.mean(), inverse.mean(), error
+
+
+def e3b_initial(num_envs: int, size: int, lam: float) -> jax.Array:
+    return jnp.broadcast_to(jnp.eye(size) / lam, (num_envs, size, size))
+
+
+def e3b_step(inverse_cov: jax.Array, z: jax.Array, done: jax.Array, lam: float) -> tuple[jax.Array, jax.Array]:
+    """E3B for one step of every env: bonus ``z^T C^-1 z`` of the current embedding, then the
+    Sherman-Morrison update of ``C^-1`` with it; envs whose episode just ended restart at I / lambda,
+    so the bonus measures novelty within the episode only."""
+    u = jnp.einsum("nij,nj->ni", inverse_cov, z)
+    bonus = jnp.einsum("ni,ni->n", z, u)
+    updated = inverse_cov - jnp.einsum("ni,nj->nij", u, u) / (1.0 + bonus)[:, None, None]
+    fresh = jnp.eye(z.shape[-1]) / lam
+    return bonus, jnp.where(done[:, None, None], fresh, updated)
+
+
+@struct.dataclass
+class ExploreState:
+    icm_params: Any
+    icm_opt_state: Any
+    inverse_cov: Any  # E3B's [num_envs, D, D], or None without --e3b
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,70 +147,36 @@ class TrainCarry:
     obs: jax.Array
     key: jax.Array
     update: jax.Array  # completed updates
-
-
-class Transition(NamedTuple):
-    obs: jax.Array
-    action: jax.Array
-    reward: jax.Array
-    done: jax.Array
-    log_prob: jax.Array
-    value: jax.Array
-    terminal_obs: jax.Array | None
+    explore: Any  # ExploreState with --icm/--e3b, else None
 
 
 def make_network(cfg: PPOConfig, env: envs.VecEnv) -> ActorCritic:
-    return ActorCritic(
-        num_actions=env.num_actions,
-        pixels=env.is_pixels,
-        width=cfg.layer_width,
-        depth=cfg.num_layers,
-        activation=cfg.activation,
-    )
+    return ActorCritic(num_actions=env.num_actions, pixels=env.is_pixels, width=cfg.layer_width,
+                       depth=cfg.num_layers, activation=cfg.activation)
 
 
-def num_updates_for(cfg: PPOConfig) -> int:
-    """Enough updates to take at least ``total_steps`` env steps per seed."""
-    return max(1, math.ceil(cfg.total_steps / (cfg.num_envs * cfg.num_steps)))
+def make_icm(cfg: PPOConfig, env: envs.VecEnv) -> ICM:
+    return ICM(env.num_actions, cfg.icm_latent_size, cfg.icm_layer_width, pixels=env.is_pixels)
 
 
-def chunk_length(cfg: PPOConfig) -> int:
-    """Updates per compiled chunk: the largest that divides the run (so it takes exactly the asked
-    updates with one compiled program) and, when saving, the save interval (a saved rollout must be
-    a chunk's last update). Between chunks the host spends milliseconds, so short chunks cost little."""
-    total = num_updates_for(cfg)
-    multiple_of = math.gcd(total, cfg.save_every) if cfg.save_trajectories else total
-    return max(d for d in range(1, min(cfg.updates_per_chunk, total) + 1) if multiple_of % d == 0)
-
-
-def make_optimizer(cfg: PPOConfig, total_updates: int) -> optax.GradientTransformation:
-    steps_per_update = cfg.update_epochs * cfg.num_minibatches
-    if cfg.anneal_lr:
-        lr = optax.linear_schedule(cfg.lr, 0.0, total_updates * steps_per_update)
-    else:
-        lr = cfg.lr
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=1e-5))
-
-
-def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollout: bool):
-    """Build ``init(key) -> TrainCarry`` and ``train_chunk(carry) -> (carry, metrics, rollout)``.
-
-    Both are pure functions of one seed; the caller vmaps them over seeds and jits them.
-    ``rollout`` is the last update's transitions (for trajectory saving) or None.
-    """
+def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollout: bool) -> Algorithm:
+    """One seed's ``init`` and ``train_chunk``; ``train_chunk`` returns the last rollout when saving."""
     network = make_network(cfg, env)
     optimizer = make_optimizer(cfg, total_updates)
-    batch_size = cfg.num_envs * cfg.num_steps
-    if batch_size % cfg.num_minibatches:
-        raise UserError(
-            f"num_envs * num_steps ({batch_size}) must be divisible by num_minibatches ({cfg.num_minibatches})"
-        )
+    explore = cfg.icm or cfg.e3b
+    icm = make_icm(cfg, env)
+    icm_optimizer = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.icm_lr, eps=1e-5))
 
     def init(key: jax.Array) -> TrainCarry:
-        key, init_key, reset_key = jax.random.split(key, 3)
+        key, init_key, reset_key, icm_key = jax.random.split(key, 4)
         obs, env_state = env.reset(reset_key)
         params = network.init(init_key, obs[:1])
-        return TrainCarry(params, optimizer.init(params), env_state, obs, key, jnp.int32(0))
+        explore_state = None
+        if explore:
+            icm_params = icm.init(icm_key, obs[:1], obs[:1], jnp.zeros(1, jnp.int32))
+            cov = e3b_initial(cfg.num_envs, cfg.icm_latent_size, cfg.e3b_lambda) if cfg.e3b else None
+            explore_state = ExploreState(icm_params, icm_optimizer.init(icm_params), cov)
+        return TrainCarry(params, optimizer.init(params), env_state, obs, key, jnp.int32(0), explore_state)
 
     def env_step(carry: TrainCarry, _):
         key, action_key, step_key = jax.random.split(carry.key, 3)
@@ -169,210 +184,94 @@ def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollou
         action = jax.random.categorical(action_key, logits)
         log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], -1)[:, 0]
         obs, env_state, reward, done, info = env.step(step_key, carry.env_state, action)
-        transition = Transition(
-            carry.obs, action, reward, done, log_prob, value, info["terminal_obs"] if save_rollout else None
-        )
+        transition = Transition(carry.obs, action, reward, done, log_prob, value,
+                                info["terminal_obs"] if save_rollout else None)
+        next_obs = next_obs_for_bonus(obs, done, info) if explore else None
         stats = EpisodeStats.from_step(done, info)
-        return carry.replace(env_state=env_state, obs=obs, key=key), (transition, stats)
+        return carry.replace(env_state=env_state, obs=obs, key=key), (transition, next_obs, stats)
 
-    def loss_fn(params, batch: Transition, advantages, targets):
-        logits, value = network.apply(params, batch.obs)
-        log_probs = jax.nn.log_softmax(logits)
-        log_prob = jnp.take_along_axis(log_probs, batch.action[:, None], -1)[:, 0]
+    def intrinsic_rewards(state: ExploreState, rollout: Transition, next_obs):
+        """Bonus per transition [T, N] and E3B's covariance after the rollout."""
+        bonus, logs = jnp.zeros_like(rollout.reward), {}
+        if cfg.icm:
+            _, _, error = icm_losses(icm, state.icm_params, rollout.obs, next_obs, rollout.action)
+            bonus = bonus + cfg.icm_reward_coef * error
+            logs["explore/icm_reward"] = error.mean()
+        cov = state.inverse_cov
+        if cfg.e3b:
+            z = jax.lax.stop_gradient(icm.apply(state.icm_params, rollout.obs, method=ICM.encode))
 
-        value_clipped = batch.value + jnp.clip(value - batch.value, -cfg.clip_eps, cfg.clip_eps)
-        value_loss = 0.5 * jnp.maximum((value - targets) ** 2, (value_clipped - targets) ** 2).mean()
+            def step(cov, inputs):
+                bonus, cov = e3b_step(cov, *inputs, cfg.e3b_lambda)
+                return cov, bonus
 
-        ratio = jnp.exp(log_prob - batch.log_prob)
-        norm_adv = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        actor_loss = -jnp.minimum(
-            ratio * norm_adv, jnp.clip(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps) * norm_adv
-        ).mean()
-        entropy = -(jnp.exp(log_probs) * log_probs).sum(-1).mean()
-        total = actor_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
-        aux = {
-            "loss/total": total,
-            "loss/actor": actor_loss,
-            "loss/value": value_loss,
-            "loss/entropy": entropy,
-            "loss/approx_kl": ((ratio - 1) - jnp.log(ratio)).mean(),
-            "loss/clip_fraction": (jnp.abs(ratio - 1) > cfg.clip_eps).mean(),
-        }
-        return total, aux
+            cov, e3b = jax.lax.scan(step, cov, (z, rollout.done))
+            bonus = bonus + cfg.e3b_reward_coef * e3b
+            logs["explore/e3b_bonus"] = e3b.mean()
+        return bonus, cov, logs
 
-    def learn(carry: TrainCarry, rollout: Transition, advantages, targets):
-        flat = lambda x: x.reshape((batch_size,) + x.shape[2:])
-        data = (
-            jax.tree.map(flat, rollout._replace(terminal_obs=None)),
-            flat(advantages),
-            flat(targets),
-        )
+    def learn_icm(state: ExploreState, key, rollout: Transition, next_obs):
+        flat = lambda x: x.reshape((-1,) + x.shape[2:])
+        data = (flat(rollout.obs), flat(next_obs), flat(rollout.action))
 
-        def epoch(state, _):
-            params, opt_state, key = state
-            key, perm_key = jax.random.split(key)
-            order = jax.random.permutation(perm_key, batch_size).reshape(cfg.num_minibatches, -1)
+        def loss_fn(params, batch):
+            forward, inverse, _ = icm_losses(icm, params, *batch)
+            total = cfg.icm_forward_coef * forward + cfg.icm_inverse_coef * inverse
+            return total, {"loss/icm_forward": forward, "loss/icm_inverse": inverse}
 
-            def minibatch(state, idx):
-                params, opt_state = state
-                batch, adv, tgt = jax.tree.map(lambda x: x[idx], data)
-                grads, aux = jax.grad(loss_fn, has_aux=True)(params, batch, adv, tgt)
-                updates, opt_state = optimizer.update(grads, opt_state, params)
-                return (optax.apply_updates(params, updates), opt_state), aux
+        params, opt_state, key, aux = minibatch_epochs(loss_fn, icm_optimizer, state.icm_params,
+                                                       state.icm_opt_state, key, data, epochs=1,
+                                                       num_minibatches=cfg.num_minibatches)
+        return state.replace(icm_params=params, icm_opt_state=opt_state), key, aux
 
-            (params, opt_state), aux = jax.lax.scan(minibatch, (params, opt_state), order)
-            return (params, opt_state, key), aux
-
-        (params, opt_state, key), aux = jax.lax.scan(
-            epoch, (carry.params, carry.opt_state, carry.key), None, length=cfg.update_epochs
-        )
-        return carry.replace(params=params, opt_state=opt_state, key=key), jax.tree.map(jnp.mean, aux)
+    def loss_fn(params, batch):
+        transitions, advantages, targets = batch
+        logits, value = network.apply(params, transitions.obs)
+        log_prob, entropy = categorical_log_prob_entropy(logits, transitions.action)
+        actor_loss, diagnostics = ppo_policy_loss(log_prob, entropy, transitions.log_prob, advantages, cfg.clip_eps)
+        value_loss = clipped_value_loss(value, transitions.value, targets, cfg.clip_eps)
+        total = actor_loss + cfg.vf_coef * value_loss - cfg.ent_coef * diagnostics["loss/entropy"]
+        return total, {"loss/total": total, "loss/actor": actor_loss, "loss/value": value_loss, **diagnostics}
 
     def update(carry: TrainCarry, _):
-        carry, (rollout, stats) = jax.lax.scan(env_step, carry, None, length=cfg.num_steps)
+        carry, (rollout, next_obs, stats) = jax.lax.scan(env_step, carry, None, length=cfg.num_steps)
         _, last_value = network.apply(carry.params, carry.obs)
-        advantages, targets = gae(
-            rollout.reward, rollout.value, rollout.done, last_value, cfg.gamma, cfg.gae_lambda
-        )
-        carry, losses = learn(carry, rollout, advantages, targets)
-        carry = carry.replace(update=carry.update + 1)
+        reward, logs = rollout.reward, {}
+        if explore:
+            bonus, cov, logs = intrinsic_rewards(carry.explore, rollout, next_obs)
+            reward = reward + bonus
+            carry = carry.replace(explore=carry.explore.replace(inverse_cov=cov))
+        advantages, targets = gae(reward, rollout.value, rollout.done, last_value, cfg.gamma, cfg.gae_lambda)
+
+        flat = lambda x: x.reshape((-1,) + x.shape[2:])
+        data = jax.tree.map(flat, (rollout._replace(terminal_obs=None), advantages, targets))
+        params, opt_state, key, losses = minibatch_epochs(loss_fn, optimizer, carry.params, carry.opt_state,
+                                                          carry.key, data, epochs=cfg.update_epochs,
+                                                          num_minibatches=cfg.num_minibatches)
+        carry = carry.replace(params=params, opt_state=opt_state, key=key, update=carry.update + 1)
+        if explore:
+            explore_state, key, icm_logs = learn_icm(carry.explore, carry.key, rollout, next_obs)
+            carry = carry.replace(explore=explore_state, key=key)
+            logs.update(icm_logs)
         saved = (rollout, last_value) if save_rollout else None
-        return carry, (stats.sum(), losses, saved)
+        return carry, (stats.sum(), {**losses, **logs}, saved)
 
-    def train_chunk(carry: TrainCarry, length: int):
-        carry, (stats, losses, saved) = jax.lax.scan(update, carry, None, length=length)
-        last = jax.tree.map(lambda x: x[-1], saved) if save_rollout else None
-        return carry, (stats, losses), last
-
-    return network, init, train_chunk
-
-
-def make_evaluate(cfg: PPOConfig, network: ActorCritic):
-    """``evaluate(params, key)``: one episode in each of ``eval_envs`` fresh envs, sampled actions."""
-    env = envs.make(cfg.env, cfg.eval_envs, reset_ratio=cfg.reset_ratio)
-    metric_names = env.episode_metric_names
-
-    def evaluate(params, key):
-        key, reset_key = jax.random.split(key)
-        obs, state = env.reset(reset_key)
-        n = cfg.eval_envs
-        init = (
-            key, obs, state, jnp.int32(0), jnp.zeros(n, bool), jnp.zeros(n), jnp.zeros(n),
-            jnp.zeros((n, len(env.achievement_names))), {k: jnp.zeros(n) for k in metric_names},
-        )
-
-        def running(c):
-            return (~c[4].all()) & (c[3] < cfg.eval_max_steps)
-
-        def step(c):
-            key, obs, state, t, finished, returns, lengths, achievements, metrics = c
-            key, action_key, step_key = jax.random.split(key, 3)
-            logits, _ = network.apply(params, obs)
-            action = jax.random.categorical(action_key, logits)
-            obs, state, _, done, info = env.step(step_key, state, action)
-            first = done & ~finished
-            returns = jnp.where(first, info["episode_return"], returns)
-            lengths = jnp.where(first, info["episode_length"], lengths)
-            achievements = jnp.where(first[:, None], info["achievements"], achievements)
-            metrics = {k: jnp.where(first, info["episode_metrics"][k], v) for k, v in metrics.items()}
-            return key, obs, state, t + 1, finished | done, returns, lengths, achievements, metrics
-
-        _, _, _, _, finished, returns, lengths, achievements, metrics = jax.lax.while_loop(running, step, init)
-        return {"finished": finished, "return": returns, "length": lengths, "achievements": achievements,
-                "episode_metrics": metrics}
-
-    return env, evaluate
-
-
-# ---------------------------------------------------------------------------------------------------
-# The host loop
-# ---------------------------------------------------------------------------------------------------
-
-
-def seed_keys(cfg: PPOConfig) -> jax.Array:
-    return jnp.stack([jax.random.PRNGKey(cfg.seed + i) for i in range(cfg.num_seeds)])
+    policy = memoryless_policy(lambda params, obs: network.apply(params, obs)[0])
+    return Algorithm(init, scan_updates(update, save_rollout), policy)
 
 
 def train(cfg: PPOConfig, stop_after_updates: int | None = None) -> dict:
-    """Train (or resume) the run described by ``cfg``; returns the summary and final carry.
+    """Train (or resume) the run described by ``cfg``; returns the summary, final carry and run folder.
 
     ``stop_after_updates`` ends the loop early as if the process had been killed there (for tests).
     """
-    env = envs.make(cfg.env, cfg.num_envs, reset_ratio=cfg.reset_ratio)
-    length = chunk_length(cfg)
-    num_chunks = math.ceil(num_updates_for(cfg) / length)
-    total_updates = num_chunks * length
-    save_rollout = bool(cfg.save_trajectories)
-    network, init, train_chunk = make_train(cfg, env, total_updates, save_rollout)
-
-    loop = HostLoop(cfg, AREA, ALGO, steps_per_update=cfg.num_envs * cfg.num_steps,
-                    total_updates=total_updates, achievement_names=env.achievement_names)
-    carry = jax.jit(jax.vmap(init))(seed_keys(cfg))
-    carry = loop.restore(carry)
-    writer = loop.open_trajectory_writer(env, cfg.save_trajectories, num_streams=cfg.num_seeds * cfg.num_envs)
-
-    run_chunk = jax.jit(jax.vmap(lambda c: train_chunk(c, length)))
-    _, evaluate = make_evaluate(cfg, network)
-    run_eval = jax.jit(jax.vmap(evaluate))
-    eval_key = jax.random.PRNGKey(cfg.seed + 10_000)
-
-    def maybe_evaluate(update: int, final: bool) -> dict:
-        if not final and not (cfg.eval_every and update % cfg.eval_every == 0):
-            return {}
-        keys = jax.random.split(jax.random.fold_in(eval_key, update), cfg.num_seeds)
-        return loop.eval_metrics(jax.device_get(run_eval(carry.params, keys)))
-
-    update = loop.start_update
-    while update < total_updates:
-        if stop_after_updates is not None and update >= stop_after_updates:
-            break
-        start = time.perf_counter()
-        carry, (stats, losses), rollout = run_chunk(carry)
-        stats, losses = jax.device_get((stats, losses))
-        update += length
-        if writer is not None and update % cfg.save_every == 0:
-            writer.write_rollout_async(**rollout_for_writer(rollout, update - 1))
-        evals = maybe_evaluate(update, final=update >= total_updates)
-        loop.after_chunk(update, stats, losses, evals, seconds=time.perf_counter() - start)
-        loop.maybe_checkpoint(update, carry, final=update >= total_updates)
-
-    if writer is not None:
-        writer.close()
-    summary = loop.finish(update, carry, final=update >= total_updates)
-    return {"summary": summary, "carry": carry, "run_dir": loop.run_dir}
-
-
-def rollout_for_writer(rollout, update: int) -> dict:
-    """Turn the vmapped last rollout ([seeds, T, envs, ...]) into time-major [T, seeds*envs, ...]."""
-    transitions, last_value = jax.device_get(rollout)
-
-    def streams(x):
-        x = np.asarray(x)
-        x = np.swapaxes(x, 0, 1)  # [T, S, N, ...]
-        return x.reshape((x.shape[0], -1) + x.shape[3:])
-
-    return {
-        "update": update,
-        "obs": streams(transitions.obs),
-        "action": streams(transitions.action),
-        "reward": streams(transitions.reward),
-        "done": streams(transitions.done),
-        "log_prob": streams(transitions.log_prob),
-        "value": streams(transitions.value),
-        "terminal_obs": streams(transitions.terminal_obs),
-        "last_value": np.asarray(last_value).reshape(-1),
-    }
+    return run_training(cfg, AREA, algo_name(cfg), lambda env, total, save: make_train(cfg, env, total, save),
+                        stop_after_updates)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    from utils.jax_setup import enable_compilation_cache
-
-    enable_compilation_cache()
-    cfg = parse_config(PPOConfig, AREA, ALGO, argv)
-    result = train(cfg)
-    print(f"run folder: {result['run_dir']}")
-    return result
+    return run_main(PPOConfig, AREA, ALGO, train, argv)
 
 
 if __name__ == "__main__":

@@ -50,13 +50,18 @@ class ConvTorso(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    """Returns ``(logits, value)``: a CNN torso for pixel observations, separate MLPs otherwise."""
+    """Returns ``(logits, value)``: a CNN torso for pixel observations, separate MLPs otherwise.
+
+    ``value_heads`` > 1 gives ``value`` a last axis of that size, one linear head per return stream
+    on the shared critic trunk (RND learns extrinsic and intrinsic values this way).
+    """
 
     num_actions: int
     pixels: bool = False
     width: int = 512
     depth: int = 3
     activation: str = "tanh"
+    value_heads: int = 1
 
     @nn.compact
     def __call__(self, obs):
@@ -68,5 +73,5 @@ class ActorCritic(nn.Module):
             actor = MLP(self.width, self.depth, self.activation)(obs)
             critic = MLP(self.width, self.depth, self.activation)(obs)
         logits = nn.Dense(self.num_actions, kernel_init=orthogonal(0.01), bias_init=constant(0.0))(actor)
-        value = nn.Dense(1, kernel_init=orthogonal(1.0), bias_init=constant(0.0))(critic)
-        return logits, jnp.squeeze(value, -1)
+        value = nn.Dense(self.value_heads, kernel_init=orthogonal(1.0), bias_init=constant(0.0))(critic)
+        return logits, jnp.squeeze(value, -1) if self.value_heads == 1 else value

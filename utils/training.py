@@ -65,8 +65,14 @@ def episode_metrics(stats: EpisodeStats, achievement_names: Sequence[str]) -> di
         for i, name in enumerate(achievement_names):
             metrics[f"achievements/{name}"] = 100.0 * per_episode(np.asarray(stats.achievement_sum)[..., i])
         for name, total in stats.metric_sums.items():
-            metrics[f"episode/{name}"] = per_episode(total)
+            metrics[metric_key(name)] = per_episode(total)
     return metrics
+
+
+def metric_key(name: str) -> str:
+    """Logged name of an env-specific episode metric: plain names (Tetris ``lines``) go under
+    ``episode/``; names that carry their own group (full Craftax's ``floors/...``) keep it."""
+    return name if "/" in name else f"episode/{name}"
 
 
 def weighted_final(rows: list[dict], fraction: float = 0.1) -> dict[str, Any]:
@@ -76,7 +82,7 @@ def weighted_final(rows: list[dict], fraction: float = 0.1) -> dict[str, Any]:
         return {}
     tail = rows[-max(1, int(len(rows) * fraction)) :]
     counts = np.array([r["episode/count"] for r in tail], dtype=np.float64)  # [rows, seeds]
-    keys = [k for k in tail[-1] if k.startswith(("episode/", "achievements/")) and k != "episode/count"]
+    keys = [k for k in tail[-1] if k.startswith(("episode/", "achievements/", "floors/")) and k != "episode/count"]
     result: dict[str, Any] = {"episodes": counts.sum(0).tolist()}
     for key in keys:
         values = np.array([[np.nan if v is None else v for v in r.get(key) or []] for r in tail], dtype=np.float64)

@@ -577,9 +577,14 @@ class TrajectoryDataset:
 
     # -- returns --------------------------------------------------------------------------------
 
-    def compute_returns(self, gamma: float, *, return_bootstrapped: bool = False
+    def compute_returns(self, gamma: float, *, return_bootstrapped: bool = False,
+                        values: np.ndarray | None = None, lam: float = 1.0
                         ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Discounted return per row in dataset order, G_t = r_t + gamma (1 - done_t) G_{t+1}.
+
+        With a critic's ``values`` (V(s) per row, dataset order) and ``lam`` < 1 these are
+        TD(lambda) returns, G_t = r_t + gamma (1 - done_t) ((1 - lam) V_{t+1} + lam G_{t+1}),
+        chained across shards the same way; ``lam`` = 1 is the Monte Carlo return above.
 
         Computed per stream across shard boundaries, so an episode spanning shards gets its full
         return. Where a stream's data stops (a gap because a rollout was not saved, or the end of
@@ -589,29 +594,39 @@ class TrajectoryDataset:
         only per-stream state, so memory holds one shard of rewards at a time.
         """
         n = self.num_streams
+        if lam != 1.0 and (values is None or len(values) != self.num_transitions):
+            raise ValueError(f"lambda-returns (lam={lam}) need one value per row ({self.num_transitions})")
         returns = np.empty(self.num_transitions, dtype=np.float32)
         bootstrapped = np.empty(self.num_transitions, dtype=bool)
         carry_return = np.zeros(n, dtype=np.float64)
+        carry_value = np.zeros(n, dtype=np.float64)  # V of each stream's first row in the next shard
         carry_boot = np.ones(n, dtype=bool)
         carry_first_t: np.ndarray | None = None  # t of each stream's first row in the next shard
         for i in reversed(range(self.num_shards)):
             shard = self.load_shard(i, ("reward", "done", "t", "stream_id", "last_value"))
             reward, done, t = self._per_stream(i, shard)
+            start, stop = self.row_offset(i), self.row_offset(i + 1)
+            value = (None if lam == 1.0
+                     else np.asarray(values[start:stop], dtype=np.float64).reshape(reward.shape))
             follows = (np.zeros(n, dtype=bool) if carry_first_t is None
                        else carry_first_t == t[:, -1] + 1)
             g = np.where(follows, carry_return, shard["last_value"].astype(np.float64))
+            next_value = np.where(follows, carry_value, g)
             boot = np.where(follows, carry_boot, True)
             out_g = np.empty(reward.shape, dtype=np.float64)
             out_boot = np.empty(reward.shape, dtype=bool)
             for step in reversed(range(reward.shape[1])):
                 not_done = ~done[:, step]
+                if value is not None:
+                    g = (1.0 - lam) * next_value + lam * g
+                    next_value = value[:, step]
                 g = reward[:, step] + gamma * not_done * g
                 boot = boot & not_done
                 out_g[:, step], out_boot[:, step] = g, boot
-            start, stop = self.row_offset(i), self.row_offset(i + 1)
             returns[start:stop] = out_g.reshape(-1)
             bootstrapped[start:stop] = out_boot.reshape(-1)
             carry_return, carry_boot, carry_first_t = g, boot, t[:, 0]
+            carry_value = next_value
         return (returns, bootstrapped) if return_bootstrapped else returns
 
     def _per_stream(self, i: int, shard: Mapping[str, np.ndarray]
@@ -634,9 +649,11 @@ class TrajectoryDataset:
 
     def iter_batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                      keys: Sequence[str] | None = None, shards_in_memory: int = 4,
-                     drop_last: bool = False, row_arrays: Mapping[str, np.ndarray] | None = None
-                     ) -> Iterator[dict[str, np.ndarray]]:
+                     drop_last: bool = False, row_arrays: Mapping[str, np.ndarray] | None = None,
+                     shards: Sequence[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
         """One epoch of minibatches, every row exactly once (the last batch may be short).
+
+        ``shards`` limits the epoch to those shard indices (e.g. one data-loader worker's share).
 
         Shuffling mixes rows of ``shards_in_memory`` randomly chosen shards at a time, so
         datasets larger than memory work. ``row_arrays`` are extra dataset-order arrays (e.g. the
@@ -653,7 +670,8 @@ class TrajectoryDataset:
                 raise ValueError(f"row_arrays[{name!r}] has {len(arr)} rows; "
                                  f"the dataset has {self.num_transitions}")
         rng = np.random.default_rng(seed)
-        order = rng.permutation(self.num_shards) if shuffle else np.arange(self.num_shards)
+        ids = np.arange(self.num_shards) if shards is None else np.asarray(shards, dtype=np.int64)
+        order = rng.permutation(ids) if shuffle else ids
         leftover: dict[str, np.ndarray] | None = None
         for group_start in range(0, len(order), max(1, shards_in_memory)):
             group = order[group_start:group_start + max(1, shards_in_memory)]

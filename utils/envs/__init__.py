@@ -93,7 +93,30 @@ def _register_craftax() -> None:
         "Craftax-Classic-Symbolic-v1",
         "Craftax-Classic-Pixels-v1",
     ):
-        register(env_name, EnvFamily(build_for(env_name), achievement_names_for(env_name), achievements))
+        metrics = None if is_classic(env_name) else (lambda _base_env: floor_metrics)
+        register(env_name, EnvFamily(build_for(env_name), achievement_names_for(env_name), achievements, metrics))
+
+
+# Full Craftax's floors in the order the ladders connect them (craftax.constants.LEVEL_ACHIEVEMENT_MAP).
+FLOOR_NAMES = ("overworld", "dungeon", "gnomish_mines", "sewers", "vaults", "troll_mines",
+               "fire_realm", "ice_realm", "graveyard")
+
+
+def floor_metrics(state) -> dict:
+    """Per-episode floor progress on full Craftax: ``floors/reached_<k>_<name>`` (0 or 1) and
+    ``floors/deepest`` (index of the deepest floor reached).
+
+    Read from the "enter floor k" achievements, which are set the first time the player arrives on a
+    floor; floors are only reachable one ladder at a time, so the deepest one set is the deepest visited.
+    """
+    import jax.numpy as jnp
+    from craftax.craftax.constants import LEVEL_ACHIEVEMENT_MAP
+
+    reached = state.achievements[LEVEL_ACHIEVEMENT_MAP[1:]].astype(jnp.float32)  # floors 1..8
+    depth = jnp.arange(1, len(FLOOR_NAMES), dtype=jnp.float32)
+    metrics = {f"floors/reached_{k}_{name}": reached[k - 1] for k, name in enumerate(FLOOR_NAMES) if k}
+    metrics["floors/deepest"] = jnp.max(reached * depth)
+    return metrics
 
 
 def _register_tetris() -> None:

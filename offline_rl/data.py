@@ -1,0 +1,382 @@
+"""Reading trajectory datasets for offline RL: checks, per-row targets, and a prefetching loader.
+
+Everything here streams shard by shard through :class:`utils.trajectories.TrajectoryDataset`, so
+a dataset larger than memory works: memory holds a few decoded shards plus a few bytes per row
+(returns, masks). Decoding is the expensive part (about as costly as a training step on a CPU),
+so it runs off the training thread: in DataLoader worker processes that each read their own
+subset of shards, or, with ``num_workers=0``, in one background thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+from utils.trajectories import DatasetError, TrajectoryDataset
+
+FEATURES = ("none", "hidden_state")
+"""Inputs besides the observation: nothing, or the labelled LLM hidden states."""
+
+LABEL_FIELDS = ("model", "layer", "pooling", "template", "template_hash", "hidden_size")
+"""Fields of a labelled dataset's ``labels`` block that a policy using its features depends on."""
+
+_STD_FLOOR = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """What a trainer needs to know about a dataset, read from its manifest."""
+
+    directory: str
+    env_name: str
+    obs_shape: tuple[int, ...]
+    num_actions: int
+    obs_encoding: str
+    schema_version: int
+    num_transitions: int
+    num_shards: int
+    features: str
+    feature_dim: int  # 0 without features
+    labels: dict[str, Any] | None  # the manifest's labels block when features are used
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Per-row arrays a training batch needs."""
+        return ("obs", "action", "hidden_state") if self.feature_dim else ("obs", "action")
+
+
+def open_dataset(directory: str | Path, features: str = "none") -> tuple[TrajectoryDataset, DataSpec]:
+    """Open a dataset and check it can feed a policy with ``features``; one DatasetError line if not.
+
+    Missing manifests and unknown schema versions are reported by ``TrajectoryDataset`` itself;
+    this adds the empty-dataset and the missing-labels cases.
+    """
+    if features not in FEATURES:
+        raise UserError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
+    if not directory:
+        raise UserError("no dataset given: pass --dataset DIR (a folder written by "
+                        "python -m online_rl.ppo --save-trajectories DIR)")
+    dataset = TrajectoryDataset(directory)
+    manifest = dataset.manifest
+    if dataset.num_transitions == 0:
+        raise DatasetError(f"{dataset.directory}: the dataset has no transitions; "
+                           "let the run that writes it save at least one rollout")
+    labels, feature_dim = None, 0
+    if features == "hidden_state":
+        labels, feature_dim = _check_labels(dataset)
+    spec = DataSpec(
+        directory=str(dataset.directory),
+        env_name=str(manifest["env_name"]),
+        obs_shape=tuple(int(d) for d in manifest["obs_shape"]),
+        num_actions=int(manifest["num_actions"]),
+        obs_encoding=str(manifest["obs_encoding"]),
+        schema_version=int(manifest["schema_version"]),
+        num_transitions=dataset.num_transitions,
+        num_shards=dataset.num_shards,
+        features=features,
+        feature_dim=feature_dim,
+        labels=labels,
+    )
+    return dataset, spec
+
+
+def _check_labels(dataset: TrajectoryDataset) -> tuple[dict[str, Any], int]:
+    """The labels block and hidden size of a labelled dataset whose every shard has hidden states."""
+    fix = ("label it first (labelling adds text_obs and hidden_state to every shard), "
+           "or train with --features none")
+    labels = dataset.manifest.get("labels")
+    if not isinstance(labels, dict):
+        raise DatasetError(f"{dataset.directory}: --features hidden_state needs a labelled dataset, "
+                           f"but manifest.json has no 'labels' block; {fix}")
+    missing = [k for k in LABEL_FIELDS if k not in labels]
+    if missing:
+        raise DatasetError(f"{dataset.directory}: the manifest's labels block lacks "
+                           f"{', '.join(missing)}; re-run the labelling, or train with --features none")
+    for i in range(dataset.num_shards):
+        path = dataset.shard_path(i)
+        try:
+            with np.load(path, allow_pickle=False) as npz:  # reads the zip index only
+                has_hidden = "hidden_state" in npz.files
+        except (OSError, ValueError, EOFError) as exc:
+            raise DatasetError(f"{path}: unreadable shard ({exc}); restore or regenerate it") from exc
+        if not has_hidden:
+            raise DatasetError(f"{path}: --features hidden_state needs a hidden_state array in every "
+                               f"shard, this one has none (labelling unfinished?); {fix}")
+    return dict(labels), int(labels["hidden_size"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row quantities computed by streaming over the shards
+# ----------------------------------------------------------------------------------------------
+
+
+def feature_stats(dataset: TrajectoryDataset, feature_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of ``hidden_state`` over the whole training set, for z-normalisation.
+
+    Sums in float64 shard by shard (float16 sums would overflow). Dimensions that never vary get
+    std 1, so a value seen only at evaluation time is not blown up by a tiny divisor.
+    """
+    total = np.zeros(feature_dim)
+    total_sq = np.zeros(feature_dim)
+    count = 0
+    for i in range(dataset.num_shards):
+        hidden = dataset.load_shard(i, ("hidden_state",))["hidden_state"]
+        if hidden.ndim != 2 or hidden.shape[1] != feature_dim:
+            raise DatasetError(f"{dataset.shard_path(i)}: hidden_state has shape {hidden.shape}, but the "
+                               f"manifest's labels say hidden_size {feature_dim}; re-run the labelling")
+        x = hidden.astype(np.float64)
+        total += x.sum(0)
+        total_sq += (x * x).sum(0)
+        count += len(x)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
+    std = np.where(std > _STD_FLOOR, std, 1.0)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+@dataclasses.dataclass
+class EpisodeTable:
+    """Per-episode outcomes of a dataset and, per row, which episode the row belongs to."""
+
+    episode_of_row: np.ndarray  # [rows] index into the arrays below
+    returns: np.ndarray  # [episodes] undiscounted sum of the rewards present in the data
+    lengths: np.ndarray  # [episodes] rows present
+    complete: np.ndarray  # [episodes] bool: both the first and the last step are in the data
+
+
+def episode_table(dataset: TrajectoryDataset) -> EpisodeTable:
+    """Group rows into episodes; an episode counts as complete only if it starts and ends in the data.
+
+    Episode ids are new after every ``done`` and after every gap (an unsaved rollout), so an id's
+    first row is a real start only if it is at t = 0 or right after a ``done`` of its stream; an
+    episode cut by a gap or by the edges of the dataset has a partial return.
+    """
+    n = dataset.num_streams
+    ids, rewards, starts, ends = [], [], [], []
+    prev_done = np.zeros(n, dtype=bool)
+    prev_t = np.full(n, -2, dtype=np.int64)
+    for i in range(dataset.num_shards):
+        shard = dataset.load_shard(i, ("episode_id", "reward", "done", "t"))
+        steps = len(shard["t"]) // n
+        t = shard["t"].reshape(n, steps)
+        done = shard["done"].astype(bool).reshape(n, steps)
+        before_done = np.concatenate([prev_done[:, None], done[:, :-1]], axis=1)
+        before_t = np.concatenate([prev_t[:, None], t[:, :-1]], axis=1)
+        starts.append(((t == 0) | (before_done & (before_t == t - 1))).reshape(-1))
+        ends.append(shard["done"].astype(bool))
+        ids.append(shard["episode_id"])
+        rewards.append(shard["reward"].astype(np.float64))
+        prev_done, prev_t = done[:, -1], t[:, -1]
+    episode_ids, episode_of_row = np.unique(np.concatenate(ids), return_inverse=True)
+    count = len(episode_ids)
+    returns = np.bincount(episode_of_row, np.concatenate(rewards), minlength=count)
+    lengths = np.bincount(episode_of_row, minlength=count)
+    started = np.bincount(episode_of_row, np.concatenate(starts), minlength=count) > 0
+    ended = np.bincount(episode_of_row, np.concatenate(ends), minlength=count) > 0
+    return EpisodeTable(episode_of_row, returns, lengths, started & ended)
+
+
+def top_episode_mask(table: EpisodeTable, fraction: float) -> np.ndarray:
+    """Rows of the best ``fraction`` of the complete episodes by return (all rows when fraction = 1).
+
+    Only complete episodes are ranked: a fragment's partial return says little about how good
+    its episode was, so with ``fraction`` < 1 fragments are left out.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise UserError(f"--top-fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return np.ones(len(table.episode_of_row), dtype=bool)
+    candidates = np.flatnonzero(table.complete)
+    if len(candidates) == 0:
+        raise DatasetError("no episode both starts and ends inside the dataset, so none can be ranked "
+                           "by return; save every rollout (--save-every 1) or use --top-fraction 1")
+    keep_count = max(1, math.ceil(fraction * len(candidates)))
+    order = candidates[np.lexsort((candidates, -table.returns[candidates]))]  # best first, ties by id
+    kept = np.zeros(len(table.returns), dtype=bool)
+    kept[order[:keep_count]] = True
+    return kept[table.episode_of_row]
+
+
+def critic_values(dataset: TrajectoryDataset, value_fn, batch_size: int, keys: Sequence[str]
+                  ) -> np.ndarray:
+    """``value_fn(batch) -> np.ndarray`` over every row in dataset order (for lambda-returns)."""
+    values = np.empty(dataset.num_transitions, dtype=np.float32)
+    for batch in dataset.iter_batches(batch_size, shuffle=False, keys=list(keys)):
+        values[batch["row_index"]] = value_fn(to_tensors(batch))
+    return values
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------
+
+
+def to_tensors(batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Numpy batch -> tensors; actions become int64 (what cross-entropy and gather index with)."""
+    out = {}
+    for key, value in batch.items():
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        out[key] = tensor.long() if key == "action" else tensor
+    return out
+
+
+class EpochBatches(torch.utils.data.IterableDataset):
+    """One epoch of shuffled, fixed-size batches; in DataLoader worker k of W it reads shards k::W.
+
+    Each shard is decoded once per epoch (``TrajectoryDataset.iter_batches`` mixes rows of
+    ``shards_in_memory`` shards at a time). ``row_arrays`` (dataset-order arrays such as returns)
+    are cut into the same batches; rows where ``row_mask`` is False are dropped and the rest
+    re-batched, so every batch has exactly ``batch_size`` rows (an epoch's last partial batch per
+    worker is dropped).
+    """
+
+    def __init__(self, directory: str, keys: Sequence[str], batch_size: int, seed: int, epoch: int,
+                 row_arrays: Mapping[str, np.ndarray] | None = None, row_mask: np.ndarray | None = None,
+                 shards_in_memory: int = 4):
+        super().__init__()
+        self.directory, self.keys, self.batch_size = directory, list(keys), batch_size
+        self.seed, self.epoch, self.shards_in_memory = seed, epoch, shards_in_memory
+        self.row_arrays = dict(row_arrays or {})
+        if row_mask is not None:
+            self.row_arrays["_keep"] = row_mask
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        dataset = TrajectoryDataset(self.directory)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(dataset.num_shards)
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, worker]).generate_state(1)[0])
+        batches = dataset.iter_batches(self.batch_size, seed=seed, keys=self.keys,
+                                       shards_in_memory=self.shards_in_memory,
+                                       row_arrays=self.row_arrays, shards=order[worker::workers])
+        pending: list[dict[str, np.ndarray]] = []
+        pending_rows = 0
+        for batch in batches:
+            keep = batch.pop("_keep", None)
+            if keep is not None:
+                batch = {k: v[keep] for k, v in batch.items()}
+            if not pending and len(batch["row_index"]) == self.batch_size:
+                yield to_tensors(batch)  # the common case: no copying
+                continue
+            pending.append(batch)
+            pending_rows += len(batch["row_index"])
+            while pending_rows >= self.batch_size:
+                merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                yield to_tensors({k: v[:self.batch_size] for k, v in merged.items()})
+                rest = {k: v[self.batch_size:] for k, v in merged.items()}
+                pending_rows -= self.batch_size
+                pending = [rest] if pending_rows else []
+
+
+class _Prefetcher:
+    """Run an iterator in a background thread, ``size`` items ahead; exceptions are re-raised."""
+
+    _END = object()
+
+    def __init__(self, iterator: Iterator, size: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iterator,), daemon=True,
+                                        name="offline-rl-loader")
+        self._thread.start()
+
+    def _run(self, iterator: Iterator) -> None:
+        try:
+            for item in iterator:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _worker_context():
+    """A ``forkserver`` context whose server has imported this module (and so numpy and torch)
+    once: each epoch's workers then start in milliseconds instead of re-importing torch, and
+    never inherit the JAX or torch threads of the training process (forking those can deadlock)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload([__name__])
+    return _CONTEXT
+
+
+_CONTEXT = None
+
+
+class BatchLoader:
+    """Training batches epoch after epoch, decoded off the training thread.
+
+    ``num_workers`` > 0 uses that many DataLoader worker processes (started from a clean
+    ``forkserver`` process, since forking a process that already runs JAX or torch threads can
+    deadlock); 0 uses one background thread, which overlaps decoding with training as far as numpy
+    and zlib release the GIL. ``prefetch`` batches are kept ready per worker.
+    """
+
+    def __init__(self, spec: DataSpec, *, batch_size: int, seed: int, num_workers: int = 1,
+                 shards_in_memory: int = 4, prefetch: int = 4, pin_memory: bool = False):
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        self.spec = spec
+        self.batch_size, self.seed = batch_size, seed
+        self.num_workers = max(0, min(num_workers, spec.num_shards))  # more would sit idle
+        self.shards_in_memory, self.prefetch, self.pin_memory = shards_in_memory, prefetch, pin_memory
+        self._active: _Prefetcher | None = None
+
+    def epoch(self, epoch: int, row_arrays: Mapping[str, np.ndarray] | None = None,
+              row_mask: np.ndarray | None = None, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of epoch ``epoch`` (deterministic given seed, epoch and worker count), after
+        dropping the first ``skip`` (a resumed run continues mid-epoch with the same batches)."""
+        self.close()
+        source = EpochBatches(self.spec.directory, self.spec.keys, self.batch_size, self.seed, epoch,
+                              row_arrays, row_mask, self.shards_in_memory)
+        if self.num_workers:
+            loader = torch.utils.data.DataLoader(
+                source, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch,
+                multiprocessing_context=_worker_context(), pin_memory=self.pin_memory)
+            iterator = iter(loader)
+        else:
+            iterator = self._active = _Prefetcher(iter(source), self.prefetch)
+        for _ in range(skip):
+            if next(iterator, None) is None:
+                break
+        return iterator
+
+    def close(self) -> None:
+        if self._active is not None:
+            self._active.close()
+            self._active = None

@@ -1,0 +1,345 @@
+"""What the PPO family (ppo, ppo_rnn, ppo_rnd) shares, written once.
+
+Algorithm files never import each other (DESIGN.md), so the pieces they all need live here: the
+common hyperparameters, the clipped PPO losses, the epochs-of-shuffled-minibatches optimiser loop,
+evaluation, the host loop that runs compiled chunks, and the conversion of saved rollouts into the
+trajectory-dataset layout. Each algorithm supplies an :class:`Algorithm`: pure ``init`` and
+``train_chunk`` functions of one seed, and a :class:`Policy` for evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from utils import envs
+from utils.config import RunConfig
+from utils.errors import UserError
+from utils.training import HostLoop
+
+
+@dataclasses.dataclass
+class PPOFamilyConfig(RunConfig):
+    """PPO with GAE (defaults: the Craftax baselines, sized for a GPU; see --preset cpu / debug)."""
+
+    num_envs: int = 1024
+    """Parallel envs per seed."""
+    num_steps: int = 64
+    """Rollout length per update (steps per env)."""
+    update_epochs: int = 4
+    """Passes over each rollout."""
+    num_minibatches: int = 8
+    """Minibatches per pass."""
+    lr: float = 2e-4
+    """Adam learning rate (linearly annealed to 0 when --anneal-lr)."""
+    anneal_lr: bool = True
+    """Anneal the learning rate linearly to zero over the run."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.8
+    """GAE lambda."""
+    clip_eps: float = 0.2
+    """PPO ratio clip (also clips the value update)."""
+    ent_coef: float = 0.01
+    """Entropy bonus coefficient."""
+    vf_coef: float = 0.5
+    """Value loss coefficient."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    layer_width: int = 512
+    """Units per hidden layer."""
+    num_layers: int = 3
+    """Hidden layers of the actor and of the critic MLP (symbolic observations)."""
+    activation: str = "tanh"
+    """Hidden activation of the MLPs: tanh or relu."""
+    reset_ratio: int = 16
+    """Optimistic resets: generate num_envs / reset_ratio fresh worlds per step."""
+    updates_per_chunk: int = 10
+    """PPO updates per compiled chunk; the host logs and checkpoints between chunks."""
+    eval_every: int = 100
+    """Evaluate every this many updates (and at the end); 0: only at the end."""
+    eval_envs: int = 32
+    """Evaluation episodes per seed (one per env)."""
+    eval_max_steps: int = 10_000
+    """Evaluation stops after this many steps even if some episodes are still running."""
+    save_trajectories: str | None = None
+    """Folder to save rollouts to, in the dataset format of DESIGN.md (off when unset)."""
+    save_every: int = 1
+    """With --save-trajectories, save the rollout of every this-many-th update."""
+
+
+class Transition(NamedTuple):
+    """One env step of a rollout; ``reward`` is the env's own (extrinsic) reward, as saved to disk."""
+
+    obs: jax.Array
+    action: jax.Array
+    reward: jax.Array
+    done: jax.Array
+    log_prob: jax.Array
+    value: jax.Array
+    terminal_obs: jax.Array | None
+
+
+class Policy(NamedTuple):
+    """How evaluation acts with an agent. Memoryless policies carry ``()`` as their state."""
+
+    act: Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]  # (params, obs, state, key)
+    initial_state: Callable[[int], Any]  # number of envs -> state
+    on_done: Callable[[Any, jax.Array], Any]  # (state, done) -> state for the next episode
+
+
+def memoryless_policy(logits_fn: Callable[[Any, jax.Array], jax.Array]) -> Policy:
+    def act(params, obs, state, key):
+        return jax.random.categorical(key, logits_fn(params, obs)), state
+
+    return Policy(act, lambda n: (), lambda state, done: state)
+
+
+class Algorithm(NamedTuple):
+    """One seed's compiled program. ``train_chunk(carry, length) -> (carry, (stats, losses), saved)``
+    where ``saved`` is ``(Transition rollout [T, N], last_value [N])`` of the chunk's last update when
+    trajectories are saved, else None. ``carry.params`` are what ``policy`` acts with."""
+
+    init: Callable[[jax.Array], Any]
+    train_chunk: Callable[[Any, int], tuple]
+    policy: Policy
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses and the optimiser loop
+# ---------------------------------------------------------------------------------------------------
+
+
+def categorical_log_prob_entropy(logits: jax.Array, action: jax.Array) -> tuple[jax.Array, jax.Array]:
+    log_probs = jax.nn.log_softmax(logits)
+    log_prob = jnp.take_along_axis(log_probs, action[..., None].astype(jnp.int32), -1)[..., 0]
+    entropy = -(jnp.exp(log_probs) * log_probs).sum(-1)
+    return log_prob, entropy
+
+
+def clipped_value_loss(value, old_value, targets, clip_eps: float) -> jax.Array:
+    value_clipped = old_value + jnp.clip(value - old_value, -clip_eps, clip_eps)
+    return 0.5 * jnp.maximum((value - targets) ** 2, (value_clipped - targets) ** 2).mean()
+
+
+def ppo_policy_loss(log_prob, entropy, old_log_prob, advantages, clip_eps: float) -> tuple[jax.Array, dict]:
+    """Clipped surrogate on batch-normalised advantages; returns ``(actor_loss, diagnostics)``
+    where diagnostics hold the entropy (the caller weights it) and the usual KL/clip monitors."""
+    ratio = jnp.exp(log_prob - old_log_prob)
+    norm_adv = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    actor_loss = -jnp.minimum(ratio * norm_adv, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * norm_adv).mean()
+    diagnostics = {
+        "loss/entropy": entropy.mean(),
+        "loss/approx_kl": ((ratio - 1) - jnp.log(ratio)).mean(),
+        "loss/clip_fraction": (jnp.abs(ratio - 1) > clip_eps).mean(),
+    }
+    return actor_loss, diagnostics
+
+
+def make_optimizer(cfg: PPOFamilyConfig, total_updates: int) -> optax.GradientTransformation:
+    steps_per_update = cfg.update_epochs * cfg.num_minibatches
+    lr = optax.linear_schedule(cfg.lr, 0.0, total_updates * steps_per_update) if cfg.anneal_lr else cfg.lr
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=1e-5))
+
+
+def minibatch_epochs(loss_fn: Callable, optimizer: optax.GradientTransformation, params, opt_state,
+                     key: jax.Array, data: Any, *, epochs: int, num_minibatches: int):
+    """``epochs`` passes of shuffled minibatch gradient steps over ``data``'s leading axis.
+
+    ``loss_fn(params, batch) -> (loss, aux dict)``. The leading axis is rows for feed-forward
+    agents and whole env sequences for recurrent ones. Returns params, optimiser state, key and
+    the aux values averaged over every step.
+    """
+    items = jax.tree.leaves(data)[0].shape[0]
+    if items % num_minibatches:
+        raise UserError(f"{items} rows/sequences per update must be divisible by num_minibatches ({num_minibatches})")
+
+    def epoch(state, _):
+        params, opt_state, key = state
+        key, perm_key = jax.random.split(key)
+        order = jax.random.permutation(perm_key, items).reshape(num_minibatches, -1)
+
+        def step(state, idx):
+            params, opt_state = state
+            grads, aux = jax.grad(loss_fn, has_aux=True)(params, jax.tree.map(lambda x: x[idx], data))
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), aux
+
+        (params, opt_state), aux = jax.lax.scan(step, (params, opt_state), order)
+        return (params, opt_state, key), aux
+
+    (params, opt_state, key), aux = jax.lax.scan(epoch, (params, opt_state, key), None, length=epochs)
+    return params, opt_state, key, jax.tree.map(jnp.mean, aux)
+
+
+def next_obs_for_bonus(obs_after: jax.Array, done: jax.Array, info: dict) -> jax.Array:
+    """The observation each transition really led to: the terminal one where the episode ended
+    (the env has already reset those envs), so curiosity bonuses never score the reset."""
+    mask = done.reshape(done.shape + (1,) * (obs_after.ndim - done.ndim))
+    return jnp.where(mask, info["terminal_obs"], obs_after)
+
+
+def scan_updates(update: Callable, save_rollout: bool) -> Callable:
+    """``train_chunk(carry, length)`` from a one-update step ``update(carry, _) -> (carry, (stats,
+    logs, saved))``: scans ``length`` updates and keeps only the last update's saved rollout."""
+
+    def train_chunk(carry, length: int):
+        carry, (stats, logs, saved) = jax.lax.scan(update, carry, None, length=length)
+        last = jax.tree.map(lambda x: x[-1], saved) if save_rollout else None
+        return carry, (stats, logs), last
+
+    return train_chunk
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------
+
+
+def make_evaluate(cfg: PPOFamilyConfig, policy: Policy):
+    """``evaluate(params, key)``: one episode in each of ``eval_envs`` fresh envs, sampled actions."""
+    env = envs.make(cfg.env, cfg.eval_envs, reset_ratio=cfg.reset_ratio)
+    metric_names = env.episode_metric_names
+    n = cfg.eval_envs
+
+    def evaluate(params, key):
+        key, reset_key = jax.random.split(key)
+        obs, state = env.reset(reset_key)
+        init = dict(key=key, obs=obs, state=state, policy=policy.initial_state(n), t=jnp.int32(0),
+                    finished=jnp.zeros(n, bool), ret=jnp.zeros(n), length=jnp.zeros(n),
+                    achievements=jnp.zeros((n, len(env.achievement_names))),
+                    metrics={k: jnp.zeros(n) for k in metric_names})
+
+        def running(c):
+            return (~c["finished"].all()) & (c["t"] < cfg.eval_max_steps)
+
+        def step(c):
+            key, action_key, step_key = jax.random.split(c["key"], 3)
+            action, policy_state = policy.act(params, c["obs"], c["policy"], action_key)
+            obs, state, _, done, info = env.step(step_key, c["state"], action)
+            first = done & ~c["finished"]
+            keep = lambda new, old: jnp.where(first.reshape(first.shape + (1,) * (old.ndim - 1)), new, old)
+            return dict(
+                key=key, obs=obs, state=state, policy=policy.on_done(policy_state, done), t=c["t"] + 1,
+                finished=c["finished"] | done, ret=keep(info["episode_return"], c["ret"]),
+                length=keep(info["episode_length"], c["length"]),
+                achievements=keep(info["achievements"], c["achievements"]),
+                metrics={k: keep(info["episode_metrics"][k], v) for k, v in c["metrics"].items()},
+            )
+
+        c = jax.lax.while_loop(running, step, init)
+        return {"finished": c["finished"], "return": c["ret"], "length": c["length"],
+                "achievements": c["achievements"], "episode_metrics": c["metrics"]}
+
+    return evaluate
+
+
+# ---------------------------------------------------------------------------------------------------
+# The host loop
+# ---------------------------------------------------------------------------------------------------
+
+
+def num_updates_for(cfg: PPOFamilyConfig) -> int:
+    """Enough updates to take at least ``total_steps`` env steps per seed."""
+    return max(1, math.ceil(cfg.total_steps / (cfg.num_envs * cfg.num_steps)))
+
+
+def chunk_length(cfg: PPOFamilyConfig) -> int:
+    """Updates per compiled chunk: the largest that divides the run (so it takes exactly the asked
+    updates with one compiled program) and, when saving, the save interval (a saved rollout must be
+    a chunk's last update). Between chunks the host spends milliseconds, so short chunks cost little."""
+    total = num_updates_for(cfg)
+    multiple_of = math.gcd(total, cfg.save_every) if cfg.save_trajectories else total
+    return max(d for d in range(1, min(cfg.updates_per_chunk, total) + 1) if multiple_of % d == 0)
+
+
+def seed_keys(cfg: PPOFamilyConfig) -> jax.Array:
+    return jnp.stack([jax.random.PRNGKey(cfg.seed + i) for i in range(cfg.num_seeds)])
+
+
+def run_training(cfg: PPOFamilyConfig, area: str, algo: str,
+                 make_algorithm: Callable[[envs.VecEnv, int, bool], Algorithm],
+                 stop_after_updates: int | None = None) -> dict:
+    """Train (or resume) the run described by ``cfg``; returns the summary, final carry and run folder.
+
+    ``make_algorithm(env, total_updates, save_rollout)`` builds the algorithm's compiled pieces.
+    ``stop_after_updates`` ends the loop early as if the process had been killed there (for tests).
+    """
+    env = envs.make(cfg.env, cfg.num_envs, reset_ratio=cfg.reset_ratio)
+    length = chunk_length(cfg)
+    total_updates = math.ceil(num_updates_for(cfg) / length) * length
+    save_rollout = bool(cfg.save_trajectories)
+    algorithm = make_algorithm(env, total_updates, save_rollout)
+
+    loop = HostLoop(cfg, area, algo, steps_per_update=cfg.num_envs * cfg.num_steps,
+                    total_updates=total_updates, achievement_names=env.achievement_names)
+    carry = loop.restore(jax.jit(jax.vmap(algorithm.init))(seed_keys(cfg)))
+    writer = loop.open_trajectory_writer(env, cfg.save_trajectories, num_streams=cfg.num_seeds * cfg.num_envs)
+
+    run_chunk = jax.jit(jax.vmap(lambda c: algorithm.train_chunk(c, length)))
+    run_eval = jax.jit(jax.vmap(make_evaluate(cfg, algorithm.policy)))
+    eval_key = jax.random.PRNGKey(cfg.seed + 10_000)
+
+    def maybe_evaluate(update: int, final: bool) -> dict:
+        if not final and not (cfg.eval_every and update % cfg.eval_every == 0):
+            return {}
+        keys = jax.random.split(jax.random.fold_in(eval_key, update), cfg.num_seeds)
+        return loop.eval_metrics(jax.device_get(run_eval(carry.params, keys)))
+
+    update = loop.start_update
+    while update < total_updates:
+        if stop_after_updates is not None and update >= stop_after_updates:
+            break
+        start = time.perf_counter()
+        carry, (stats, losses), rollout = run_chunk(carry)
+        stats, losses = jax.device_get((stats, losses))
+        update += length
+        if writer is not None and update % cfg.save_every == 0:
+            writer.write_rollout_async(**rollout_for_writer(rollout, update - 1))
+        evals = maybe_evaluate(update, final=update >= total_updates)
+        loop.after_chunk(update, stats, losses, evals, seconds=time.perf_counter() - start)
+        loop.maybe_checkpoint(update, carry, final=update >= total_updates)
+
+    if writer is not None:
+        writer.close()
+    summary = loop.finish(update, carry, final=update >= total_updates)
+    return {"summary": summary, "carry": carry, "run_dir": loop.run_dir}
+
+
+def run_main(config_cls: type, area: str, algo: str, train: Callable, argv: list[str] | None) -> dict:
+    """The body of every PPO-family ``main``: compilation cache, config from presets and flags, train."""
+    from utils.config import parse_config
+    from utils.jax_setup import enable_compilation_cache
+
+    enable_compilation_cache()
+    result = train(parse_config(config_cls, area, algo, argv))
+    print(f"run folder: {result['run_dir']}")
+    return result
+
+
+def rollout_for_writer(rollout, update: int) -> dict:
+    """Turn the vmapped last rollout ([seeds, T, envs, ...]) into time-major [T, seeds*envs, ...]."""
+    transitions, last_value = jax.device_get(rollout)
+
+    def streams(x):
+        x = np.swapaxes(np.asarray(x), 0, 1)  # [T, S, N, ...]
+        return x.reshape((x.shape[0], -1) + x.shape[3:])
+
+    return {
+        "update": update,
+        "obs": streams(transitions.obs),
+        "action": streams(transitions.action),
+        "reward": streams(transitions.reward),
+        "done": streams(transitions.done),
+        "log_prob": streams(transitions.log_prob),
+        "value": streams(transitions.value),
+        "terminal_obs": streams(transitions.terminal_obs),
+        "last_value": np.asarray(last_value).reshape(-1),
+    }
