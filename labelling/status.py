@@ -67,7 +67,7 @@ def format_status(stats: dict[str, Any], outputs: list[dict[str, Any]]) -> str:
     recent = stats["recent"]
     lines = [
         f"queue {stats['queue']!r}: {stats['waiting']} waiting, {stats['in_flight']} in flight, "
-        f"{stats['done']} done, {stats['dead']} dead",
+        f"{stats['done']} done, {stats['dead']} failed (dead letters)",
         f"throughput (last {recent['window_s']:.0f} s): {recent['jobs']} jobs, "
         f"{recent['rows_per_s']:,.1f} rows/s, {recent['jobs_per_min']:.1f} jobs/min; "
         f"{stats['remaining_rows']:,} rows left, ETA {_duration(stats['eta_s'])}",

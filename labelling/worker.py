@@ -47,6 +47,8 @@ class WorkerConfig(QueueConfig):
     """Prompts per forward pass; default: the batch size given at enqueue time."""
     device: str | None = None
     """Device for the transformers backend (cpu, cuda, cuda:N); default: the enqueued one."""
+    threads: int | None = None
+    """CPU threads for torch; default: torch's choice (one per core). On a CPU shared with other jobs, 1 can be many times faster (docs/results.md)."""
     claim_idle_s: float = 60.0
     """A job whose worker has been silent this long is taken over (heartbeats every quarter of it)."""
     max_attempts: int = 3
@@ -179,17 +181,26 @@ def run_worker(cfg: WorkerConfig, client=None,
     """Serve jobs until the queue stays empty (or ``max_jobs``); returns what this worker did.
 
     ``load`` builds a backend from a job's spec (benchmarks pass a stand-in to time the queue)."""
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     client = client if client is not None else connect(cfg)
     queue = JobQueue(client, cfg.queue)
     name = cfg.name or default_worker_name()
     summary = WorkerSummary(name)
     backends = BackendCache(cfg, load)
     claim_idle_ms = int(cfg.claim_idle_s * 1000)
-    start = time.perf_counter()
     first = _wait_for_first_job(queue, cfg)
     if first is None:
         return summary
-    backends.get(first.spec(**backends.runtime))  # load once, before holding any job
+    try:
+        first_spec = first.spec(**backends.runtime)
+    except (KeyError, TypeError, ValueError):
+        first_spec = None  # a malformed job: dead-lettered when its turn comes
+    if first_spec is not None:
+        backends.get(first_spec)  # load once, before holding any job
+    start = time.perf_counter()  # the summary's rate is the labelling rate, without the load
     idle_since: float | None = None
     bar = _progress(cfg, name)
     try:
@@ -223,14 +234,22 @@ def _handle(job: Job, queue: JobQueue, backends: BackendCache, cfg: WorkerConfig
         _log(bar, f"dead letter: {job.shard} of {job.source}: {error}")
         return
     try:
-        backend = backends.get(job.spec(**backends.runtime))
+        spec = job.spec(**backends.runtime)
+    except (KeyError, TypeError, ValueError) as exc:  # a malformed job: retrying cannot help
+        error = f"malformed job ({one_line(exc)}); enqueue the dataset again with this version"
+        queue.dead_letter(job, name, error)
+        summary.dead += 1
+        _log(bar, f"dead letter: {job.fields}: {error}")
+        return
+    try:
+        backend = backends.get(spec)
     except UserError:  # this worker cannot run the model: give the job back uncharged, stop
         queue.release(job, name, charge=False)
         raise
     try:
-        if cfg.fault_pause_s:
-            time.sleep(cfg.fault_pause_s)
         with Heartbeat(queue, job, name, cfg.claim_idle_s / 4) as beat:
+            if cfg.fault_pause_s:
+                time.sleep(cfg.fault_pause_s)
             info = process_job(job, backend, queue)
         if beat.lost:
             _log(bar, f"note: {job.shard} was taken over by another worker meanwhile; "
@@ -270,9 +289,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _raise_shutdown)
     try:
         summary = run_worker(cfg)
-    except Shutdown:
-        print("worker stopped by SIGTERM; its job was handed back", file=sys.stderr)
-        raise SystemExit(143) from None
+    except (Shutdown, KeyboardInterrupt) as stop:
+        print(f"worker stopped ({'SIGTERM' if isinstance(stop, Shutdown) else 'Ctrl-C'}); "
+              "a job it held was handed back", file=sys.stderr)
+        raise SystemExit(143 if isinstance(stop, Shutdown) else 130) from None
     rate = summary.rows / summary.seconds if summary.seconds else 0.0
     print(f"{summary.name}: labelled {summary.jobs} shards ({summary.rows:,} rows, {rate:,.0f} rows/s "
           f"over {summary.seconds:.1f} s), {summary.skipped} already present, {summary.retried} "

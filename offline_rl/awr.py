@@ -23,12 +23,11 @@ import torch
 
 from offline_rl.data import DataSpec, critic_values
 from offline_rl.networks import PolicyNetwork
-from offline_rl.trainer import OfflineAlgorithm, OfflineConfig, policy_stats, train
-from utils.config import parse_config
+from offline_rl.trainer import OfflineAlgorithm, OfflineConfig, policy_stats, run_cli
 from utils.errors import UserError, exit_on_user_error
 from utils.trajectories import TrajectoryDataset
 
-AREA, ALGO = "offline_rl", "awr"
+ALGO = "awr"
 
 
 @dataclasses.dataclass
@@ -146,13 +145,7 @@ def _value_fn(model: PolicyNetwork):
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    from utils.jax_setup import enable_compilation_cache
-
-    enable_compilation_cache()  # the final evaluation runs the env in JAX
-    cfg = parse_config(AWRConfig, AREA, ALGO, argv)
-    result = train(cfg, AWR(cfg))
-    print(f"run folder: {result['run_dir']}")
-    return result
+    return run_cli(AWRConfig, AWR, ALGO, argv)
 
 
 if __name__ == "__main__":

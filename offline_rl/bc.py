@@ -19,12 +19,11 @@ import torch
 
 from offline_rl.data import DataSpec, episode_table, top_episode_mask
 from offline_rl.networks import PolicyNetwork
-from offline_rl.trainer import OfflineAlgorithm, OfflineConfig, policy_stats, train
-from utils.config import parse_config
+from offline_rl.trainer import OfflineAlgorithm, OfflineConfig, policy_stats, run_cli
 from utils.errors import UserError, exit_on_user_error
 from utils.trajectories import TrajectoryDataset
 
-AREA, ALGO = "offline_rl", "bc"
+ALGO = "bc"
 
 
 @dataclasses.dataclass
@@ -72,13 +71,7 @@ class BC(OfflineAlgorithm):
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    from utils.jax_setup import enable_compilation_cache
-
-    enable_compilation_cache()  # the final evaluation runs the env in JAX
-    cfg = parse_config(BCConfig, AREA, ALGO, argv)
-    result = train(cfg, BC(cfg))
-    print(f"run folder: {result['run_dir']}")
-    return result
+    return run_cli(BCConfig, BC, ALGO, argv)
 
 
 if __name__ == "__main__":

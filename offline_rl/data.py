@@ -92,7 +92,7 @@ def open_dataset(directory: str | Path, features: str = "none") -> tuple[Traject
 
 def _check_labels(dataset: TrajectoryDataset) -> tuple[dict[str, Any], int]:
     """The labels block and hidden size of a labelled dataset whose every shard has hidden states."""
-    fix = ("label it first (labelling adds text_obs and hidden_state to every shard), "
+    fix = ("label it with python -m labelling.enqueue and python -m labelling.worker, "
            "or train with --features none")
     labels = dataset.manifest.get("labels")
     if not isinstance(labels, dict):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from utils.errors import UserError, exit_on_user_error
 from utils.trajectories import MANIFEST_NAME, TrajectoryDataset, shard_name, write_manifest
+from utils.trajectories import _totals  # the one definition of a manifest's totals
 
 
 @dataclasses.dataclass
@@ -58,9 +59,7 @@ def subset_dataset(source: str | Path, dest: str | Path, first: int, count: int 
         shards.append({**data.shards[i], "file": target.name})
     manifest = dict(data.manifest)
     manifest["shards"] = shards
-    manifest["totals"] = {"transitions": sum(s["rows"] for s in shards),
-                          "finished_episodes": sum(s["num_episodes_finished"] for s in shards),
-                          "shards": len(shards)}
+    manifest["totals"] = _totals(shards)
     manifest["metadata"] = {**manifest.get("metadata", {}),
                             "subset_of": {"dataset": str(data.directory), "first_shard": first, "shards": len(shards)}}
     write_manifest(dest, manifest)

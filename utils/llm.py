@@ -52,7 +52,8 @@ from utils.errors import UserError
 
 __all__ = [
     "LLMError", "LLMSpec", "LLMBackend", "TransformersBackend", "VLLMBackend", "make_backend",
-    "observation_features", "model_dims", "resolve_layer", "PromptBuilder",
+    "observation_features", "model_dims", "resolve_layer", "check_spec", "load_tokenizer",
+    "PromptBuilder",
 ]
 
 POOLINGS = ("last", "mean")
@@ -84,7 +85,7 @@ class LLMSpec:
     backend: str = "transformers"
     """'transformers' (CPU or GPU) or 'vllm' (GPU only)."""
     batch_size: int = 16
-    """Prompts per forward pass (transformers) or per engine call (vllm)."""
+    """Prompts per forward pass (transformers; vLLM schedules its own batches)."""
     max_length: int = 4096
     """Longest prompt in tokens; a longer one is an error, never truncated."""
     dtype: str = "auto"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +73,18 @@ def metric_key(name: str) -> str:
     """Logged name of an env-specific episode metric: plain names (Tetris ``lines``) go under
     ``episode/``; names that carry their own group (full Craftax's ``floors/...``) keep it."""
     return name if "/" in name else f"episode/{name}"
+
+
+def init_per_seed(init: Callable[[jax.Array], Any], keys: jax.Array) -> Any:
+    """``jax.vmap(init)(keys)``, computed one seed at a time and stacked.
+
+    Not vmapped on purpose: orthogonal initialisers run LAPACK QR, and a QR batched over seeds splits
+    its batch over XLA's CPU thread pool while waiting for it; two such QRs running at once on a
+    2-thread pool wait on each other forever (seen with gdb: both pool threads blocked inside
+    ``lapack_sgeqrf``, the program never finishing). One seed at a time, each QR is unbatched.
+    """
+    init = jax.jit(init)
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *[init(key) for key in keys])
 
 
 def weighted_final(rows: list[dict], fraction: float = 0.1) -> dict[str, Any]:

@@ -110,6 +110,9 @@ class TetrisParams:
     gravity_period: int = 4  # direct mode: env steps per row of free fall
     line_scores: tuple[float, ...] = (0.0, 100.0, 300.0, 500.0, 800.0)  # by lines cleared 0..4
     score_reward_scale: float = 0.01
+    piece_reward: float = 2.5
+    game_over_penalty: float = 10.0
+    terminal_refund: float = 0.0  # EXPERIMENT
     height_weight: float = 0.51
     holes_weight: float = 0.36
     bumpiness_weight: float = 0.18
@@ -161,7 +164,9 @@ class TetrisEnv(EnvironmentNoAutoReset):
 
     @property
     def default_params(self) -> TetrisParams:
-        return TetrisParams(max_steps=self.max_steps)
+        import os  # EXPERIMENT HOOK, remove
+        over = {k: float(v) for k, v in (kv.split("=") for kv in os.environ.get("TETRIS_P", "").split(",") if kv)}
+        return TetrisParams(max_steps=self.max_steps).replace(**over)
 
     @property
     def num_actions(self) -> int:
@@ -216,7 +221,13 @@ class TetrisEnv(EnvironmentNoAutoReset):
 
         shaping = _potential(new_state.board, params) - _potential(state.board, params)
         if self.reward_mode == "standard":
-            reward = params.score_reward_scale * score + shaping
+            reward = (
+                params.score_reward_scale * score
+                + params.piece_reward * move["lock"]
+                + shaping
+                - params.game_over_penalty * new_state.game_over
+                - params.terminal_refund * new_state.game_over * _potential(new_state.board, params)
+            )
         else:
             reward = lines.astype(jnp.float32)
 
