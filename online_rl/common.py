@@ -265,18 +265,18 @@ def seed_keys(cfg: PPOFamilyConfig) -> jax.Array:
 
 
 def run_training(cfg: PPOFamilyConfig, area: str, algo: str,
-                 make_algorithm: Callable[[envs.VecEnv, int, bool], Algorithm],
+                 make_train: Callable[[Any, envs.VecEnv, int, bool], Algorithm],
                  stop_after_updates: int | None = None) -> dict:
     """Train (or resume) the run described by ``cfg``; returns the summary, final carry and run folder.
 
-    ``make_algorithm(env, total_updates, save_rollout)`` builds the algorithm's compiled pieces.
+    ``make_train(cfg, env, total_updates, save_rollout)`` builds the algorithm's compiled pieces.
     ``stop_after_updates`` ends the loop early as if the process had been killed there (for tests).
     """
     env = envs.make(cfg.env, cfg.num_envs, reset_ratio=cfg.reset_ratio)
     length = chunk_length(cfg)
     total_updates = math.ceil(num_updates_for(cfg) / length) * length
     save_rollout = bool(cfg.save_trajectories)
-    algorithm = make_algorithm(env, total_updates, save_rollout)
+    algorithm = make_train(cfg, env, total_updates, save_rollout)
 
     loop = HostLoop(cfg, area, algo, steps_per_update=cfg.num_envs * cfg.num_steps,
                     total_updates=total_updates, achievement_names=env.achievement_names)

@@ -265,8 +265,7 @@ def train(cfg: PPOConfig, stop_after_updates: int | None = None) -> dict:
 
     ``stop_after_updates`` ends the loop early as if the process had been killed there (for tests).
     """
-    return run_training(cfg, AREA, algo_name(cfg), lambda env, total, save: make_train(cfg, env, total, save),
-                        stop_after_updates)
+    return run_training(cfg, AREA, algo_name(cfg), make_train, stop_after_updates)
 
 
 @exit_on_user_error

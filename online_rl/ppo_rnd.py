@@ -226,8 +226,7 @@ def make_train(cfg: PPORNDConfig, env: envs.VecEnv, total_updates: int, save_rol
 
 def train(cfg: PPORNDConfig, stop_after_updates: int | None = None) -> dict:
     """Train (or resume) the run described by ``cfg``; returns the summary, final carry and run folder."""
-    return run_training(cfg, AREA, ALGO, lambda env, total, save: make_train(cfg, env, total, save),
-                        stop_after_updates)
+    return run_training(cfg, AREA, ALGO, make_train, stop_after_updates)
 
 
 @exit_on_user_error
