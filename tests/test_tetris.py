@@ -169,8 +169,10 @@ def test_line_clears_score_and_shift(full_rows, extra):
     score = (0, 100, 300, 500, 800)[n]
     assert int(info["lines_cleared"]) == n and float(info["score"]) == score
     assert int(out.lines) == n and int(out.score) == score
-    shaping = ref_potential(expected, NO_GRAVITY) - ref_potential(board, NO_GRAVITY)
-    assert float(reward) == pytest.approx(0.01 * score + shaping, abs=1e-4)
+    p = NO_GRAVITY
+    shaping = p.shaping_discount * ref_potential(expected, p) - ref_potential(board, p)
+    assert float(info["shaping"]) == pytest.approx(shaping, abs=1e-5)
+    assert float(reward) == pytest.approx(p.score_reward_scale * score + p.piece_reward + shaping, abs=1e-5)
     if full_rows == list(range(20 - n, 20)):  # contiguous: the marker row above fell n rows
         assert expected[19, 5] and np.asarray(out.board)[19, 5]
     assert bool(np.asarray(DIRECT.achievements(out))[n - 1])
@@ -186,13 +188,14 @@ def test_lines_only_reward_is_lines_cleared():
 
 def test_standard_shaping_penalises_holes():
     s = with_piece(fresh(), S, 0, 5, 0)  # flat S on the floor leaves a hole under its right end
-    _, out, reward, _, info = step(DIRECT, s, Action.HARD_DROP)
-    assert float(info["shaping"]) < 0 and float(reward) < 0
-    holes_only = NO_GRAVITY.replace(height_weight=0.0, bumpiness_weight=0.0)
+    _, _, hole_reward, _, info = step(DIRECT, s, Action.HARD_DROP)
+    assert float(info["shaping"]) < 0
+    o = with_piece(fresh(), O, 0, 5, 0)  # an O on the floor makes none
+    assert float(hole_reward) < float(step(DIRECT, o, Action.HARD_DROP)[2])
+    holes_only = NO_GRAVITY.replace(height_weight=0.0, bumpiness_weight=0.0, shaping_discount=1.0)
     shaping = float(step(DIRECT, s, Action.HARD_DROP, holes_only)[4]["shaping"])
     assert shaping == pytest.approx(-holes_only.holes_weight)  # exactly one hole, negative sign
-    s = with_piece(fresh(), O, 0, 5, 0)  # an O on the floor makes none
-    assert float(step(DIRECT, s, Action.HARD_DROP, holes_only)[4]["shaping"]) == 0.0
+    assert float(step(DIRECT, o, Action.HARD_DROP, holes_only)[4]["shaping"]) == 0.0
 
 
 # ---------------------------------------------------------------------------- bag, game over, limit
@@ -214,19 +217,31 @@ def test_game_over_on_spawn_collision_and_frozen_after():
     board = np.zeros((BOARD_H, BOARD_W), np.int8)
     board[0, 3:7] = 8  # every piece spawns over these columns
     s = with_piece(fresh(), O, 0, 10, 0, board)
-    _, out, _, done, info = step(DIRECT, s, Action.HARD_DROP)
+    _, out, reward, done, info = step(DIRECT, s, Action.HARD_DROP)
     assert bool(done) and bool(out.game_over) and float(info["discount"]) == 0.0
-    _, again, reward, done, _ = step(DIRECT, out, Action.HARD_DROP)
-    assert bool(done) and float(reward) == 0.0
+    assert bool(info["topped_out"])
+    # The O locks (piece reward), the penalty applies, and the shaping pays back phi(board): the
+    # topped-out state has potential 0.
+    p = NO_GRAVITY
+    assert float(info["shaping"]) == pytest.approx(-ref_potential(board, p), abs=1e-5)
+    expected = p.piece_reward - p.game_over_penalty - ref_potential(board, p)
+    assert float(reward) == pytest.approx(expected, abs=1e-5)
+    _, again, reward, done, info = step(DIRECT, out, Action.HARD_DROP)
+    assert bool(done) and float(reward) == 0.0 and not bool(info["topped_out"])
     np.testing.assert_array_equal(np.asarray(again.board), np.asarray(out.board))
+    # lines_only stays lines only: no penalty, no survival reward.
+    s = with_piece(fresh(LINES_ONLY), O, 0, 10, 0, board)
+    _, out, reward, done, _ = step(LINES_ONLY, s, Action.HARD_DROP)
+    assert bool(out.game_over) and float(reward) == 0.0
 
 
 def test_step_limit_ends_episode():
     params = NO_GRAVITY.replace(max_steps=5)
     s = fresh()
     for t in range(5):
-        _, s, _, done, _ = step(DIRECT, s, Action.NOOP, params)
+        _, s, reward, done, info = step(DIRECT, s, Action.NOOP, params)
         assert bool(done) == (t == 4)
+        assert not bool(info["topped_out"]) and float(reward) == 0.0  # no penalty at the limit
     assert not bool(s.game_over)
 
 
@@ -292,6 +307,142 @@ def test_placement_second_hold_drops_the_piece_so_the_game_cannot_stall():
     for _ in range(6):
         s = step(PLACEMENT, s, hold)[1]
     assert int(np.count_nonzero(np.asarray(s.board))) >= 12
+
+
+# ---------------------------------------------------------------------------- standard reward design
+#
+# The first standard reward summed its shaping to phi(final board) over an episode, so with no lines
+# cleared the best return came from topping out fast (PPO learned 12-step games). These tests pin
+# the fix: the return is line score + survival - penalty, whatever the final board looks like.
+
+PLACEMENT_PARAMS = PLACEMENT.default_params
+
+
+@jax.jit
+def _afterstates(state: TetrisState):
+    """The step result of every placement (not hold) from ``state``."""
+    actions = jnp.arange(4 * BOARD_W)
+    return jax.vmap(lambda a: PLACEMENT.step(KEY, state, a, PLACEMENT_PARAMS))(actions)
+
+
+def _stack_heights(boards: np.ndarray) -> np.ndarray:
+    filled = boards > 0
+    return np.where(filled.any(1), BOARD_H - filled.argmax(1), 0)  # [n, BOARD_W]
+
+
+def tower(state: TetrisState) -> int:
+    return 1 * BOARD_W + 0  # every piece upright in the leftmost columns: a quick top-out
+
+
+def survive_without_lines(state: TetrisState) -> int:
+    """Keep the stack as low as possible without ever filling the last column (so no line can be
+    completed); top out only when every other placement would touch that column."""
+    _, after, _, _, info = _afterstates(state)
+    boards = np.asarray(after.board)
+    allowed = (boards[:, :, -1] == 0).all(1) & (np.asarray(info["lines_cleared"]) == 0)
+    heights = _stack_heights(boards)
+    cost = heights.max(1) * 100 + heights.sum(1) + 10**6 * np.asarray(after.game_over)
+    return int(np.argmin(np.where(allowed, cost, 10**9)))
+
+
+def clear_lines_greedily(state: TetrisState) -> int:
+    """One-ply greedy on the potential plus lines: clears lines steadily."""
+    _, after, _, _, info = _afterstates(state)
+    boards, lines = np.asarray(after.board), np.asarray(info["lines_cleared"])
+    value = [ref_potential(b, PLACEMENT_PARAMS) for b in boards] + 10.0 * lines
+    return int(np.argmax(np.where(np.asarray(after.game_over), -1e9, value)))
+
+
+def play(env: TetrisEnv, choose, steps: int, seed: int = 0, params: TetrisParams | None = None):
+    """One episode from a fresh board until it ends or ``steps`` pass; per-step numpy arrays."""
+    params = env.default_params if params is None else params
+    state = env.reset(jax.random.PRNGKey(seed), params)[1]
+    rows = []
+    for _ in range(steps):
+        _, state, reward, done, info = env.step(KEY, state, jnp.int32(choose(state)), params)
+        rows.append((float(reward), float(info["score"]), bool(info["piece_locked"]), bool(info["topped_out"])))
+        if bool(done):
+            break
+    reward, score, locked, topped = (np.asarray(col) for col in zip(*rows))
+    return dict(reward=reward, score=score, locked=locked, topped=topped, state=state)
+
+
+def expected_return(ep: dict, params: TetrisParams) -> float:
+    """The return the design promises, discounted at shaping_discount: the shaping telescopes to
+    discount^T * phi(final board) - phi(empty board), and phi is 0 once the game is over."""
+    g = params.shaping_discount
+    disc = g ** np.arange(len(ep["reward"]))
+    base = params.score_reward_scale * ep["score"] + params.piece_reward * ep["locked"]
+    base = base - params.game_over_penalty * ep["topped"]
+    final = 0.0 if ep["topped"].any() else ref_potential(np.asarray(ep["state"].board), params)
+    return float(np.sum(disc * base) + g ** len(disc) * final)
+
+
+def discounted(rewards: np.ndarray, gamma: float) -> float:
+    return float(np.sum(rewards * gamma ** np.arange(len(rewards))))
+
+
+def test_topping_out_early_returns_less_than_surviving_without_lines():
+    quick = play(PLACEMENT, tower, 200)
+    slow = play(PLACEMENT, survive_without_lines, 200)
+    for ep in (quick, slow):
+        assert ep["topped"][-1] and ep["topped"].sum() == 1 and int(ep["state"].lines) == 0
+    assert int(slow["state"].pieces) >= int(quick["state"].pieces) + 10
+    # Undiscounted, and as PPO (gamma 0.99) sees it.
+    assert slow["reward"].sum() > quick["reward"].sum() + 1.0
+    assert discounted(slow["reward"], 0.99) > discounted(quick["reward"], 0.99)
+    # Without lines the return is survival minus the penalty: the final board does not count.
+    for ep in (quick, slow):
+        p = PLACEMENT_PARAMS
+        assert ep["reward"].sum() == pytest.approx(
+            p.piece_reward * int(ep["state"].pieces) - p.game_over_penalty, abs=1e-3
+        )
+
+
+def test_clearing_lines_returns_more_than_surviving_without_them():
+    greedy = play(PLACEMENT, clear_lines_greedily, 60)
+    slow = play(PLACEMENT, survive_without_lines, 200)
+    assert int(greedy["state"].lines) >= 10 and not greedy["topped"].any()
+    assert greedy["reward"].sum() > slow["reward"].sum()
+
+
+@pytest.mark.parametrize(
+    "env, choose, steps",
+    [
+        (PLACEMENT, tower, 200),  # tops out
+        (PLACEMENT, clear_lines_greedily, 40),  # clears lines, cut off while alive
+        (DIRECT, "random", 2000),  # direct mode: shaping discounted at 0.99, many steps a piece
+    ],
+    ids=["placement-top-out", "placement-lines", "direct-random"],
+)
+def test_return_is_line_score_plus_survival_minus_penalty(env, choose, steps):
+    if choose == "random":
+        rng = np.random.default_rng(0)
+        choose = lambda state: int(rng.integers(env.num_actions))
+    params = env.default_params
+    ep = play(env, choose, steps, params=params)
+    got = discounted(ep["reward"], params.shaping_discount)
+    assert got == pytest.approx(expected_return(ep, params), abs=2e-3)
+    assert ep["topped"].sum() == int(ep["topped"].any()) and not ep["topped"][:-1].any()
+
+
+def test_reward_weights_are_the_documented_ones():
+    """docs/tetris.md's weight table and TetrisParams must agree."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "tetris.md").read_text()
+    table = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", doc, flags=re.M))
+    assert set(table) >= {"score_reward_scale", "piece_reward", "game_over_penalty", "height_weight",
+                          "holes_weight", "bumpiness_weight", "shaping_discount"}, table
+    for name, text in table.items():
+        if name == "shaping_discount":
+            values = dict((mode, float(v)) for v, mode in re.findall(r"([\d.]+) \((\w+)\)", text))
+            assert values == {"placement": PLACEMENT_PARAMS.shaping_discount,
+                              "direct": DIRECT.default_params.shaping_discount}
+        else:
+            assert float(text) == getattr(TetrisParams(), name), name
+    assert (PLACEMENT_PARAMS.shaping_discount, DIRECT.default_params.shaping_discount) == (1.0, 0.99)
 
 
 # ---------------------------------------------------------------------------- JAX transformations
