@@ -1,0 +1,377 @@
+"""HTTP service that turns Craftax observations or texts into LLM hidden states.
+
+    python -m servers.hidden_state_server --model Qwen/Qwen2.5-0.5B-Instruct --layer -1 --pooling last
+    python -m servers.hidden_state_server --model runs/tiny_llm --preset debug      # CPU, seconds
+
+One process loads the model once and serves many clients (PPO with live LLM features, evaluation,
+tools), so a GPU is shared instead of every client loading its own copy. Observations go through
+the same ``utils.text_obs.render_texts`` and prompt as offline labelling, so a server vector equals
+a labelled dataset's vector for the same observation and spec.
+
+Endpoints (docs/servers.md has examples; the live schema is at ``/openapi.json`` and ``/docs``):
+
+* ``POST /v1/hidden_states``: ``{"texts": [...]}`` or ``{"env": ..., "observations": [[...]]}``
+  -> ``{"vectors": [[...]], "model", "layer", "pooling", "dim", ...}``.
+* ``GET /health``: model, layer, pooling, dim and the batching limits.
+* ``GET /v1/stats``: requests, model calls and batch sizes so far.
+
+Concurrent requests are gathered into one model call (``servers/batching.py``): ``--max-batch``
+caps the texts per call and per request, ``--max-wait-ms`` is how long a call waits for company.
+Bad input (malformed JSON, wrong observation length, empty or oversized batches, both or neither
+of texts/observations, unknown env, too long a prompt) gets a 4xx with one line saying what is
+wrong, never a 500. Listens on 127.0.0.1 unless ``--host`` says otherwise: there is no auth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from servers.batching import BatcherStopped, MicroBatcher
+from servers.schemas import (
+    ErrorResponse,
+    HealthResponse,
+    HiddenStatesRequest,
+    HiddenStatesResponse,
+    StatsResponse,
+)
+from utils.config import parse_config
+from utils.errors import UserError, exit_on_user_error
+from utils.llm import LLMBackend, LLMSpec, make_backend, resolve_layer
+from utils.text_obs import TEXT_ENV_NAMES, obs_layout, render_texts
+
+AREA, COMMAND = "servers", "hidden_state_server"
+HIDDEN_STATES_PATH = "/v1/hidden_states"
+_MAX_REPORTED_ERRORS = 10
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ServerConfig(LLMSpec):
+    """Serve LLM hidden states of Craftax observations or texts over HTTP."""
+
+    preset: tuple[str, ...] = ()
+    """Presets from configs/servers/hidden_state_server.yaml, applied left to right."""
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 exposes the server to the network (it has no authentication)."""
+    port: int = 8000
+    """TCP port (0: any free port, printed at start)."""
+    max_batch: int = 64
+    """Most texts per model call, and per request (larger requests get 413; the client splits them)."""
+    max_wait_ms: float = 5.0
+    """How long a model call waits for more requests to join it; 0 takes only what is already queued."""
+    batch_size: int = 64
+    """Prompts per forward pass inside one model call (transformers backend)."""
+    threads: int | None = None
+    """CPU threads for torch; default torch's choice. On a shared CPU, 1 is often fastest."""
+    log_level: str = "info"
+    """uvicorn log level: critical, error, warning, info, debug."""
+    access_log: bool = False
+    """Log one line per request."""
+
+    def spec(self) -> LLMSpec:
+        """The LLM fields; a local model folder becomes absolute, so /health names it unambiguously."""
+        spec = LLMSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LLMSpec)})
+        local = Path(spec.model).expanduser()
+        return spec.replace(model=str(local.resolve())) if spec.model and local.exists() else spec
+
+    def check(self) -> "ServerConfig":
+        if self.max_batch < 1:
+            raise UserError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise UserError(f"--max-wait-ms must be 0 or more, got {self.max_wait_ms}")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be 0..65535, got {self.port}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors: one clear line per problem, 4xx for anything the request caused
+# ----------------------------------------------------------------------------------------------
+
+
+def _location(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def _message(error: dict[str, Any]) -> str:
+    msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    loc, value = tuple(error.get("loc", ())), error.get("input")
+    if error.get("type") == "literal_error" and loc[-1:] == ("env",) and isinstance(value, str):
+        try:  # the renderer's own message says e.g. which symbolic env goes with a pixel one
+            obs_layout(value)
+        except UserError as problem:
+            return str(problem)
+    return msg
+
+
+def _line(error: dict[str, Any]) -> str:
+    where = _location(error.get("loc", ()))
+    return _message(error) if where == "body" else f"{where}: {_message(error)}"
+
+
+def validation_error_answer(errors: Sequence[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """(status, ErrorResponse body) for FastAPI's validation errors: 400 for a body that is not
+    JSON, 422 otherwise. Inputs are never echoed back (an observation batch is megabytes)."""
+    errors = list(errors)
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "")
+            return 400, {"detail": f"request body is not valid JSON ({reason or 'decode error'}, "
+                                   f"at position {error['loc'][-1]}); send a JSON object"}
+        if error.get("type") == "missing" and tuple(error.get("loc", ())) == ("body",):
+            return 422, {"detail": "request body is missing; send a JSON object with 'texts' or "
+                                   "'observations' and 'env'"}
+    shown = [_line(e) for e in errors[:3]]
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    items = [{"loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
+              "msg": _message(e), "type": str(e.get("type", ""))}
+             for e in errors[:_MAX_REPORTED_ERRORS]]
+    return 422, {"detail": "invalid request: " + "; ".join(shown) + more, "errors": items}
+
+
+async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    status, body = validation_error_answer(exc.errors())
+    return JSONResponse(status_code=status, content=body)
+
+
+async def _on_user_error(_: Request, exc: UserError) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+
+_ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
+    (400, "Body is not valid JSON."),
+    (413, "More texts or observations than the server's max batch: split the request."),
+    (422, "Invalid request: wrong fields, observation length, env, or a prompt too long."),
+    (500, "The model failed on valid input (a server problem)."),
+    (503, "The server is shutting down."),
+)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The app
+# ----------------------------------------------------------------------------------------------
+
+
+def observation_texts(observations: list[list[float]], env: str) -> list[str]:
+    """Canonical texts of a request's observations; a UserError names the first bad row."""
+    expected = obs_layout(env).obs_dim
+    for i, row in enumerate(observations):
+        if len(row) != expected:
+            raise UserError(f"observation {i} has {len(row)} values, but {env} observations have "
+                            f"{expected}; is 'env' right?")
+    return render_texts(np.asarray(observations, dtype=np.float32), env)
+
+
+def create_app(backend: LLMBackend, spec: LLMSpec, *, max_batch: int = 64,
+               max_wait_ms: float = 5.0) -> FastAPI:
+    """The FastAPI app serving ``backend``'s hidden states (``spec`` names what they are).
+
+    The model is only ever called from the batcher's one worker thread, so a backend need not be
+    thread-safe. The worker starts with the first request and stops when the app shuts down."""
+    if max_batch < 1 or max_wait_ms < 0:
+        raise UserError(f"max_batch must be >= 1 and max_wait_ms >= 0 (got {max_batch}, {max_wait_ms})")
+    batcher = MicroBatcher(backend.hidden_states, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    layer_index = getattr(backend, "layer_index", None)
+    if layer_index is None:
+        layer_index = resolve_layer(spec.layer, backend.num_layers, spec.model)
+    identity = {"model": spec.model, "layer": spec.layer, "layer_index": int(layer_index),
+                "pooling": spec.pooling, "template_hash": spec.template_hash(),
+                "dim": int(backend.hidden_size)}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        batcher.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(batcher.close)
+
+    app = FastAPI(
+        title="Craftax hidden-state server",
+        version="1",
+        summary="LLM hidden states of Craftax observations (rendered to canonical text) or texts.",
+        description=("Send texts, or symbolic observations with their env (rendered to the canonical "
+                     "text of utils/text_obs.py); get one hidden-state vector per item, plus the "
+                     "model, layer and pooling that produced it. Concurrent requests share model "
+                     "calls. Errors are 4xx/5xx with a one-line 'detail'."),
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+    app.state.identity = identity
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(UserError, _on_user_error)
+
+    @app.get("/health", response_model=HealthResponse, summary="Model, layer, pooling, dim, limits")
+    async def health() -> HealthResponse:
+        return HealthResponse(
+            **identity, num_layers=int(backend.num_layers), template=spec.template,
+            system_prompt=spec.system_prompt, backend=spec.backend, max_batch=max_batch,
+            max_wait_ms=max_wait_ms, envs=list(TEXT_ENV_NAMES))
+
+    @app.get("/v1/stats", response_model=StatsResponse, summary="Requests and model calls so far")
+    async def stats() -> StatsResponse:
+        s = batcher.stats()
+        return StatsResponse(requests=s.requests, texts=s.texts, batches=s.batches,
+                             mean_batch=round(s.mean_batch, 3), batch_sizes=s.batch_sizes,
+                             model_seconds=round(s.model_seconds, 4))
+
+    @app.post(HIDDEN_STATES_PATH, response_model=HiddenStatesResponse, responses=_ERRORS,
+              response_model_exclude_none=True,
+              summary="Hidden states of texts or of symbolic observations")
+    async def hidden_states(body: HiddenStatesRequest) -> HiddenStatesResponse:
+        count = body.count()
+        if count > max_batch:
+            what = "texts" if body.texts is not None else "observations"
+            raise HTTPException(413, f"{count} {what} in one request, more than this server's "
+                                     f"max batch of {max_batch}; split the request "
+                                     "(utils.hidden_state_client.HiddenStateClient does)")
+        if body.texts is not None:
+            texts = body.texts
+        else:
+            texts = await run_in_threadpool(observation_texts, body.observations, body.env)
+        try:
+            states = await batcher.submit(texts)
+        except UserError as error:  # e.g. a prompt longer than max_length: the request's fault
+            raise HTTPException(422, str(error)) from None
+        except BatcherStopped as error:
+            raise HTTPException(503, str(error)) from None
+        except Exception as error:  # noqa: BLE001 - a model failure on valid input: say which
+            log.exception("model call failed")
+            reason = (str(error).strip().splitlines() or [""])[0]
+            raise HTTPException(500, f"the model failed on this request "
+                                     f"({type(error).__name__}: {reason})") from None
+        return HiddenStatesResponse(**identity, count=len(texts), vectors=states.tolist(),
+                                    texts=texts if body.return_texts else None)
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving
+# ----------------------------------------------------------------------------------------------
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), or a UserError saying why not (port taken, bad host)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise UserError(f"cannot resolve --host {host!r} ({error.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port "
+                        "or stop what is using it") from None
+    return sock
+
+
+def base_url(sock: socket.socket) -> str:
+    """http://host:port of a bound socket; a wildcard address becomes the loopback one."""
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _uvicorn_server(app: FastAPI, log_level: str, access_log: bool):
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
+                            timeout_graceful_shutdown=5)
+    return uvicorn.Server(config)
+
+
+def serve(app: FastAPI, sock: socket.socket, *, log_level: str = "info",
+          access_log: bool = False) -> None:
+    """Serve ``app`` on a socket from ``bind_socket`` in this thread until SIGINT/SIGTERM."""
+    sock.listen(2048)  # connections from now on wait in the backlog until uvicorn accepts them
+    _uvicorn_server(app, log_level, access_log).run(sockets=[sock])
+
+
+@contextlib.contextmanager
+def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0, *,
+                        log_level: str = "warning", startup_timeout_s: float = 30.0
+                        ) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a thread (port 0: a free one) and yield its base URL.
+
+    For tests and for training code that wants a private server; on exit the server shuts down
+    and the model worker stops."""
+    sock = bind_socket(host, port)
+    server = _uvicorn_server(app, log_level, access_log=False)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                              name="hidden-state-server", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the hidden-state server stopped during start-up (see its log)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the hidden-state server did not start in {startup_timeout_s} s")
+            time.sleep(0.01)
+        yield base_url(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=startup_timeout_s)
+        sock.close()
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(ServerConfig, AREA, COMMAND, argv).check()
+    spec = cfg.spec().validate()
+    logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = bind_socket(cfg.host, cfg.port)  # fail on a taken port before a minutes-long load
+    if cfg.threads is not None and spec.backend == "transformers":
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    print(f"loading {spec.model} ({spec.backend}, layer {spec.layer}, pooling {spec.pooling}) ...",
+          flush=True)
+    start = time.perf_counter()
+    try:
+        backend = make_backend(spec)
+        backend.hidden_states(["warm-up"])  # first call pays lazy initialisation, not a client
+    except BaseException:
+        sock.close()
+        raise
+    app = create_app(backend, spec, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms)
+    identity = app.state.identity
+    print(f"model ready in {time.perf_counter() - start:.1f} s: dim {identity['dim']}, layer index "
+          f"{identity['layer_index']} of {backend.num_layers}; max batch {cfg.max_batch}, max wait "
+          f"{cfg.max_wait_ms:g} ms", flush=True)
+    url = base_url(sock)
+    sock.listen(2048)  # a client that reads the line below can connect at once
+    print(f"serving on {url}  (POST {url}{HIDDEN_STATES_PATH}, GET {url}/health, docs {url}/docs)",
+          flush=True)
+    serve(app, sock, log_level=cfg.log_level, access_log=cfg.access_log)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Request and response models of the hidden-state server: the wire format, and its OpenAPI schema.
+
+Typed pydantic models make FastAPI validate every request before it reaches the model and list
+every field in ``/openapi.json``. Unknown fields are refused (``extra="forbid"``) so a typo such as
+``"text"`` for ``"texts"`` is an error that names the field, not a silently ignored key.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from utils.text_obs import TEXT_ENV_NAMES
+
+# Literal over the renderer's own list: the schema enumerates exactly the envs that have a text.
+EnvName = Literal[TEXT_ENV_NAMES]  # type: ignore[valid-type]
+
+
+class HiddenStatesRequest(BaseModel):
+    """Either ``texts``, or ``observations`` with their ``env``: never both, never neither."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"texts": ["Health 9, food 9, drink 9, energy 9."]}]},
+    )
+
+    texts: Optional[list[str]] = Field(
+        default=None, min_length=1,
+        description="Texts to embed; the server applies its prompt template to each.")
+    observations: Optional[list[list[float]]] = Field(
+        default=None, min_length=1,
+        description="Flat symbolic observations, one list per observation, rendered to the "
+                    "canonical text (utils/text_obs.py) on the server.")
+    env: Optional[EnvName] = Field(
+        default=None, description="Env the observations come from (required with observations).")
+    return_texts: bool = Field(
+        default=False, description="Also return the text each vector was computed from.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "HiddenStatesRequest":
+        if (self.texts is None) == (self.observations is None):
+            raise ValueError("give exactly one of 'texts' or 'observations' (with 'env')"
+                             + (", not both" if self.texts is not None else ""))
+        if self.observations is not None and self.env is None:
+            raise ValueError(f"'observations' need 'env': one of {', '.join(TEXT_ENV_NAMES)}")
+        if self.texts is not None and self.env is not None:
+            raise ValueError("'env' goes with 'observations'; texts are embedded as they are")
+        return self
+
+    def count(self) -> int:
+        return len(self.texts if self.texts is not None else self.observations or [])
+
+
+class HiddenStatesResponse(BaseModel):
+    """The vectors, in request order, and what produced them."""
+
+    model: str = Field(description="Model folder or hub id the server loaded.")
+    layer: int = Field(description="Layer as configured (negative counts from the end).")
+    layer_index: int = Field(description="Index into transformers' hidden_states: 0 = embeddings.")
+    pooling: Literal["last", "mean"] = Field(description="How token states became one vector.")
+    template_hash: str = Field(description="Hash of the prompt template and system prompt.")
+    dim: int = Field(description="Length of each vector (the model's hidden size).")
+    count: int = Field(description="Number of vectors (= texts or observations sent).")
+    vectors: list[list[float]] = Field(description="float32 hidden states, [count, dim].")
+    texts: Optional[list[str]] = Field(
+        default=None, description="The canonical texts, when return_texts was set.")
+
+
+class HealthResponse(BaseModel):
+    """The server is up and its model is loaded; what it computes and how it batches."""
+
+    status: Literal["ok"] = "ok"
+    model: str
+    layer: int
+    layer_index: int
+    num_layers: int
+    pooling: Literal["last", "mean"]
+    template: str
+    system_prompt: Optional[str]
+    template_hash: str
+    backend: str
+    dim: int
+    max_batch: int = Field(description="Most texts or observations one request may carry.")
+    max_wait_ms: float = Field(description="How long a batch waits for more requests.")
+    envs: list[str] = Field(description="Envs whose observations the server can render.")
+
+
+class StatsResponse(BaseModel):
+    """Counters since start: how well requests were gathered into model calls."""
+
+    requests: int
+    texts: int
+    batches: int = Field(description="Model calls.")
+    mean_batch: float = Field(description="Texts per model call.")
+    batch_sizes: dict[int, int] = Field(description="Texts per model call -> number of calls.")
+    model_seconds: float = Field(description="Seconds spent in model calls.")
+
+
+class ErrorItem(BaseModel):
+    loc: list[Union[str, int]] = Field(description="Where in the request, e.g. ['body', 'texts', 0].")
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer: one line saying what is wrong and how to fix it."""
+
+    detail: str
+    errors: Optional[list[ErrorItem]] = Field(
+        default=None, description="Each validation problem, for 422 answers to invalid fields.")
+
+
+__all__ = ["HiddenStatesRequest", "HiddenStatesResponse", "HealthResponse", "StatsResponse",
+           "ErrorResponse", "ErrorItem", "EnvName"]

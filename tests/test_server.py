@@ -1,0 +1,537 @@
+"""Hidden-state server and client on the tiny random Qwen2: answers, batching, errors, schema, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from benchmarks.text_obs_speed import synthetic_observations
+from servers.hidden_state_server import create_app, main, serve_in_background, validation_error_answer
+from servers.schemas import HealthResponse, HiddenStatesResponse
+from utils.hidden_state_client import HiddenStateClient
+from utils.llm import LLMError, LLMSpec, make_backend, observation_features
+from utils.text_obs import TEXT_ENV_NAMES
+
+CLASSIC = "Craftax-Classic-Symbolic-v1"
+FULL = "Craftax-Symbolic-v1"
+URL_PATH = "/v1/hidden_states"
+TEXTS = [
+    "Health 7, food 5, drink 9, energy 9.",
+    "Inventory: wood 3, sapling 1, wood pickaxe 1. Facing: right (east); at (0,1): tree.",
+    "x",
+    "- stone at (1,0), (0,2), (1,1), (2,0), (0,3), (1,2), (2,1), (0,4), (2,-2), (2,2)",
+]
+ATOL = 1e-5  # a text alone and inside a padded batch agree to float32 rounding
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_llm_path) -> LLMSpec:
+    return LLMSpec(model=tiny_llm_path, batch_size=8, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def backend(spec):
+    return make_backend(spec)
+
+
+@pytest.fixture(scope="module")
+def url(backend, spec):
+    with serve_in_background(create_app(backend, spec, max_batch=8, max_wait_ms=5)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def http(url):
+    with httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with HiddenStateClient(url) as c:
+        yield c
+
+
+class RecordingBackend:
+    """Wraps a backend: records every model call's texts, can be slow, can fail on a marker."""
+
+    def __init__(self, inner, delay_s: float = 0.0, fail_marker: str | None = None,
+                 failure: Exception | None = None):
+        self.inner, self.delay_s, self.fail_marker, self.failure = inner, delay_s, fail_marker, failure
+        self.spec, self.hidden_size, self.num_layers = inner.spec, inner.hidden_size, inner.num_layers
+        self.calls: list[list[str]] = []
+        self.threads: set[str] = set()
+
+    def hidden_states(self, texts):
+        self.calls.append(list(texts))
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay_s)
+        if self.fail_marker is not None and any(self.fail_marker in t for t in texts):
+            raise self.failure
+        return self.inner.hidden_states(texts)
+
+
+def post_json(url: str, body) -> httpx.Response:
+    return httpx.post(url + URL_PATH, json=body, timeout=30)
+
+
+def fire_concurrently(url: str, bodies: list) -> list[httpx.Response]:
+    """Send every body at the same moment, one thread and connection each."""
+    start = threading.Barrier(len(bodies))
+
+    def send(body):
+        with httpx.Client(timeout=30) as c:
+            start.wait()
+            return c.post(url + URL_PATH, json=body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(send, bodies))
+
+
+# ----------------------------------------------------------------------------------------------
+# Answers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_texts_match_the_in_process_backend(http, backend, spec):
+    answer = http.post(URL_PATH, json={"texts": TEXTS})
+    assert answer.status_code == 200, answer.text
+    body = HiddenStatesResponse.model_validate(answer.json())
+    assert (body.model, body.layer, body.pooling, body.dim, body.count) == (
+        spec.model, -1, "last", backend.hidden_size, len(TEXTS))
+    assert body.layer_index == backend.num_layers and body.template_hash == spec.template_hash()
+    assert body.texts is None  # only on request
+    np.testing.assert_allclose(np.array(body.vectors, np.float32), backend.hidden_states(TEXTS),
+                               atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("env", TEXT_ENV_NAMES)
+def test_observations_are_rendered_like_labelling(http, backend, env):
+    obs = synthetic_observations(env, 3, seed=1)
+    answer = http.post(URL_PATH, json={"env": env, "observations": obs.tolist(),
+                                       "return_texts": True})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    expected, texts = observation_features(backend, obs, env, return_texts=True)
+    assert body["texts"] == texts  # float32 survives JSON exactly, so the text is identical
+    np.testing.assert_allclose(np.array(body["vectors"], np.float32), expected, atol=ATOL, rtol=0)
+
+
+def test_health_describes_the_model_and_limits(http, backend, spec):
+    health = HealthResponse.model_validate(http.get("/health").json())
+    assert health.status == "ok" and health.dim == backend.hidden_size
+    assert (health.model, health.layer, health.pooling, health.template) == (
+        spec.model, spec.layer, spec.pooling, spec.template)
+    assert (health.max_batch, health.max_wait_ms) == (8, 5.0)
+    assert health.envs == list(TEXT_ENV_NAMES)
+
+
+def test_other_layer_and_pooling_are_reported_and_used(tiny_llm_path):
+    spec = LLMSpec(model=tiny_llm_path, layer=1, pooling="mean", device="cpu")
+    backend = make_backend(spec)
+    with serve_in_background(create_app(backend, spec)) as base:
+        body = post_json(base, {"texts": TEXTS[:2]}).json()
+    assert (body["layer"], body["layer_index"], body["pooling"]) == (1, 1, "mean")
+    np.testing.assert_allclose(body["vectors"], backend.hidden_states(TEXTS[:2]), atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Micro-batching
+# ----------------------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_share_model_calls(backend, spec):
+    # The first call sleeps, so requests arriving meanwhile must queue and be gathered.
+    recording = RecordingBackend(backend, delay_s=0.2)
+    texts = [f"Health {i}, food 5, drink 9, energy 9." for i in range(8)]
+    with serve_in_background(create_app(recording, spec, max_batch=16, max_wait_ms=50)) as base:
+        answers = fire_concurrently(base, [{"texts": [t]} for t in texts])
+        stats = httpx.get(base + "/v1/stats").json()
+    assert [a.status_code for a in answers] == [200] * 8
+    assert len(recording.calls) < 8 and max(len(c) for c in recording.calls) > 1, recording.calls
+    assert sorted(t for call in recording.calls for t in call) == sorted(texts)  # each text once
+    assert len(recording.threads) == 1  # the model only ever runs in the one worker thread
+    assert stats["requests"] == 8 and stats["texts"] == 8 and stats["batches"] == len(recording.calls)
+    alone = backend.hidden_states(texts)
+    for i, answer in enumerate(answers):  # each request gets its own row back, not a neighbour's
+        np.testing.assert_allclose(answer.json()["vectors"][0], alone[i], atol=ATOL, rtol=0)
+
+
+def test_a_batch_never_exceeds_max_batch_and_requests_are_not_split(backend, spec):
+    recording = RecordingBackend(backend, delay_s=0.1)
+    bodies = [{"texts": [f"row {i} {j}" for j in range(3)]} for i in range(6)]
+    with serve_in_background(create_app(recording, spec, max_batch=7, max_wait_ms=50)) as base:
+        answers = fire_concurrently(base, bodies)
+    assert all(a.status_code == 200 for a in answers)
+    assert max(len(c) for c in recording.calls) <= 7
+    for call in recording.calls:  # whole requests only: texts of a request stay together
+        assert len(call) % 3 == 0 and all(call[k][:5] == call[k + 2][:5] for k in range(0, len(call), 3))
+
+
+def test_a_failing_request_does_not_fail_its_batch_neighbours(tiny_llm_path):
+    spec = LLMSpec(model=tiny_llm_path, max_length=24, device="cpu")
+    recording = RecordingBackend(make_backend(spec), delay_s=0.3)
+    too_long = "stone " * 100
+    bodies = [{"texts": ["x"]}, {"texts": [too_long]}, {"texts": ["Health 9."]}]
+    with serve_in_background(create_app(recording, spec, max_batch=8, max_wait_ms=50)) as base:
+        with ThreadPoolExecutor(1) as pool:  # keep the model busy, so the next three queue up
+            first = pool.submit(post_json, base, {"texts": ["warm"]})
+            while not recording.calls:
+                time.sleep(0.005)
+            answers = fire_concurrently(base, bodies)
+            assert first.result().status_code == 200
+    assert answers[1].status_code == 422 and "max_length" in answers[1].json()["detail"], answers[1].text
+    assert answers[0].status_code == answers[2].status_code == 200
+    assert any(too_long in call and len(call) > 1 for call in recording.calls), recording.calls
+    np.testing.assert_allclose(answers[0].json()["vectors"], recording.inner.hidden_states(["x"]),
+                               atol=ATOL, rtol=0)
+
+
+def test_model_failure_is_a_500_with_the_reason_and_the_client_raises(backend, spec):
+    failing = RecordingBackend(backend, fail_marker="boom", failure=RuntimeError("CUDA out of memory"))
+    with serve_in_background(create_app(failing, spec)) as base:
+        answer = post_json(base, {"texts": ["boom"]})
+        assert answer.status_code == 500 and "CUDA out of memory" in answer.json()["detail"]
+        assert post_json(base, {"texts": ["fine"]}).status_code == 200  # the worker survived
+        with HiddenStateClient(base) as c, pytest.raises(LLMError, match="HTTP 500.*out of memory"):
+            c.hidden_states(["boom"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: 4xx with a clear message, never a 500
+# ----------------------------------------------------------------------------------------------
+
+
+def classic_obs(n: int = 1) -> list[list[float]]:
+    return synthetic_observations(CLASSIC, n).tolist()
+
+
+BAD_REQUESTS = [
+    # (name, raw body, JSON value or a function making one, expected status, detail pattern)
+    ("malformed json", b'{"texts": ["a"', 400, r"not valid JSON"),
+    ("not json at all", b"\xff\xfe garbage", 400, r"not valid JSON"),
+    ("empty body", b"", 422, r"body is missing"),
+    ("json list", [1, 2], 422, r"dictionary or object"),
+    ("neither field", {}, 422, r"exactly one of 'texts' or 'observations'"),
+    ("both fields", {"texts": ["a"], "env": CLASSIC, "observations": [[0.0]]}, 422, r"not both"),
+    ("empty texts", {"texts": []}, 422, r"texts: .*at least 1"),
+    ("empty observations", {"env": CLASSIC, "observations": []}, 422, r"observations: .*at least 1"),
+    ("oversized texts", {"texts": ["a"] * 9}, 413, r"9 texts .* max batch of 8; split"),
+    ("oversized observations", {"env": CLASSIC, "observations": [[0.0]] * 9}, 413, r"9 observations"),
+    ("texts not a list", {"texts": "abc"}, 422, r"texts: Input should be a valid list"),
+    ("text not a string", {"texts": ["a", 3]}, 422, r"texts\.1: .*valid string"),
+    ("typo in field", {"text": ["a"]}, 422, r"text: Extra inputs are not permitted"),
+    ("observations without env", {"observations": [[0.0]]}, 422, r"need 'env'"),
+    ("env with texts", {"texts": ["a"], "env": CLASSIC}, 422, r"'env' goes with 'observations'"),
+    ("unknown env", {"env": "Pong-v5", "observations": [[0.0]]}, 422, r"no text renderer for env 'Pong-v5'"),
+    ("pixel env", {"env": "Craftax-Classic-Pixels-v1", "observations": [[0.0]]}, 422,
+     r"gives pixels; use Craftax-Classic-Symbolic-v1"),
+    ("wrong obs length", {"env": CLASSIC, "observations": [[0.0] * 100]}, 422,
+     r"observation 0 has 100 values, but Craftax-Classic-Symbolic-v1 observations have 1345"),
+    ("full env, classic obs", lambda: {"env": FULL, "observations": classic_obs()}, 422,
+     r"has 1345 values, but Craftax-Symbolic-v1 observations have 8268; is 'env' right"),
+    ("ragged observations", lambda: {"env": CLASSIC, "observations": [classic_obs()[0], [0.0] * 1344]},
+     422, r"observation 1 has 1344"),
+    ("observation value not a number", {"env": CLASSIC, "observations": [["a"]]}, 422,
+     r"observations\.0\.0: .*valid number"),
+    # Python's json writes NaN, and the server's JSON parser accepts it: the renderer must refuse.
+    ("NaN in observation", lambda: {"env": CLASSIC, "observations": [[math.nan] + classic_obs()[0][1:]]},
+     422, r"NaN or infinite"),
+    ("return_texts not bool", {"texts": ["a"], "return_texts": "maybe"}, 422, r"return_texts"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,pattern", BAD_REQUESTS, ids=[r[0] for r in BAD_REQUESTS])
+def test_bad_input_gets_a_4xx_with_a_clear_message(url, name, body, status, pattern):
+    body = body() if callable(body) else body
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    answer = httpx.post(url + URL_PATH, content=raw, headers={"content-type": "application/json"})
+    assert answer.status_code == status, answer.text
+    detail = answer.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail
+    assert re.search(pattern, detail), detail
+    assert len(answer.content) < 4000  # inputs are not echoed back
+
+
+def test_unknown_routes_and_methods_are_4xx(http):
+    assert http.get(URL_PATH).status_code == 405
+    assert http.post("/v1/nothing", json={}).status_code == 404
+
+
+def test_validation_messages_cap_the_number_of_reported_errors():
+    errors = [{"type": "float_parsing", "loc": ("body", "observations", 0, i),
+               "msg": "Input should be a valid number", "input": "x"} for i in range(500)]
+    status, body = validation_error_answer(errors)
+    assert status == 422 and "(and 497 more)" in body["detail"] and len(body["errors"]) == 10
+
+
+def _random_value(rng: random.Random, depth: int = 0):
+    """Any JSON value, biased towards near-misses of the schema's field types."""
+    kinds = ["null", "bool", "int", "float", "str", "list", "dict", "obs", "texts"]
+    kind = rng.choice(kinds if depth < 2 else kinds[:5])
+    if kind == "null":
+        return None
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "int":
+        return rng.choice([0, -1, 1, 2**40, rng.randint(-5, 5)])
+    if kind == "float":
+        return rng.choice([0.5, -1e30, 1e308, rng.random()])
+    if kind == "str":
+        return rng.choice(["", "a", CLASSIC, FULL, "Craftax-Pixels-v1", "\u00e9\u2603" * rng.randint(0, 3)])
+    if kind == "list":
+        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    if kind == "dict":
+        return {rng.choice(["texts", "env", "x"]): _random_value(rng, depth + 1)}
+    if kind == "obs":
+        length = rng.choice([0, 1, 1345, 1346, 8268])
+        return [[rng.choice([0.0, 1.0, 0.5])] * length for _ in range(rng.randint(0, 2))]
+    return [rng.choice(["a", "Health 9.", ""]) for _ in range(rng.randint(0, 10))]
+
+
+def _fuzzed_body(rng: random.Random, valid: list[dict]) -> dict:
+    """A valid request with 0-2 random mutations: a field dropped, added or given another value."""
+    body = json.loads(json.dumps(rng.choice(valid)))
+    for _ in range(rng.choice([0, 0, 1, 1, 2])):
+        field = rng.choice(["texts", "observations", "env", "return_texts", "extra"])
+        action = rng.choice(["drop", "set", "set"])
+        if action == "drop":
+            body.pop(field, None)
+        else:
+            body[field] = _random_value(rng)
+    return body
+
+
+def test_fuzzed_requests_never_get_a_5xx(url):
+    """Mutations of valid requests (fields dropped, added, given wrong-typed or near-miss values)
+    and random bytes: only 200/4xx come back, every error has a one-line detail, every success
+    matches the response model."""
+    rng = random.Random(0)
+    valid = [{"texts": ["Health 9.", "a"]}, {"texts": ["x"], "return_texts": True},
+             {"env": CLASSIC, "observations": classic_obs(2)},
+             {"env": FULL, "observations": synthetic_observations(FULL, 1).tolist()}]
+    seen: dict[int, int] = {}
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for _ in range(150):
+            body = _fuzzed_body(rng, valid)
+            answer = c.post(URL_PATH, json=body)
+            seen[answer.status_code] = seen.get(answer.status_code, 0) + 1
+            assert answer.status_code in (200, 400, 413, 422), (body, answer.text)
+            if answer.status_code == 200:
+                parsed = HiddenStatesResponse.model_validate(answer.json())
+                assert np.array(parsed.vectors).shape == (parsed.count, parsed.dim)
+            else:
+                detail = answer.json()["detail"]
+                assert isinstance(detail, str) and detail and "\n" not in detail
+        for _ in range(20):
+            junk = bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
+            answer = c.post(URL_PATH, content=junk, headers={"content-type": "application/json"})
+            assert answer.status_code in (400, 422), answer.text
+    assert seen.get(200, 0) > 10 and seen.get(422, 0) > 10, seen  # the fuzz reached both sides
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenAPI schema
+# ----------------------------------------------------------------------------------------------
+
+
+def test_openapi_schema_lists_the_typed_models(http):
+    schema = http.get("/openapi.json").json()
+    models = schema["components"]["schemas"]
+    for name in ("HiddenStatesRequest", "HiddenStatesResponse", "HealthResponse", "StatsResponse",
+                 "ErrorResponse"):
+        assert name in models
+    request = models["HiddenStatesRequest"]
+    assert {"texts", "observations", "env", "return_texts"} <= set(request["properties"])
+    assert request["additionalProperties"] is False
+    env_choices = [s for s in request["properties"]["env"]["anyOf"] if "enum" in s][0]["enum"]
+    assert env_choices == list(TEXT_ENV_NAMES)
+    assert {"vectors", "model", "layer", "pooling", "dim"} <= set(models["HiddenStatesResponse"]["required"])
+    post = schema["paths"][URL_PATH]["post"]
+    ref = lambda code: post["responses"][code]["content"]["application/json"]["schema"]["$ref"]  # noqa: E731
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/HiddenStatesRequest")
+    assert ref("200").endswith("/HiddenStatesResponse")
+    for code in ("400", "413", "422", "500"):  # our error shape, not FastAPI's default one
+        assert ref(code).endswith("/ErrorResponse")
+    assert "HTTPValidationError" not in models
+    assert schema["paths"]["/health"]["get"]["responses"]["200"]["content"]["application/json"][
+        "schema"]["$ref"].endswith("/HealthResponse")
+
+
+# ----------------------------------------------------------------------------------------------
+# Client
+# ----------------------------------------------------------------------------------------------
+
+
+def test_client_round_trip(client, backend, spec):
+    info = client.info()
+    assert (info["model"], info["layer"], info["pooling"], info["dim"]) == (
+        spec.model, spec.layer, spec.pooling, backend.hidden_size)
+    assert client.hidden_size == backend.hidden_size and client.num_layers == backend.num_layers
+    assert client.spec.template_hash() == spec.template_hash()
+    states = client.hidden_states(TEXTS)
+    assert states.dtype == np.float32 and states.shape == (len(TEXTS), backend.hidden_size)
+    np.testing.assert_allclose(states, backend.hidden_states(TEXTS), atol=ATOL, rtol=0)
+    assert client.hidden_states([]).shape == (0, backend.hidden_size)
+
+
+def test_client_observations_and_backend_protocol(client, backend):
+    obs = synthetic_observations(CLASSIC, 5, seed=2)
+    expected = observation_features(backend, obs, CLASSIC)
+    np.testing.assert_allclose(client.observation_hidden_states(obs, CLASSIC), expected, atol=ATOL, rtol=0)
+    # The client stands in for a backend wherever features are computed from texts.
+    np.testing.assert_allclose(observation_features(client, obs, CLASSIC), expected, atol=ATOL, rtol=0)
+
+
+def test_client_splits_big_batches_to_the_servers_max_batch(backend, spec):
+    recording = RecordingBackend(backend)
+    texts = [f"text number {i}" for i in range(10)]
+    obs = synthetic_observations(CLASSIC, 9, seed=3)
+    with serve_in_background(create_app(recording, spec, max_batch=4, max_wait_ms=0)) as base:
+        with HiddenStateClient(base) as c:
+            states = c.hidden_states(texts)
+            assert httpx.get(base + "/v1/stats").json()["requests"] == 3  # 4 + 4 + 2
+            obs_states = c.observation_hidden_states(obs, CLASSIC)
+    assert [len(call) for call in recording.calls] == [4, 4, 2, 4, 4, 1]
+    np.testing.assert_allclose(states, backend.hidden_states(texts), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(obs_states, observation_features(backend, obs, CLASSIC), atol=ATOL, rtol=0)
+
+
+def test_client_raises_on_rejected_input(client):
+    with pytest.raises(LLMError, match=r"HTTP 422: observation 0 has 100 values.*1345"):
+        client.observation_hidden_states(np.zeros((2, 100), np.float32), CLASSIC)
+    with pytest.raises(LLMError, match="batch"):
+        client.observation_hidden_states(np.zeros(1345, np.float32), CLASSIC)
+    with pytest.raises(TypeError):
+        client.hidden_states("one string")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_client_raises_when_the_server_is_down(backend, spec):
+    with pytest.raises(LLMError, match=r"cannot reach the hidden-state server at http://127\.0\.0\.1"):
+        HiddenStateClient(f"http://127.0.0.1:{_free_port()}", timeout=5).hidden_states(["a"])
+    with serve_in_background(create_app(backend, spec)) as base:
+        c = HiddenStateClient(base, timeout=5)
+        assert c.hidden_states(["a"]).shape == (1, backend.hidden_size)
+    # The server stopped while the client held a keep-alive connection: an error, never zeros.
+    with pytest.raises(LLMError, match="cannot reach"):
+        c.hidden_states(["a"])
+    with pytest.raises(LLMError, match="http://"):
+        HiddenStateClient("localhost:8000")
+
+
+def test_client_reports_a_wrong_server(backend, spec):
+    with serve_in_background(create_app(backend, spec)) as base:
+        with pytest.raises(LLMError, match="HTTP 404"):
+            HiddenStateClient(base + "/not-here").hidden_states(["a"])
+
+
+def test_benchmark_load_generator_counts_what_the_server_answers(backend, spec):
+    import asyncio
+
+    from benchmarks.server_throughput import StandInBackend, load, payloads
+
+    obs = synthetic_observations(CLASSIC, 6, seed=4)
+    texts = [f"text {i}" for i in range(6)]
+    recording = RecordingBackend(backend)
+    with serve_in_background(create_app(recording, spec, max_batch=8, max_wait_ms=0)) as base:
+        row = asyncio.run(load(base, payloads("texts", texts, obs, 2), concurrency=3, seconds=0.3))
+        stats = httpx.get(base + "/v1/stats").json()
+        obs_row = asyncio.run(load(base, payloads("observations", texts, obs, 3), concurrency=2,
+                                   seconds=0.3))
+    assert row["requests"] == stats["requests"] and row["texts"] == 2 * row["requests"] > 0
+    assert row["p50_ms"] <= row["p95_ms"]
+    assert obs_row["texts"] == 3 * obs_row["requests"] > 0
+    assert StandInBackend().hidden_states(["a", "b"]).shape == (2, StandInBackend.hidden_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--layer", "--pooling", "--host", "--port", "--max-batch",
+                 "--max-wait-ms", "--device", "--preset"):
+        assert flag in text
+    assert "127.0.0.1" in text
+
+
+def test_cli_user_errors_exit_2_with_one_line(tmp_path, tiny_llm_path, capsys):
+    for argv, message in [
+        (["--model", str(tmp_path / "missing")], "does not exist"),
+        (["--model", tiny_llm_path, "--max-batch", "0"], "--max-batch must be at least 1"),
+        (["--model", tiny_llm_path, "--layer", "7"], "layer 7 is out of range"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv + ["--port", "0"])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(SystemExit):
+            main(["--model", tiny_llm_path, "--port", str(taken.getsockname()[1])])
+        assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_one_command_starts_a_working_server(tiny_llm_path, backend):
+    """`python -m servers.hidden_state_server --model PATH` serves; SIGTERM stops it cleanly."""
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen(
+        [sys.executable, "-m", "servers.hidden_state_server", "--model", tiny_llm_path,
+         "--preset", "debug", "--port", "0", "--log-level", "warning"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        base = None
+        for line in process.stdout:
+            found = re.search(r"serving on (http://\S+)", line)
+            if found:
+                base = found.group(1)
+                break
+        assert base, "the server never said where it listens"
+        health = httpx.get(base + "/health", timeout=30).json()
+        assert health["max_batch"] == 16  # the debug preset
+        body = post_json(base, {"texts": TEXTS}).json()
+        np.testing.assert_allclose(body["vectors"], backend.hidden_states(TEXTS), atol=ATOL, rtol=0)
+    finally:
+        process.terminate()
+        rest = process.communicate(timeout=30)[0]
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says why it stopped.
+    assert process.returncode in (0, -signal.SIGTERM), rest
+    assert "Traceback" not in rest, rest
