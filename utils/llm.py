@@ -457,7 +457,7 @@ class VLLMBackend:
     engine its share of GPU memory with the ``VLLM_GPU_MEMORY_UTILIZATION`` environment variable
     when one process needs both."""
 
-    def __init__(self, spec: LLMSpec):
+    def __init__(self, spec: LLMSpec, *, hidden_states: bool = True):
         self.spec = spec.validate()
         self._vllm = require_vllm()
         self.num_layers, self.hidden_size = model_dims(spec.model)
@@ -466,7 +466,9 @@ class VLLMBackend:
         self.prompts = PromptBuilder(spec, self.tokenizer)
         self._extract_dir: tempfile.TemporaryDirectory | None = None
         self._generator = None
-        self._llm = self._engine(self._hidden_state_options())
+        # hidden_states=False (generation only, e.g. LLM play): no hidden-state engine holding
+        # GPU memory the generation engine needs; started on first use if asked for after all.
+        self._llm = self._engine(self._hidden_state_options()) if hidden_states else None
 
     def _engine(self, options: dict[str, Any]):
         fraction = os.environ.get("VLLM_GPU_MEMORY_UTILIZATION")
@@ -504,6 +506,8 @@ class VLLMBackend:
         out = np.empty((len(prompts), self.hidden_size), dtype=np.float32)
         if not prompts:
             return out
+        if self._llm is None:
+            self._llm = self._engine(self._hidden_state_options())
         if self.layer_index == self.num_layers:
             results = self._llm.embed(prompts, use_tqdm=False)
             for i, result in enumerate(results):
@@ -548,11 +552,14 @@ class VLLMBackend:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_backend(spec: LLMSpec) -> LLMBackend:
-    """Load the model ``spec`` names with its backend (once; reuse the returned object)."""
+def make_backend(spec: LLMSpec, *, hidden_states: bool = True) -> LLMBackend:
+    """Load the model ``spec`` names with its backend (once; reuse the returned object).
+
+    ``hidden_states=False`` is for generation-only users (LLM play): the vLLM backend then does not
+    start its hidden-state engine up front (transformers uses one model for both anyway)."""
     spec.validate()
     if spec.backend == "vllm":
-        return VLLMBackend(spec)
+        return VLLMBackend(spec, hidden_states=hidden_states)
     return TransformersBackend(spec)
 
 
