@@ -12,6 +12,13 @@ import jax
 
 def machine_description() -> str:
     """One line naming the CPU/GPU the figures were measured on."""
+    devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+    return f"{cpu_description()}; JAX {jax.__version__} on {devices}"
+
+
+def cpu_description() -> str:
+    """Core count and CPU model, without starting a JAX backend (which would claim GPU memory that a
+    child training process needs)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -21,8 +28,7 @@ def machine_description() -> str:
                     break
     except OSError:
         pass
-    devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
-    return f"{os.cpu_count()} cores ({cpu}); JAX {jax.__version__} on {devices}"
+    return f"{os.cpu_count()} cores ({cpu})"
 
 
 def time_compiled(run: Callable[[], object], repeats: int) -> tuple[float, float]:

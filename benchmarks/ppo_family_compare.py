@@ -3,8 +3,10 @@
 Each method trains through its normal entry point (so its run folder under ``runs/`` holds the
 metrics, curve and checkpoints, and an interrupted comparison resumes where it stopped); this script
 collects every ``summary.json`` into one JSON file and prints the markdown tables of
-docs/results.md: return (train episodes of the last 10% of the run, and the final evaluation), % of
-the maximum return, floor statistics on full Craftax, achievement success rates.
+docs/results.md (benchmarks.compare's tables: return over the last 10% of the run and at the final
+evaluation, % of the maximum return, achievement rates, floor statistics on full Craftax).
+``python -m benchmarks.compare classic_2m`` runs the same comparison from a suite file, locally or on
+Slurm; this script keeps the in-process variant that takes arbitrary trainer flags.
 
     python -m benchmarks.ppo_family_compare --out docs/data/ppo_family_classic_2m.json -- \\
         --preset cpu --env Craftax-Classic-Symbolic-v1 --total-steps 2000000 --num-seeds 2
@@ -18,13 +20,11 @@ import json
 from pathlib import Path
 
 from benchmarks.common import machine_description
+from benchmarks.compare import markdown_tables
 from benchmarks.ppo_family_sps import METHODS
 from utils.config import parse_config
 from utils.io import atomic_write_json
 from utils.jax_setup import enable_compilation_cache
-
-MAX_RETURN = {"Craftax-Symbolic-v1": 226.0, "Craftax-Pixels-v1": 226.0,
-              "Craftax-Classic-Symbolic-v1": 22.0, "Craftax-Classic-Pixels-v1": 22.0}
 
 
 def run_method(name: str, argv: list[str]) -> dict:
@@ -34,51 +34,12 @@ def run_method(name: str, argv: list[str]) -> dict:
     return {"config": dataclasses.asdict(cfg), "run_dir": str(result["run_dir"]), "summary": result["summary"]}
 
 
-def mean_and_seeds(entry: dict | None) -> str:
-    if not entry or entry.get("mean") is None:
-        return "n/a"
-    seeds = ", ".join("n/a" if v is None else f"{v:.2f}" for v in entry["per_seed"])
-    return f"{entry['mean']:.2f} ({seeds})"
-
-
-def eval_mean(values: list | None) -> float | None:
-    finite = [v for v in values or [] if v is not None]
-    return sum(finite) / len(finite) if finite else None
-
-
 def markdown(results: dict) -> str:
-    env = results["env"]
-    results = {**results, "methods": {n: results["methods"][n] for n in METHODS if n in results["methods"]}}
-    best = MAX_RETURN.get(env)
-    # Wall-clock steps/s is left out: methods run one after another on a shared machine, so their
-    # speeds are not comparable here; benchmarks/ppo_family_sps.py measures them round robin.
-    lines = ["| method | train return (per seed) | % of max | eval return |",
-             "|---|---|---|---|"]
-    for name, r in results["methods"].items():
-        s = r["summary"]
-        ret = s["final"].get("episode/return", {})
-        pct = f"{100 * ret['mean'] / best:.2f}%" if best and ret.get("mean") is not None else "n/a"
-        ev = eval_mean(s["eval"].get("eval/return"))
-        lines.append(f"| {name} | {mean_and_seeds(ret)} | {pct} | {'n/a' if ev is None else f'{ev:.2f}'} |")
-    floors = sorted({k for r in results["methods"].values() for k in r["summary"]["final"] if k.startswith("floors/")})
-    if floors:
-        lines += ["", "| method | " + " | ".join(k.removeprefix("floors/") for k in floors) + " |",
-                  "|---|" + "---|" * len(floors)]
-        for name, r in results["methods"].items():
-            cells = [r["summary"]["final"].get(k, {}).get("mean") for k in floors]
-            lines.append(f"| {name} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
-    achievements = sorted({k for r in results["methods"].values() for k in r["summary"]["final"]
-                           if k.startswith("achievements/")})
-    if achievements:
-        names = list(results["methods"])
-        lines += ["", "| achievement (% of episodes) | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for key in achievements:
-            cells = [results["methods"][n]["summary"]["final"].get(key, {}).get("mean") for n in names]
-            if all(c is not None and c == 0 for c in cells):
-                continue
-            lines.append(f"| {key.removeprefix('achievements/')} | "
-                         + " | ".join("n/a" if c is None else f"{c:.1f}" for c in cells) + " |")
-    return "\n".join(lines)
+    """The tables of benchmarks.compare, in METHODS order. Wall-clock steps/s is left out: methods run one
+    after another on a shared machine, so their speeds are not comparable here; benchmarks/ppo_family_sps.py
+    measures them round robin."""
+    summaries = {n: results["methods"][n]["summary"] for n in METHODS if n in results["methods"]}
+    return markdown_tables(summaries, results["env"], with_speed=False)
 
 
 def render(path: str) -> None:

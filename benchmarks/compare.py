@@ -1,0 +1,788 @@
+"""Compare methods at equal env steps: run a suite, then write its table and learning curves.
+
+A suite (``benchmarks/suites/<name>.yaml``) names the envs, the seeds, the budget in env steps per
+seed, and for every method its entry point, presets and extra flags. Each method trains through its
+normal entry point with ``--run-dir runs/compare/<suite>/<env>/<method>/<seeds>``, so its run folder
+holds the metrics, the checkpoints and ``summary.json``, and running the same command again resumes
+an interrupted comparison where it stopped (finished runs are skipped).
+
+    python -m benchmarks.compare classic_2m                   # every run, one after another, then the table
+    python -m benchmarks.compare classic_debug --budget 256   # a quick check of the whole pipeline
+    python -m benchmarks.compare classic_2m --list            # the runs (Slurm array indices) and their state
+    python -m benchmarks.compare classic_2m --slurm --dry-run # print the array job: one task per run
+    python -m benchmarks.compare classic_2m --slurm --partition gpu --account proj   # submit it
+    python -m benchmarks.compare classic_2m --collect         # only (re)write the table and plot
+
+The table (return, achievement rate, evaluation return, steps/s) and the plot (mean learning curve of
+every method) go into ``docs/results.md`` between ``<!-- compare:<suite>:begin -->`` and
+``<!-- compare:<suite>:end -->`` (the block is appended if missing, replaced otherwise), the figure
+into ``docs/figures/``. Suite flags may use ``${VAR}`` for site paths (e.g. a model folder); they are
+expanded where the run starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import yaml
+
+from utils.errors import UserError, exit_on_user_error
+from utils.io import atomic_write_json, atomic_write_text, read_jsonl
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
+DEFAULT_RUNS_ROOT = "runs/compare"
+DEFAULT_RESULTS_MD = "docs/results.md"
+TASK_RECORD = "compare_task.json"  # written by this script into each run folder
+
+#: Maximum episode return (one point per achievement), for the "% of max" column.
+MAX_RETURN = {"Craftax-Symbolic-v1": 226.0, "Craftax-Pixels-v1": 226.0,
+              "Craftax-Classic-Symbolic-v1": 22.0, "Craftax-Classic-Pixels-v1": 22.0}
+
+_SUITE_KEYS = {"description", "envs", "seeds", "first_seed", "budget", "flags", "methods", "slurm"}
+_METHOD_KEYS = {"module", "presets", "flags", "seeds_together"}
+_SLURM_KEYS = {"time", "gres", "cpus_per_task", "mem"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Suites
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    module: str
+    presets: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
+    seeds_together: bool = True
+    """True: all seeds in one process (--num-seeds, vmapped); False: one process per seed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    name: str
+    path: Path
+    description: str
+    envs: tuple[str, ...]
+    seeds: int
+    first_seed: int
+    budget: int
+    flags: tuple[str, ...]
+    methods: tuple[Method, ...]
+    slurm: dict[str, Any]
+    overrides: tuple[str, ...] = ()
+    """The command-line flags that changed the file's values (shown in the reproduce command)."""
+
+
+def suite_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"suite file {path} not found")
+        return path
+    path = SUITES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SUITES_DIR.glob("*.yaml")))
+        raise UserError(f"unknown suite {name_or_path!r}; available: {known} (or a path to a YAML file)")
+    return path
+
+
+def _strings(value: Any, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+        raise UserError(f"{what} must be a list of strings, got {value!r}")
+    return tuple(str(v) for v in value)
+
+
+def _unknown_keys(mapping: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(mapping) - allowed)
+    if unknown:
+        raise UserError(f"{where}: unknown keys {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def load_suite(name_or_path: str, *, budget: int | None = None, seeds: int | None = None,
+               envs: Iterable[str] | None = None, methods: Iterable[str] | None = None) -> Suite:
+    """Read and check a suite; the keyword arguments override its values (``--budget`` etc.)."""
+    path = suite_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a mapping with envs, seeds, budget and methods")
+    _unknown_keys(raw, _SUITE_KEYS, str(path))
+    raw_methods = raw.get("methods") or {}
+    if not isinstance(raw_methods, dict) or not raw_methods:
+        raise UserError(f"{path}: 'methods' must map method names to {{module, presets, flags}}")
+    parsed = []
+    for name, spec in raw_methods.items():
+        spec = spec or {}
+        _unknown_keys(spec, _METHOD_KEYS, f"{path}: method {name}")
+        if not isinstance(spec.get("module"), str) or not spec["module"]:
+            raise UserError(f"{path}: method {name} needs 'module' (e.g. online_rl.ppo)")
+        parsed.append(Method(str(name), spec["module"], _strings(spec.get("presets"), f"{name}.presets"),
+                             _strings(spec.get("flags"), f"{name}.flags"), bool(spec.get("seeds_together", True))))
+    overrides: list[str] = []
+    if methods is not None:
+        methods = list(methods)
+        unknown = [m for m in methods if m not in {p.name for p in parsed}]
+        if unknown:
+            raise UserError(f"methods {', '.join(unknown)} are not in suite {path.stem} "
+                            f"(it has {', '.join(p.name for p in parsed)})")
+        parsed = [p for p in parsed if p.name in methods]
+        overrides += ["--methods", ",".join(methods)]
+    suite_envs = _strings(raw.get("envs"), "envs")
+    if envs:
+        suite_envs = tuple(envs)
+        overrides += [a for env in suite_envs for a in ("--env", env)]
+    if not suite_envs:
+        raise UserError(f"{path}: 'envs' must list at least one env")
+    if budget is not None:
+        overrides += ["--budget", str(budget)]
+    if seeds is not None:
+        overrides += ["--seeds", str(seeds)]
+    values = {"budget": budget if budget is not None else raw.get("budget"),
+              "seeds": seeds if seeds is not None else raw.get("seeds", 1), "first_seed": raw.get("first_seed", 0)}
+    for key, value in values.items():
+        if not isinstance(value, int) or value < (0 if key == "first_seed" else 1):
+            raise UserError(f"{path}: '{key}' must be a {'non-negative' if key == 'first_seed' else 'positive'} "
+                            f"integer, got {value!r}")
+    slurm = raw.get("slurm") or {}
+    _unknown_keys(slurm, _SLURM_KEYS, f"{path}: slurm")
+    return Suite(name=path.stem, path=path, description=str(raw.get("description", "")).strip(), envs=suite_envs,
+                 seeds=values["seeds"], first_seed=values["first_seed"], budget=values["budget"],
+                 flags=_strings(raw.get("flags"), "flags"), methods=tuple(parsed), slurm=dict(slurm),
+                 overrides=tuple(overrides))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tasks: one training process each
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    suite: Suite
+    method: Method
+    env: str
+    seeds: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        return f"seed{self.seeds[0]}" if len(self.seeds) == 1 else f"seeds{self.seeds[0]}-{self.seeds[-1]}"
+
+    @property
+    def title(self) -> str:
+        return f"{self.method.name} on {self.env} ({self.label})"
+
+    def run_dir(self, runs_root: str | Path) -> Path:
+        return Path(runs_root) / self.suite.name / self.env / self.method.name / self.label
+
+    def argv(self, runs_root: str | Path) -> list[str]:
+        """The entry point's flags: the contract every training entry point accepts, then the suite's
+        flags, then the method's (so a method may override a suite-wide flag)."""
+        argv = ["--env", self.env]
+        if self.method.presets:
+            argv += ["--preset", *self.method.presets]
+        argv += ["--run-dir", str(self.run_dir(runs_root)), "--seed", str(self.seeds[0]),
+                 "--num-seeds", str(len(self.seeds)), "--total-steps", str(self.suite.budget)]
+        return argv + [expand_flag(f) for f in (*self.suite.flags, *self.method.flags)]
+
+
+def expand_flag(flag: str) -> str:
+    """``${VAR}`` in a suite flag, from the environment of the machine the run starts on."""
+    expanded = os.path.expandvars(flag)
+    missing = re.findall(r"\$\{?(\w+)", expanded)
+    if missing:
+        raise UserError(f"suite flag {flag!r} needs the environment variable {missing[0]}; export it first")
+    return expanded
+
+
+def suite_tasks(suite: Suite) -> list[Task]:
+    """Every training process of the suite, in a fixed order (the Slurm array index is the position)."""
+    seeds = tuple(range(suite.first_seed, suite.first_seed + suite.seeds))
+    tasks = []
+    for env in suite.envs:
+        for method in suite.methods:
+            groups = [seeds] if method.seeds_together else [(s,) for s in seeds]
+            tasks += [Task(suite, method, env, group) for group in groups]
+    return tasks
+
+
+def task_state(task: Task, runs_root: str | Path) -> str:
+    """'done' (finished with these exact flags), 'partial' (started: the entry point resumes it) or 'new'."""
+    run_dir = task.run_dir(runs_root)
+    record, summary = _read_json(run_dir / TASK_RECORD), _read_json(run_dir / "summary.json")
+    if summary and summary.get("complete") and record and record.get("argv") == task.argv(runs_root):
+        return "done"
+    return "partial" if (run_dir / "config.yaml").exists() else "new"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def host_description() -> str:
+    """CPU, GPUs (from nvidia-smi, so no JAX backend starts in this process) and the JAX version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from benchmarks.common import cpu_description
+
+    parts = [cpu_description()]
+    if shutil.which("nvidia-smi"):
+        try:
+            names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                   capture_output=True, text=True, timeout=20).stdout.split("\n")
+            gpus = [n.strip() for n in names if n.strip()]
+            if gpus:
+                parts.append(f"{len(gpus)} x {gpus[0]}")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        parts.append(f"JAX {version('jax')}")
+    except PackageNotFoundError:
+        pass
+    return "; ".join(parts)
+
+
+def run_task(task: Task, runs_root: str | Path, in_process: bool = False) -> int:
+    """Train (or resume) one task through its entry point; returns its exit status.
+
+    A subprocess by default: each method gets a fresh process (and all GPU memory), and a crash ends
+    only that method. ``in_process`` calls the module's ``main(argv)`` instead (quicker for tiny runs).
+    """
+    argv = task.argv(runs_root)
+    run_dir = task.run_dir(runs_root)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = _read_json(run_dir / TASK_RECORD) or {}
+    start = time.perf_counter()
+    if in_process:
+        status = _run_in_process(task.method.module, argv)
+    else:
+        status = _run_subprocess([sys.executable, "-m", task.method.module, *argv])
+    seconds = time.perf_counter() - start
+    atomic_write_json(run_dir / TASK_RECORD, {
+        "module": task.method.module, "argv": argv, "returncode": status, "machine": host_description(),
+        "wall_seconds": round(float(previous.get("wall_seconds", 0.0)) + seconds, 1),
+    })
+    return status
+
+
+def _run_in_process(module: str, argv: list[str]) -> int:
+    try:
+        importlib.import_module(module).main(argv)
+    except SystemExit as stop:  # exit_on_user_error: a one-line message was printed
+        return stop.code if isinstance(stop.code, int) else 1
+    except Exception:  # noqa: BLE001 - a broken method must not end the whole comparison
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _run_subprocess(command: list[str]) -> int:
+    """Run ``command``; a SIGTERM to this process (Slurm's time limit) is passed on to it."""
+    child = subprocess.Popen(command)
+    forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_suite(tasks: list[Task], runs_root: str | Path, in_process: bool = False) -> list[Task]:
+    """Run every task not done yet, one after another; returns the tasks that failed."""
+    failed = []
+    for i, task in enumerate(tasks, 1):
+        state = task_state(task, runs_root)
+        if state == "done":
+            print(f"[{i}/{len(tasks)}] {task.title}: done, skipped", flush=True)
+            continue
+        verb = "resuming" if state == "partial" else "starting"
+        command = shlex.join(["python", "-m", task.method.module, *task.argv(runs_root)])
+        print(f"[{i}/{len(tasks)}] {task.title}: {verb}\n  {command}", flush=True)
+        status = run_task(task, runs_root, in_process)
+        if status != 0:
+            print(f"[{i}/{len(tasks)}] {task.title}: FAILED (exit {status}); continuing", flush=True)
+            failed.append(task)
+    return failed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Collecting: summaries and curves of every method, seeds merged
+# ---------------------------------------------------------------------------------------------------
+
+
+def merge_summaries(summaries: list[dict]) -> dict:
+    """One summary for runs that each trained some of a method's seeds: per-seed lists joined."""
+    if len(summaries) == 1:
+        return summaries[0]
+    final: dict[str, Any] = {}
+    for key in {k for s in summaries for k in s.get("final", {}) if k != "episodes"}:
+        per_seed = [v for s in summaries
+                    for v in s["final"].get(key, {}).get("per_seed", [None] * s.get("num_seeds", 1))]
+        finite = [v for v in per_seed if v is not None]
+        final[key] = {"mean": float(np.mean(finite)) if finite else None, "per_seed": per_seed}
+    evals = {key: [v for s in summaries for v in s.get("eval", {}).get(key, [None] * s.get("num_seeds", 1))]
+             for key in {k for s in summaries for k in s.get("eval", {})}}
+    sps = [s["median_sps"] for s in summaries if s.get("median_sps")]
+    return {**summaries[0], "final": final, "eval": evals, "complete": all(s.get("complete") for s in summaries),
+            "env_steps_per_seed": min(s.get("env_steps_per_seed", 0) for s in summaries),
+            "num_seeds": sum(s.get("num_seeds", 1) for s in summaries),
+            "median_sps": float(np.mean(sps)) if sps else None}
+
+
+def achievement_rate(final: dict) -> dict | None:
+    """Mean over the env's achievements of their success rate (%), per seed and over seeds."""
+    keys = sorted(k for k in final if k.startswith("achievements/"))
+    if not keys:
+        return None
+    table = np.array([[np.nan if v is None else v for v in final[k]["per_seed"]] for k in keys], dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_seed = table.mean(0)  # a seed with no finished episode has no rate: NaN
+        mean = np.nanmean(per_seed)
+    return {"mean": None if not np.isfinite(mean) else float(mean),
+            "per_seed": [None if not np.isfinite(v) else float(v) for v in per_seed]}
+
+
+def run_curves(rows: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"return": (steps, [T, seeds]), "achievement rate": ...}`` from one run's metrics rows."""
+    from utils.plotting import curve
+
+    curves = {"return": curve(rows, "episode/return")}
+    keys = sorted({k for r in rows for k in r if k.startswith("achievements/")})
+    if keys:
+        rate_rows = []
+        for row in rows:
+            if any(row.get(k) is not None for k in keys):
+                table = np.array([[np.nan if v is None else v for v in (row.get(k) or [])] for k in keys])
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    rate_rows.append({"step": row["step"], "rate": [None if not np.isfinite(v) else float(v)
+                                                                    for v in table.mean(0)]})
+        curves["achievement rate"] = curve(rate_rows, "rate")
+    return curves
+
+
+def merge_seed_curves(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Join the seed columns of several runs' curves on the union of their steps (NaN where missing)."""
+    steps = sorted({int(s) for part_steps, _ in parts for s in part_steps})
+    index = {s: i for i, s in enumerate(steps)}
+    columns = []
+    for part_steps, values in parts:
+        block = np.full((len(steps), values.shape[1] if values.ndim == 2 else 0), np.nan)
+        for row, s in enumerate(part_steps):
+            block[index[int(s)]] = values[row]
+        columns.append(block)
+    return np.asarray(steps), np.concatenate(columns, 1) if columns else np.zeros((0, 0))
+
+
+@dataclasses.dataclass
+class MethodResult:
+    name: str
+    summary: dict | None  # None: no run of this method has finished a chunk yet
+    curves: dict[str, tuple[np.ndarray, np.ndarray]]
+    machines: list[str]
+
+
+def collect_method(tasks: list[Task], runs_root: str | Path) -> MethodResult:
+    summaries, parts, machines = [], {}, []
+    for task in tasks:
+        run_dir = task.run_dir(runs_root)
+        summary = _read_json(run_dir / "summary.json")
+        if summary is not None:
+            summaries.append(summary)
+        if (run_dir / "metrics.jsonl").exists():
+            for key, value in run_curves(read_jsonl(run_dir / "metrics.jsonl")).items():
+                parts.setdefault(key, []).append(value)
+        record = _read_json(run_dir / TASK_RECORD)
+        if record and record.get("machine") and record["machine"] not in machines:
+            machines.append(record["machine"])
+    complete_set = len(summaries) == len(tasks)
+    summary = merge_summaries(summaries) if summaries else None
+    if summary is not None and not complete_set:
+        summary = {**summary, "complete": False}
+    return MethodResult(tasks[0].method.name, summary, {k: merge_seed_curves(v) for k, v in parts.items()}, machines)
+
+
+def collect(suite: Suite, runs_root: str | Path) -> dict[str, list[MethodResult]]:
+    """``{env: [one MethodResult per method, suite order]}``."""
+    tasks = suite_tasks(suite)
+    return {env: [collect_method([t for t in tasks if t.env == env and t.method == m], runs_root)
+                  for m in suite.methods] for env in suite.envs}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables and plot
+# ---------------------------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}{suffix}"
+
+
+def mean_and_seeds(entry: dict | None, digits: int = 2) -> str:
+    """``mean (seed 0, seed 1, ...)``."""
+    if not entry or entry.get("mean") is None:
+        return "n/a"
+    seeds = ", ".join(fmt(v, digits) for v in entry["per_seed"])
+    return f"{entry['mean']:.{digits}f} ({seeds})"
+
+
+def eval_mean(values: list | None) -> float | None:
+    finite = [v for v in values or [] if v is not None]
+    return sum(finite) / len(finite) if finite else None
+
+
+def summary_table(summaries: dict[str, dict | None], env: str, with_speed: bool = True) -> list[str]:
+    """The main table: one row per method (``None`` summary: not run yet)."""
+    best = MAX_RETURN.get(env)
+    header = ["method", "env steps/seed", "return (per seed)", "% of max", "achievement rate (per seed)",
+              "eval return"] + (["steps/s"] if with_speed else [])
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name, s in summaries.items():
+        if s is None:
+            lines.append(f"| {name} | not run yet |" + " |" * (len(header) - 2))
+            continue
+        ret = s.get("final", {}).get("episode/return", {})
+        pct = fmt(100 * ret["mean"] / best, 2, "%") if best and ret.get("mean") is not None else "n/a"
+        steps = f"{s.get('env_steps_per_seed', 0):,}" + ("" if s.get("complete") else " (incomplete)")
+        row = [name, steps, mean_and_seeds(ret), pct, mean_and_seeds(achievement_rate(s.get("final", {})), 1),
+               fmt(eval_mean(s.get("eval", {}).get("eval/return")))]
+        if with_speed:
+            row.append(fmt(s.get("median_sps"), 0))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def floors_table(summaries: dict[str, dict | None]) -> list[str]:
+    """Full Craftax's floor statistics, when the runs logged any."""
+    found = {n: s for n, s in summaries.items() if s}
+    floors = sorted({k for s in found.values() for k in s["final"] if k.startswith("floors/")})
+    if not floors:
+        return []
+    lines = ["| method | " + " | ".join(k.removeprefix("floors/") for k in floors) + " |",
+             "|---|" + "---|" * len(floors)]
+    for name, s in found.items():
+        lines.append(f"| {name} | " + " | ".join(fmt(s["final"].get(k, {}).get("mean"), 3) for k in floors) + " |")
+    return lines
+
+
+def achievement_table(summaries: dict[str, dict | None]) -> list[str]:
+    """Success rate of every achievement some method unlocked (rows all zero are left out)."""
+    found = {n: s for n, s in summaries.items() if s}
+    keys = sorted({k for s in found.values() for k in s["final"] if k.startswith("achievements/")})
+    if not keys:
+        return []
+    lines = ["| achievement (% of episodes) | " + " | ".join(found) + " |", "|---|" + "---|" * len(found)]
+    for key in keys:
+        cells = [s["final"].get(key, {}).get("mean") for s in found.values()]
+        if all(c is not None and c == 0 for c in cells):
+            continue
+        lines.append(f"| {key.removeprefix('achievements/')} | " + " | ".join(fmt(c, 1) for c in cells) + " |")
+    return lines
+
+
+def markdown_tables(summaries: dict[str, dict | None], env: str, with_speed: bool = True) -> str:
+    """Main table, then floors (full Craftax) and per-achievement tables, separated by blank lines."""
+    blocks = [summary_table(summaries, env, with_speed), floors_table(summaries), achievement_table(summaries)]
+    return "\n\n".join("\n".join(b) for b in blocks if b)
+
+
+def plot_comparison(results: list[MethodResult], title: str, out_path: str | Path) -> Path:
+    """Return and achievement rate against env steps: each method's mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ["return", "achievement rate"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(11, 4))
+    for ax, key in zip(axes, panels):
+        for result in results:
+            steps, values = result.curves.get(key, (np.zeros(0), np.zeros((0, 0))))
+            if len(steps) == 0 or values.size == 0:
+                continue
+            with warnings.catch_warnings():  # rows where no seed finished an episode are NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(values, axis=1)
+            finite = np.isfinite(mean)  # rows before any episode ended have no value: draw the rest joined
+            ax.plot(steps[finite], mean[finite], marker="o" if finite.sum() < 30 else None, markersize=3,
+                    label=f"{result.name} ({values.shape[1]} seed{'s' if values.shape[1] > 1 else ''})")
+        ax.set_xlabel("env steps (per seed)")
+        ax.set_ylabel("episode return" if key == "return" else "mean achievement success (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def reproduce_command(suite: Suite) -> str:
+    target = suite.name if suite.path.parent.resolve() == SUITES_DIR else str(suite.path)
+    return shlex.join(["python", "-m", "benchmarks.compare", target, *suite.overrides])
+
+
+def results_block(suite: Suite, results: dict[str, list[MethodResult]], figures: dict[str, str]) -> str:
+    """The markdown between the suite's markers in results.md."""
+    seeds = list(range(suite.first_seed, suite.first_seed + suite.seeds))
+    lines = [f"### Comparison `{suite.name}`", ""]
+    if suite.description:
+        lines += [suite.description, ""]
+    lines += [f"{suite.budget:,} env steps per seed, seeds {', '.join(map(str, seeds))}; suite "
+              f"`benchmarks/suites/{suite.path.name}`. Command:", "", "```bash", reproduce_command(suite), "```", "",
+              "Return: episode-weighted mean over the last 10% of logged updates (per seed in brackets). Achievement "
+              "rate: mean over the env's achievements of the % of episodes that unlocked each, same window. Eval "
+              "return: the final evaluation. Steps/s: median env steps per second of one training process (all its "
+              "seeds together); the methods ran one after another or on different nodes, so compare speeds only "
+              "between runs on the same idle machine. Env steps/seed can exceed the budget by up to one compiled "
+              "chunk of updates.", ""]
+    for env, methods in results.items():
+        machines = sorted({m for r in methods for m in r.machines})
+        lines += [f"#### {env}", "", f"Machine: {'; '.join(machines) if machines else 'not recorded'}.", "",
+                  markdown_tables({r.name: r.summary for r in methods}, env), ""]
+        if env in figures:
+            lines += [f"![{suite.name} learning curves on {env}]({figures[env]})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# results.md: the suite's block between markers
+# ---------------------------------------------------------------------------------------------------
+
+
+def markers(suite_name: str) -> tuple[str, str]:
+    return f"<!-- compare:{suite_name}:begin -->", f"<!-- compare:{suite_name}:end -->"
+
+
+def replace_block(text: str, suite_name: str, block: str) -> str:
+    """``text`` with the suite's block replaced (or appended when its markers are missing)."""
+    begin, end = markers(suite_name)
+    wrapped = f"{begin}\n{block.rstrip()}\n{end}"
+    start = text.find(begin)
+    if start < 0:
+        if end in text:
+            raise UserError(f"results file has {end} without {begin}; fix the markers by hand")
+        return (text.rstrip() + "\n\n" if text.strip() else "") + wrapped + "\n"
+    stop = text.find(end, start)
+    if stop < 0:
+        raise UserError(f"results file has {begin} without {end}; fix the markers by hand")
+    return text[:start] + wrapped + text[stop + len(end):]
+
+
+def write_results(suite: Suite, runs_root: str | Path, results_md: str | Path) -> str:
+    """Collect the suite's runs, plot every env, and write the block into ``results_md``."""
+    results_md = Path(results_md)
+    results = collect(suite, runs_root)
+    figures = {}
+    for env, methods in results.items():
+        if any(len(r.curves.get("return", ([],))[0]) for r in methods):
+            name = f"compare_{suite.name}_{env}.png"
+            plot_comparison(methods, f"{suite.name}: {env}", results_md.parent / "figures" / name)
+            figures[env] = f"figures/{name}"
+    block = results_block(suite, results, figures)
+    old = results_md.read_text() if results_md.exists() else ""
+    atomic_write_text(results_md, replace_block(old, suite.name, block))
+    atomic_write_json(Path(runs_root) / suite.name / "results.json",
+                      {env: {r.name: r.summary for r in methods} for env, methods in results.items()})
+    return block
+
+
+# ---------------------------------------------------------------------------------------------------
+# Slurm: one array task per training process, then a job that writes the table
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SlurmOptions:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None
+    gres: str | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    max_parallel: int | None = None
+    extra: tuple[str, ...] = ()
+
+
+def _sbatch_header(job_name: str, output: str, options: dict[str, Any], extra: Iterable[str]) -> list[str]:
+    lines = [f"#SBATCH --job-name={job_name}", f"#SBATCH --output={output}"]
+    lines += [f"#SBATCH --{key.replace('_', '-')}={value}" for key, value in options.items() if value not in (None, "")]
+    return lines + [f"#SBATCH {option}" for option in extra]
+
+
+def _script_body(compare_args: list[str]) -> list[str]:
+    """Find the checkout and its Python the way every script in scripts/ does (scripts/shell/common.sh)."""
+    return ["set -euo pipefail",
+            f"export CRAFTAX_ROOT=\"${{CRAFTAX_ROOT:-{REPO_ROOT}}}\"",
+            'source "$CRAFTAX_ROOT/scripts/shell/common.sh"',
+            "craftax_setup",
+            'craftax_run "$PYTHON" -m benchmarks.compare ' + " ".join(compare_args)]
+
+
+def slurm_scripts(suite: Suite, runs_root: str | Path, opts: SlurmOptions) -> tuple[str, str]:
+    """``(array script, collect script)``: one array task per training process; the second job writes
+    the table once every task has ended (submitted with ``--dependency=afterany``)."""
+    tasks = suite_tasks(suite)
+    runs_root = Path(runs_root).resolve()
+    logs = runs_root / suite.name / "slurm"
+    target = shlex.quote(str(suite.path.resolve()))
+    common = [target, *map(shlex.quote, suite.overrides), "--runs-root", shlex.quote(str(runs_root))]
+    array = f"0-{len(tasks) - 1}" + (f"%{opts.max_parallel}" if opts.max_parallel else "")
+    resources = {"partition": opts.partition, "account": opts.account, "qos": opts.qos,
+                 "time": opts.time or suite.slurm.get("time"), "gres": opts.gres or suite.slurm.get("gres"),
+                 "cpus_per_task": opts.cpus_per_task or suite.slurm.get("cpus_per_task"),
+                 "mem": opts.mem or suite.slurm.get("mem")}
+    listing = [f"#   {i}: {t.title}" for i, t in enumerate(tasks)]
+    array_script = "\n".join(
+        ["#!/bin/bash", f"# Suite {suite.name}: {len(tasks)} training runs, one per array task "
+         "(written by python -m benchmarks.compare --slurm).", *listing,
+         f"#SBATCH --array={array}",
+         *_sbatch_header(f"compare-{suite.name}", str(logs / "%x-%A_%a.out"), resources, opts.extra),
+         *_script_body([*common, "--task", '"$SLURM_ARRAY_TASK_ID"'])]) + "\n"
+    site = {"partition": opts.partition, "account": opts.account, "qos": opts.qos, "time": "00:30:00",
+            "cpus_per_task": 1}
+    collect_script = "\n".join(
+        ["#!/bin/bash", f"# Suite {suite.name}: write its table and plot once the array job has ended.",
+         *_sbatch_header(f"compare-{suite.name}-collect", str(logs / "%x-%j.out"), site, opts.extra),
+         *_script_body([*common, "--collect"])]) + "\n"
+    return array_script, collect_script
+
+
+def submit_slurm(suite: Suite, runs_root: str | Path, opts: SlurmOptions) -> tuple[str, str]:
+    """Write both scripts next to the runs and submit them; returns the two job ids."""
+    if shutil.which("sbatch") is None:
+        raise UserError("sbatch not found: run --slurm on a Slurm login node, or add --dry-run to see the script")
+    array_script, collect_script = slurm_scripts(suite, runs_root, opts)
+    folder = Path(runs_root).resolve() / suite.name / "slurm"
+    folder.mkdir(parents=True, exist_ok=True)  # Slurm does not create the log folder
+    (folder / "array.sbatch").write_text(array_script)
+    (folder / "collect.sbatch").write_text(collect_script)
+
+    def sbatch(*args: str) -> str:
+        done = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise UserError(f"sbatch {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
+        return done.stdout.strip().split(";")[0]
+
+    array_id = sbatch(str(folder / "array.sbatch"))
+    collect_id = sbatch(f"--dependency=afterany:{array_id}", str(folder / "collect.sbatch"))
+    return array_id, collect_id
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", help="suite name (benchmarks/suites/NAME.yaml) or path to a suite YAML file")
+    parser.add_argument("--budget", type=int, help="env steps per seed (default: the suite's)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default: the suite's)")
+    parser.add_argument("--env", action="append", help="run only this env (repeatable; default: the suite's envs)")
+    parser.add_argument("--methods", help="comma-separated subset of the suite's methods")
+    parser.add_argument("--runs-root", default=os.environ.get("CRAFTAX_COMPARE_RUNS", DEFAULT_RUNS_ROOT),
+                        help="run folders go to RUNS_ROOT/<suite>/<env>/<method>/<seeds> "
+                             "(env CRAFTAX_COMPARE_RUNS; default %(default)s)")
+    parser.add_argument("--results-md", default=DEFAULT_RESULTS_MD,
+                        help="markdown file that receives the table; figures go to its figures/ folder")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--collect", action="store_true", help="only write the table and plot of finished runs")
+    mode.add_argument("--list", action="store_true", help="list the runs (array indices) and their state")
+    mode.add_argument("--task", type=int, help="run only task TASK of --list (what each Slurm array task does)")
+    mode.add_argument("--slurm", action="store_true", help="submit an array job (one task per run) and a "
+                                                           "collect job that writes the table afterwards")
+    parser.add_argument("--no-collect", action="store_true", help="after local runs, do not write the table")
+    parser.add_argument("--in-process", action="store_true",
+                        help="call each entry point's main() in this process instead of a subprocess")
+    slurm = parser.add_argument_group(
+        "Slurm (with --slurm). Partition, account and QOS: these flags, or Slurm's own SBATCH_PARTITION, "
+        "SBATCH_ACCOUNT and SBATCH_QOS environment variables, which sbatch reads itself")
+    slurm.add_argument("--dry-run", action="store_true", help="print the array script instead of submitting")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--account")
+    slurm.add_argument("--qos")
+    slurm.add_argument("--time", help="time limit per task (default: the suite's slurm.time)")
+    slurm.add_argument("--gres", help="generic resources per task, e.g. gpu:1 (default: the suite's slurm.gres)")
+    slurm.add_argument("--cpus-per-task", type=int, help="default: the suite's slurm.cpus_per_task")
+    slurm.add_argument("--mem", help="memory per task, e.g. 32G (default: the suite's slurm.mem)")
+    slurm.add_argument("--max-parallel", type=int, help="run at most this many array tasks at once")
+    slurm.add_argument("--sbatch-option", action="append", default=[],
+                       help="any other #SBATCH option, e.g. --constraint=a100 (repeatable)")
+    args = parser.parse_args(argv)
+    if args.dry_run and not args.slurm:
+        parser.error("--dry-run goes with --slurm")
+    return args
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    suite = load_suite(args.suite, budget=args.budget, seeds=args.seeds, envs=args.env,
+                       methods=args.methods.split(",") if args.methods else None)
+    tasks = suite_tasks(suite)
+    if args.list:
+        for i, task in enumerate(tasks):
+            print(f"{i:3d}  {task_state(task, args.runs_root):7s}  {task.title}  -> {task.run_dir(args.runs_root)}")
+        return 0
+    if args.slurm:
+        opts = SlurmOptions(args.partition, args.account, args.qos, args.time, args.gres, args.cpus_per_task,
+                            args.mem, args.max_parallel, tuple(args.sbatch_option))
+        if args.dry_run:
+            array_script, _ = slurm_scripts(suite, args.runs_root, opts)
+            print(array_script, end="")
+            print(f"(dry run: would submit this array of {len(tasks)} tasks, then a collect job with "
+                  "--dependency=afterany on it)", file=sys.stderr)
+            return 0
+        array_id, collect_id = submit_slurm(suite, args.runs_root, opts)
+        print(f"submitted array job {array_id} ({len(tasks)} tasks) and collect job {collect_id}; "
+              f"logs in {Path(args.runs_root) / suite.name / 'slurm'}")
+        return 0
+    if args.task is not None:
+        if not 0 <= args.task < len(tasks):
+            raise UserError(f"--task {args.task} is out of range: suite {suite.name} has tasks 0-{len(tasks) - 1}")
+        return 1 if run_suite([tasks[args.task]], args.runs_root, args.in_process) else 0
+    failed = [] if args.collect else run_suite(tasks, args.runs_root, args.in_process)
+    if not args.no_collect:
+        print(write_results(suite, args.runs_root, args.results_md))
+        print(f"wrote the {suite.name} block of {args.results_md}")
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(t.title for t in failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

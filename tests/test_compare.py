@@ -1,0 +1,261 @@
+"""benchmarks.compare: suites, runs at equal env steps, the results block, and the Slurm array job."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from benchmarks import compare
+from tests.test_scripts import module_help, sbatch_directives
+from utils.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+SUITES = sorted(compare.SUITES_DIR.glob("*.yaml"))
+BUDGET = 512  # two compiled chunks of the debug presets (2 updates x 8 envs x 16 steps each): some episodes end
+
+
+# ---------------------------------------------------------------------------------------------------
+# Suites
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", SUITES, ids=lambda p: p.stem)
+def test_suite_names_real_modules_presets_and_flags(path, monkeypatch):
+    monkeypatch.setenv("CRAFTAX_LLM_MODEL", "/models/llm")
+    suite = compare.load_suite(str(path))
+    assert suite.budget > 0 and suite.envs and suite.methods
+    for method in suite.methods:
+        assert importlib.util.find_spec(method.module), f"{path.name}: module {method.module} does not exist"
+        area, name = method.module.split(".")
+        presets = yaml.safe_load((REPO / "configs" / area / f"{name}.yaml").read_text()) if method.presets else {}
+        assert set(method.presets) <= set(presets), f"{path.name}: {method.name} names unknown presets"
+        status, help_text = module_help(method.module)
+        assert status == 0, help_text[-2000:]
+        task = next(t for t in compare.suite_tasks(suite) if t.method == method)
+        for flag in [w.split("=")[0] for w in task.argv("runs") if w.startswith("--")]:
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text), \
+                f"{path.name}: {method.name} passes {flag}, unknown to python -m {method.module}"
+
+
+def write_suite(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "suite.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("envs: [E]\nbudget: 10\nmethods: {a: {module: m}}\nseed: 3\n", "unknown keys seed"),
+    ("envs: [E]\nbudget: 0\nmethods: {a: {module: m}}\n", "'budget' must be a positive integer"),
+    ("envs: [E]\nbudget: 10\nmethods: {a: {presets: [x]}}\n", "method a needs 'module'"),
+    ("envs: [E]\nbudget: 10\nmethods: {a: {module: m, flag: [--x]}}\n", "method a: unknown keys flag"),
+    ("budget: 10\nmethods: {a: {module: m}}\n", "'envs' must list at least one env"),
+    ("envs: [E]\nbudget: 10\nmethods: {a: {module: m}}\nslurm: {partition: gpu}\n", "slurm: unknown keys partition"),
+    ("envs: [E\n", "not valid YAML"),
+])
+def test_bad_suites_are_one_clear_error(tmp_path, text, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        compare.load_suite(write_suite(tmp_path, text))
+
+
+def test_unknown_suite_and_method_name_the_choices():
+    with pytest.raises(UserError, match="available: .*classic_debug"):
+        compare.load_suite("no_such_suite")
+    with pytest.raises(UserError, match="not in suite classic_debug"):
+        compare.load_suite("classic_debug", methods=["dreamer_v9"])
+
+
+def test_tasks_split_seeds_and_expand_site_variables(tmp_path, monkeypatch):
+    suite = compare.load_suite(write_suite(tmp_path, """
+envs: [Craftax-Classic-Symbolic-v1]
+seeds: 2
+first_seed: 4
+budget: 1000
+flags: [--checkpoint-every, "5"]
+methods:
+  together: {module: online_rl.ppo, presets: [cpu], flags: [--icm]}
+  apart: {module: online_rl_llm.ppo_llm, flags: [--llm-model, "${SITE_MODEL}"], seeds_together: false}
+"""), budget=300)
+    tasks = compare.suite_tasks(suite)
+    assert [(t.method.name, t.seeds) for t in tasks] == [("together", (4, 5)), ("apart", (4,)), ("apart", (5,))]
+    assert tasks[0].argv("R") == ["--env", "Craftax-Classic-Symbolic-v1", "--preset", "cpu", "--run-dir",
+                                  "R/suite/Craftax-Classic-Symbolic-v1/together/seeds4-5", "--seed", "4",
+                                  "--num-seeds", "2", "--total-steps", "300", "--checkpoint-every", "5", "--icm"]
+    monkeypatch.delenv("SITE_MODEL", raising=False)
+    with pytest.raises(UserError, match="needs the environment variable SITE_MODEL"):
+        tasks[2].argv("R")
+    monkeypatch.setenv("SITE_MODEL", "/m/qwen")
+    assert tasks[2].argv("R")[-2:] == ["--llm-model", "/m/qwen"] and "--seed" in tasks[2].argv("R")
+    assert tasks[2].run_dir("R") == Path("R/suite/Craftax-Classic-Symbolic-v1/apart/seed5")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Collecting
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_runs_of_single_seeds_merge_into_one_method_summary():
+    def summary(ret, wood, sps):
+        return {"num_seeds": 1, "complete": True, "env_steps_per_seed": 100, "median_sps": sps,
+                "final": {"episode/return": {"mean": ret, "per_seed": [ret]},
+                          "achievements/collect_wood": {"mean": wood, "per_seed": [wood]},
+                          "achievements/eat_cow": {"mean": 0.0, "per_seed": [0.0]}},
+                "eval": {"eval/return": [ret + 1]}}
+
+    merged = compare.merge_summaries([summary(1.0, 50.0, 10.0), summary(3.0, None, 30.0)])
+    assert merged["final"]["episode/return"] == {"mean": 2.0, "per_seed": [1.0, 3.0]}
+    assert merged["eval"]["eval/return"] == [2.0, 4.0] and merged["num_seeds"] == 2 and merged["median_sps"] == 20.0
+    rate = compare.achievement_rate(merged["final"])
+    assert rate["per_seed"] == [25.0, None] and rate["mean"] == 25.0  # a seed without episodes has no rate
+
+
+def test_curves_merge_on_steps_and_average_achievements():
+    rows = [{"step": 10, "episode/return": [1.0], "achievements/a": [100.0], "achievements/b": [0.0]},
+            {"step": 20, "episode/return": [2.0], "achievements/a": [50.0], "achievements/b": [50.0]}]
+    curves = compare.run_curves(rows)
+    np.testing.assert_allclose(curves["achievement rate"][1][:, 0], [50.0, 50.0])
+    other = (np.array([20, 30]), np.array([[5.0], [6.0]]))
+    steps, values = compare.merge_seed_curves([curves["return"], other])
+    assert steps.tolist() == [10, 20, 30]
+    np.testing.assert_array_equal(values, [[1.0, np.nan], [2.0, 5.0], [np.nan, 6.0]])
+
+
+def test_results_block_is_appended_once_then_replaced_in_place():
+    text = "# Results\n\nintro\n"
+    once = compare.replace_block(text, "s", "table v1\n")
+    assert once.startswith(text) and once.count("<!-- compare:s:begin -->") == 1 and "table v1" in once
+    after = once + "\n## Later section\n"
+    twice = compare.replace_block(after, "s", "table v2\n")
+    assert "table v1" not in twice and "table v2" in twice and twice.endswith("## Later section\n")
+    assert compare.replace_block(twice, "s", "table v2\n") == twice
+    assert compare.replace_block(twice, "other", "x").count("<!-- compare:s:end -->") == 1
+    with pytest.raises(UserError, match="without"):
+        compare.replace_block("<!-- compare:s:begin -->\nno end\n", "s", "x")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The classic_debug suite end to end
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def debug_runs(tmp_path_factory):
+    """classic_debug at a tiny budget: ppo through its `python -m` entry point, then the whole suite
+    (ppo already done, ppo_rnn in this process), then the table into a results file that already has
+    another section."""
+    root = tmp_path_factory.mktemp("compare")
+    runs, results = root / "runs", root / "docs" / "results.md"
+    results.parent.mkdir()
+    results.write_text("# Results\n\n## Before\n\ntext\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    first = subprocess.run([sys.executable, "-m", "benchmarks.compare", "classic_debug", "--budget", str(BUDGET),
+                            "--methods", "ppo", "--runs-root", str(runs), "--no-collect"],
+                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert first.returncode == 0, first.stdout + first.stderr
+    status = compare.main(["classic_debug", "--budget", str(BUDGET), "--runs-root", str(runs),
+                           "--results-md", str(results), "--in-process"])
+    assert status == 0
+    return runs, results, first.stdout
+
+
+def test_suite_runs_every_method_and_writes_the_table(debug_runs, capsys):
+    runs, results, first_output = debug_runs
+    assert "[1/1] ppo on Craftax-Classic-Symbolic-v1 (seed0): starting" in first_output
+    text = results.read_text()
+    assert text.startswith("# Results\n\n## Before\n\ntext\n\n<!-- compare:classic_debug:begin -->\n")
+    begin, end = text.index("<!-- compare:classic_debug:begin -->"), text.index("<!-- compare:classic_debug:end -->")
+    block = text[begin:end]
+    assert text.endswith("<!-- compare:classic_debug:end -->\n"), "a missing block is appended"
+    assert f"python -m benchmarks.compare classic_debug --budget {BUDGET}" in block
+    rows = {line.split("|")[1].strip(): line for line in block.splitlines() if re.match(r"\| ppo", line)}
+    assert set(rows) == {"ppo", "ppo_rnn"}
+    for name, row in rows.items():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == f"{BUDGET:,}", f"{name} trained {cells[1]} env steps, not the budget"
+        assert re.fullmatch(r"-?\d+\.\d\d \(-?\d+\.\d\d\)", cells[2]), f"{name}: no return: {row}"
+        assert float(cells[-1].replace(",", "")) > 0, f"{name}: no steps/s: {row}"
+    figure = results.parent / "figures" / "compare_classic_debug_Craftax-Classic-Symbolic-v1.png"
+    assert figure.stat().st_size > 10_000 and "(figures/compare_classic_debug_Craftax-Classic-Symbolic-v1.png)" in block
+    for method in ("ppo", "ppo_rnn"):
+        run_dir = runs / "classic_debug" / "Craftax-Classic-Symbolic-v1" / method / "seed0"
+        assert (run_dir / "summary.json").exists() and (run_dir / "metrics.jsonl").exists()
+        assert (run_dir / compare.TASK_RECORD).exists()
+
+
+def test_rerun_skips_finished_runs_and_rewrites_the_block_identically(debug_runs, capsys):
+    runs, results, _ = debug_runs
+    with open(results, "a") as f:  # a section after the block must stay where it is
+        f.write("\n## After\n\nmore text\n")
+    before = results.read_text()
+    assert compare.main(["classic_debug", "--budget", str(BUDGET), "--runs-root", str(runs),
+                         "--results-md", str(results)]) == 0
+    output = capsys.readouterr().out
+    assert output.count("done, skipped") == 2 and "starting" not in output
+    assert results.read_text() == before
+    compare.main(["classic_debug", "--budget", str(BUDGET), "--runs-root", str(runs), "--list"])
+    listing = capsys.readouterr().out.splitlines()
+    assert len(listing) == 2 and all(" done " in line for line in listing)
+
+
+def test_a_changed_budget_is_a_new_run_not_done(debug_runs, capsys):
+    runs, _, _ = debug_runs
+    compare.main(["classic_debug", "--budget", str(2 * BUDGET), "--runs-root", str(runs), "--list"])
+    assert all(" partial " in line for line in capsys.readouterr().out.splitlines())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Slurm
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_slurm_dry_run_prints_a_valid_array_job(debug_runs, capsys, tmp_path):
+    runs, _, _ = debug_runs
+    assert compare.main(["classic_debug", "--budget", str(BUDGET), "--runs-root", str(runs), "--slurm",
+                         "--dry-run", "--partition", "gpu-p", "--account", "proj1",
+                         "--sbatch-option=--constraint=a100", "--max-parallel", "1"]) == 0
+    script = capsys.readouterr().out
+    directives = dict(sbatch_directives(script))
+    assert directives["array"] == "0-1%1" and directives["partition"] == "gpu-p" and directives["account"] == "proj1"
+    assert directives["time"] == "00:30:00" and directives["constraint"] == "a100"
+    assert "gres" not in directives, "classic_debug asks for no GPU"
+    assert directives["output"].startswith(str(runs.resolve() / "classic_debug" / "slurm"))
+    path = tmp_path / "array.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    # Array task 1 for real: the run is finished, so the task finds it done and exits cleanly.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CRAFTAX_"))}
+    done = subprocess.run(["bash", str(path)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**clean, "SLURM_ARRAY_TASK_ID": "1", "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[1/1] ppo_rnn on Craftax-Classic-Symbolic-v1 (seed0): done, skipped" in done.stdout
+
+
+def test_slurm_submits_the_array_then_a_collect_job_after_it(tmp_path, monkeypatch, capsys):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/bash\necho "$@" >> "$FAKE_SBATCH_LOG"\necho $((4000 + $(wc -l < "$FAKE_SBATCH_LOG")))\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SBATCH_LOG", str(tmp_path / "sbatch.log"))
+    assert compare.main(["classic_debug", "--runs-root", str(tmp_path / "runs"), "--slurm"]) == 0
+    calls = (tmp_path / "sbatch.log").read_text().splitlines()
+    folder = tmp_path / "runs" / "classic_debug" / "slurm"
+    assert calls == [f"--parsable {folder / 'array.sbatch'}",
+                     f"--parsable --dependency=afterany:4001 {folder / 'collect.sbatch'}"]
+    assert "submitted array job 4001 (2 tasks) and collect job 4002" in capsys.readouterr().out
+    collect = (folder / "collect.sbatch").read_text()
+    assert "--array" not in collect and "benchmarks.compare" in collect and "--collect" in collect
+    sbatch_directives(collect)
+
+
+def test_task_index_out_of_range_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        compare.main(["classic_debug", "--task", "7"])
+    assert stop.value.code == 2 and "tasks 0-1" in capsys.readouterr().err
