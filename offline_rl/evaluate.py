@@ -26,6 +26,7 @@ from offline_rl.checkpoint import find_checkpoint, load_checkpoint, policies_fro
 from offline_rl.networks import resolve_device
 from utils.errors import UserError, exit_on_user_error
 from utils.io import atomic_write_json
+from utils.media import first_env_renderer, write_gif
 
 AREA, NAME = "offline_rl", "evaluate"
 
@@ -99,31 +100,6 @@ def make_feature_fn(payload: dict[str, Any], llm_model: str | None = None, batch
     return features
 
 
-def make_frame_fn(env) -> Callable[[Any], np.ndarray]:
-    """``state -> uint8 [H, W, 3]`` image of env 0 of a VecEnv state (Craftax renderers)."""
-    import jax
-
-    if env.name.startswith("Craftax-Classic"):
-        from craftax.craftax_classic.constants import BLOCK_PIXEL_SIZE_IMG
-        from craftax.craftax_classic.renderer import make_craftax_pixel_renderer
-    elif env.name.startswith("Craftax-"):
-        from craftax.craftax.constants import BLOCK_PIXEL_SIZE_IMG
-        from craftax.craftax.renderer import make_craftax_pixel_renderer
-    else:
-        raise UserError(f"--gif needs a Craftax env; {env.name} has no renderer here")
-    render = make_craftax_pixel_renderer(BLOCK_PIXEL_SIZE_IMG)
-    first = jax.jit(lambda state: render(jax.tree.map(lambda x: x[0], state.env_state)))
-    return lambda state: np.asarray(first(state)).clip(0, 255).astype(np.uint8)
-
-
-def write_gif(path: str | Path, frames: list[np.ndarray], fps: int = 10) -> None:
-    import imageio.v2 as imageio
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imageio.mimsave(path, frames, duration=1.0 / fps, loop=0)
-
-
 # ----------------------------------------------------------------------------------------------
 # The evaluation loop
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +127,7 @@ def evaluate_payload(payload: dict[str, Any], *, episodes: int, max_steps: int, 
                         f"actions, the policy expects {spec.obs_shape} and {spec.num_actions}")
     features = (make_feature_fn(payload, llm_model, llm_batch_size, device)
                 if spec.feature_dim else None)
-    frame = make_frame_fn(env) if gif else None
+    frame = first_env_renderer(env) if gif else None
 
     key = jax.random.PRNGKey(seed)
     key, reset_key = jax.random.split(key)

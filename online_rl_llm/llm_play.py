@@ -39,6 +39,7 @@ from online_rl_llm.prompts import (History, HistoryEntry, action_names, facing_o
                                    retry_message, system_prompt, user_message)
 from utils.errors import UserError, exit_on_user_error
 from utils.io import atomic_write_json, atomic_write_text, read_jsonl
+from utils.media import first_env_renderer, write_gif
 
 AREA, NAME = "online_rl_llm", "llm_play"
 
@@ -225,34 +226,6 @@ class RunFiles:
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=2)
-def make_frame_fn(env_name: str):
-    """``VecEnvState -> uint8 [H, W, 3]`` image of env 0 with craftax's own pixel renderer."""
-    import jax
-
-    from utils.envs import is_classic
-
-    if is_classic(env_name):
-        from craftax.craftax_classic.constants import BLOCK_PIXEL_SIZE_IMG
-        from craftax.craftax_classic.renderer import make_craftax_pixel_renderer
-    else:
-        from craftax.craftax.constants import BLOCK_PIXEL_SIZE_IMG
-        from craftax.craftax.renderer import make_craftax_pixel_renderer
-    render = make_craftax_pixel_renderer(BLOCK_PIXEL_SIZE_IMG)
-    first = jax.jit(lambda state: render(jax.tree.map(lambda x: x[0], state.env_state)))
-    return lambda state: np.asarray(first(state)).clip(0, 255).astype(np.uint8)
-
-
-def write_gif(path: Path, frames: list[np.ndarray], fps: int) -> None:
-    from PIL import Image
-
-    images = [Image.fromarray(frame) for frame in frames]
-    tmp = path.with_name(f".{path.name}.tmp")
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                   duration=max(1, round(1000 / fps)), loop=0)
-    tmp.replace(path)
-
-
 # ----------------------------------------------------------------------------------------------
 # The play loop
 # ----------------------------------------------------------------------------------------------
@@ -318,7 +291,7 @@ class PlayLoop:
         self.key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), len(files.episodes))
         self.key, reset_key = jax.random.split(self.key)
         self.obs, self.state = self._reset(reset_key)
-        self.frame = make_frame_fn(cfg.env) if cfg.render else None
+        self.frame = first_env_renderer(self.env) if cfg.render else None
         self.frames: list[np.ndarray] = []
         self.gif_episode = self.slots[0].episode if self.slots[0] is not None else None
 

@@ -50,7 +50,26 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
             ),
         )
-        meta = dict(restored["meta"])
+        return restored["state"], self._checked_meta(step, restored["meta"])
+
+    def restore_fields(self, step: int, like: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+        """Restore only some fields of the saved state, e.g. ``{"params": params_like}`` (nested
+        dicts select nested fields), as a dict shaped like ``like``. The rest (env states, replay
+        buffers) is never read, so loading a policy costs its parameters' size only."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return dict(restored["state"]), self._checked_meta(step, restored["meta"])
+
+    def _checked_meta(self, step: int, meta: Any) -> dict:
+        meta = dict(meta)
         if meta.get("format_version") != FORMAT_VERSION:
             from utils.errors import UserError
 
@@ -58,7 +77,7 @@ class Checkpointer:
                 f"checkpoint {self.directory / str(step)} has format version "
                 f"{meta.get('format_version')}, this code reads version {FORMAT_VERSION}"
             )
-        return restored["state"], meta
+        return meta
 
     def close(self) -> None:
         self._manager.wait_until_finished()
