@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
+from utils.feature_norm import usable_std
 from utils.trajectories import DatasetError, TrajectoryDataset
 
 FEATURES = ("none", "hidden_state")
@@ -29,8 +30,6 @@ FEATURES = ("none", "hidden_state")
 
 LABEL_FIELDS = ("model", "layer", "pooling", "template", "template_hash", "hidden_size")
 """Fields of a labelled dataset's ``labels`` block that a policy using its features depends on."""
-
-_STD_FLOOR = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +139,7 @@ def feature_stats(dataset: TrajectoryDataset, feature_dim: int) -> tuple[np.ndar
         count += len(x)
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
-    std = np.where(std > _STD_FLOOR, std, 1.0)
+    std = usable_std(std)  # the rule online features use too (utils/feature_norm.py)
     return mean.astype(np.float32), std.astype(np.float32)
 
 

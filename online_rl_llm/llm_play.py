@@ -241,18 +241,13 @@ def compiled_env(env_name: str, num_envs: int, reset_ratio: int):
 
     ``reset_rows(key, obs, state, rows)`` gives fresh worlds to the envs in ``rows`` (episodes cut
     by --max-steps) and leaves the others alone; it reuses the compiled ``reset`` (world
-    generation compiles slowly, full Craftax most) and compiles only the cheap selection. Resets
-    return strongly typed arrays: craftax's reset leaves some fields weakly typed, which would
-    make the jitted step trace and compile a second time after its first call."""
+    generation compiles slowly, full Craftax most) and compiles only the cheap selection."""
     import jax
     import jax.numpy as jnp
 
     from utils import envs
 
     env = envs.make(env_name, num_envs, reset_ratio=reset_ratio)
-
-    def strong(tree):
-        return jax.tree.map(lambda x: x.astype(x.dtype), tree)
 
     @jax.jit
     def select(rows, fresh, current):
@@ -261,7 +256,7 @@ def compiled_env(env_name: str, num_envs: int, reset_ratio: int):
 
         return jax.tree.map(pick, fresh, current)
 
-    reset = jax.jit(lambda key: strong(env.reset(key)))
+    reset = jax.jit(env.reset)
 
     def reset_rows(key, obs, state, rows):
         return select(jnp.asarray(rows), reset(key), (obs, state))

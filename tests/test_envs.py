@@ -86,3 +86,20 @@ def test_env_description():
     pixels = envs.make("Craftax-Classic-Pixels-v1", 2)
     assert pixels.is_pixels
     assert envs.make("Tetris-Direct-Standard-v0", 2).episode_metric_names == ("length", "lines", "pieces", "score")
+
+
+def test_reset_state_is_strongly_typed_so_jitted_steps_compile_once():
+    """A reset state with weak types would make a jitted step retrace after its first call."""
+    env = envs.make("Craftax-Classic-Symbolic-v1", 4)
+    obs, state = jax.jit(env.reset)(jax.random.PRNGKey(0))
+    assert not [leaf for leaf in jax.tree.leaves((obs, state)) if leaf.weak_type]
+    traces = []
+
+    @jax.jit
+    def step(key, state):
+        traces.append(1)
+        return env.step(key, state, jnp.zeros(4, dtype=jnp.int32))
+
+    for i in range(3):
+        obs, state, *_ = step(jax.random.PRNGKey(i), state)
+    assert len(traces) == 1

@@ -100,7 +100,11 @@ class VecEnv:
     def reset(self, key: jax.Array) -> tuple[jax.Array, VecEnvState]:
         obs, env_state = jax.vmap(self._reset_one)(jax.random.split(key, self.num_envs))
         zeros = jnp.zeros(self.num_envs)
-        return obs, VecEnvState(env_state, zeros.astype(jnp.float32), zeros.astype(jnp.int32))
+        state = VecEnvState(env_state, zeros.astype(jnp.float32), zeros.astype(jnp.int32))
+        # Craftax's reset leaves some leaves weakly typed (``player_direction``) where ``step``
+        # returns them strongly typed; a jitted function fed first the reset state, then a stepped
+        # one, would be traced and compiled twice. Strong types here fix it for every caller.
+        return strong_types(obs), strong_types(state)
 
     def step(self, key: jax.Array, state: VecEnvState, action: jax.Array):
         step_key, reset_key = jax.random.split(key)
@@ -146,3 +150,8 @@ class VecEnv:
         obs = pick(pool_obs, obs_after)
         env_state = jax.tree.map(pick, pool_state, env_after)
         return obs, env_state
+
+
+def strong_types(tree):
+    """``tree`` with every weakly typed leaf made strongly typed (same dtype, same values)."""
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
