@@ -117,14 +117,19 @@ def _strip_presets(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def parse_config(config_cls: type[C], area: str, algo: str, argv: Sequence[str] | None = None) -> C:
-    """Defaults, then presets (left to right), then the remaining flags; ``--help`` lists every field."""
+def parse_config(config_cls: type[C], area: str, algo: str, argv: Sequence[str] | None = None,
+                 default: C | None = None) -> C:
+    """Defaults, then presets (left to right), then the remaining flags; ``--help`` lists every field.
+
+    ``default`` replaces ``config_cls()`` as the starting point (e.g. Dreamer starts from the
+    preset of the version named on the command line)."""
     import tyro
 
     argv = list(sys.argv[1:] if argv is None else argv)
     names = _preset_names(argv)
     presets = load_presets(area, algo)
-    base = apply_presets(config_cls(), names, presets, f"configs/{area}/{algo}.yaml")
+    start = config_cls() if default is None else default
+    base = apply_presets(start, names, presets, f"configs/{area}/{algo}.yaml")
     return tyro.cli(config_cls, default=base, args=_strip_presets(argv), description=config_cls.__doc__)
 
 

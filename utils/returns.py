@@ -25,3 +25,21 @@ def gae(rewards, values, dones, last_value, gamma: float, lam: float):
         backward, jnp.zeros_like(last_value), (deltas, not_done), reverse=True
     )
     return advantages, advantages + values
+
+
+def lambda_returns(rewards, discounts, next_values, lam: float):
+    """TD(lambda) returns ``G_t = r_t + d_t * ((1 - lam) * v_{t+1} + lam * G_{t+1})``, time-major.
+
+    ``rewards[t]`` and ``discounts[t]`` (gamma times the continue flag) belong to the transition out of
+    step ``t``; ``next_values[t]`` is the value of the state it leads to, and the last one also
+    bootstraps the tail (``G_T = v_T``). Dreamer's imagined rollouts call it with the predicted
+    rewards, continues and critic values of states ``1..H`` to get returns for states ``0..H-1``.
+    """
+
+    def backward(next_return, inputs):
+        reward, discount, next_value = inputs
+        ret = reward + discount * ((1.0 - lam) * next_value + lam * next_return)
+        return ret, ret
+
+    _, returns = jax.lax.scan(backward, next_values[-1], (rewards, discounts, next_values), reverse=True)
+    return returns

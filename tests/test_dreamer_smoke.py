@@ -1,0 +1,113 @@
+"""Dreamer V1, V2 and V3 end to end on the debug preset: every version on Classic symbolic and pixels,
+two seeds, evaluation and reports, resume after a kill, and the command line's errors.
+
+Compilation dominates (tens of seconds per version and env); on symbolic envs the debug preset
+compiles without XLA's backend optimisations to halve it. The pixel runs are marked ``slow``
+(deselect with ``-m "not slow"``).
+"""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from utils.io import read_jsonl
+from world_models.dreamer import make_config, train
+
+SYMBOLIC, PIXELS = "Craftax-Classic-Symbolic-v1", "Craftax-Classic-Pixels-v1"
+
+
+def debug_config(tmp_path, version, env=SYMBOLIC, name="run", **overrides):
+    fields = dict(run_dir=str(tmp_path / name), progress=False, env=env, eval_envs=0)
+    return make_config(version, ["debug"], **{**fields, **overrides})
+
+
+def check_run(run, rows, seeds):
+    run = Path(run)
+    assert [r["step"] for r in rows] == [64, 128, 192, 256]
+    for row in rows:  # the prefill (16 steps per env) ends in the first chunk's last update
+        for key in ("loss/model", "loss/recon", "loss/reward", "loss/cont", "loss/kl", "loss/actor",
+                    "loss/critic", "loss/actor_entropy", "loss/reward_error", "loss/post_entropy"):
+            assert len(row[key]) == seeds and all(np.isfinite(v) for v in row[key]), key
+    assert rows[-1]["perf/grad_steps"][0] == 2 * (16 - 3), "2 gradient steps in each update from the 4th"
+    assert "episode/return" in rows[-1] and "achievements/collect_wood" in rows[-1]
+    assert rows[-1]["eval/openloop_reward_mae"] is not None
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["complete"] and summary["env_steps_per_seed"] == 256 and summary["num_seeds"] == seeds
+    assert (run / "learning_curve.png").stat().st_size > 1000
+    assert (run / "imagined_rewards.png").stat().st_size > 1000
+    assert (run / "config.yaml").exists() and any((run / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_debug_run_on_classic_symbolic(tmp_path, version):
+    train(debug_config(tmp_path, version))
+    check_run(tmp_path / "run", read_jsonl(tmp_path / "run" / "metrics.jsonl"), seeds=1)
+
+
+@pytest.fixture(scope="module")
+def v3_two_seeds(tmp_path_factory):
+    """V3 on Classic symbolic with two seeds and evaluation, uninterrupted (shared by two tests)."""
+    tmp_path = tmp_path_factory.mktemp("v3")
+    cfg = debug_config(tmp_path, 3, name="full", num_seeds=2, eval_envs=2)
+    return cfg, train(cfg)
+
+
+def test_debug_run_v3_two_seeds_with_evaluation(v3_two_seeds):
+    cfg, result = v3_two_seeds
+    rows = read_jsonl(f"{cfg.run_dir}/metrics.jsonl")
+    check_run(result["run_dir"], rows, seeds=2)
+    assert len(rows[-1]["eval/finished_fraction"]) == 2 and "eval/achievements/collect_wood" in rows[-1]
+    first = jax.tree.leaves(result["carry"].agent.params["wm"]["encoder"])[0]
+    assert first.shape[0] == 2 and not np.array_equal(np.asarray(first[0]), np.asarray(first[1])), \
+        "two seeds, two different models"
+    assert str(result["run_dir"]) == cfg.run_dir
+
+
+def test_killed_run_resumes_to_the_same_state_and_metrics(tmp_path, v3_two_seeds):
+    full_cfg, uninterrupted = v3_two_seeds
+    killed_cfg = dataclasses.replace(full_cfg, run_dir=str(tmp_path / "killed"))
+    partial = train(killed_cfg, stop_after_updates=8)
+    assert not partial["summary"]["complete"] and partial["summary"]["updates"] == 8
+    resumed = train(killed_cfg)
+    assert resumed["summary"]["complete"]
+    for a, b in zip(jax.tree.leaves(uninterrupted["carry"]), jax.tree.leaves(resumed["carry"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/") or k == "perf/grad_steps"}
+                          for r in rows]
+    assert strip(read_jsonl(f"{full_cfg.run_dir}/metrics.jsonl")) == strip(read_jsonl(tmp_path / "killed" / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_debug_run_on_classic_pixels_writes_the_openloop_gif(tmp_path, version):
+    result = train(debug_config(tmp_path, version, env=PIXELS))
+    run = tmp_path / "run"
+    check_run(run, read_jsonl(run / "metrics.jsonl"), seeds=1)
+    import imageio.v2 as imageio
+
+    frames = imageio.mimread(run / "openloop.gif")
+    assert len(frames) == 8, "4 observed + 4 predicted steps"
+    assert frames[0].shape[:2] == (3 + 3 * 63, 2 * 63 + 2), "bar, real, predicted, error; two sequences"
+    names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(result["carry"].agent.params)}
+    assert any("ConvTranspose" in n for n in names) and any("Conv_" in n for n in names)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "world_models.dreamer", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    bad_env = run_cli("--preset", "debug", "--env", "Craftax-Nope", "--run-dir", str(tmp_path / "a"))
+    assert bad_env.returncode == 2 and len(bad_env.stderr.strip().splitlines()) == 1
+    assert bad_env.stderr.startswith("error: unknown env 'Craftax-Nope'; valid names:")
+    bad_ratio = run_cli("--preset", "debug", "--train-ratio", "3", "--run-dir", str(tmp_path / "b"))
+    assert bad_ratio.returncode == 2 and "whole number" in bad_ratio.stderr
+    bad_version = run_cli("--version", "5")
+    assert bad_version.returncode == 2 and "--version must be one of 1, 2, 3" in bad_version.stderr

@@ -1,0 +1,413 @@
+"""Dreamer's building blocks (world_models/common): the maths against hand-computed values, the RSSM,
+the replay, the world-model loss and the actor-critic gradients. End-to-end runs are in
+test_dreamer_smoke.py."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from utils.errors import UserError
+from utils.returns import lambda_returns
+from world_models.common import dists, replay as replay_lib
+from world_models.common.dists import LatentSpec
+from world_models.common.rssm import RSSM, features, init_params, initial_state, observe
+from world_models.dreamer import grad_steps_per_update, make_config, parse_dreamer_config
+
+
+# ---------------------------------------------------------------------------------------------------
+# symlog and two-hot
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_symlog_symexp_round_trip_without_nans_at_extremes():
+    x = jnp.array([-1e8, -12345.6, -1.0, -1e-6, 0.0, 1e-6, 0.5, 1.0, 3.0, 12345.6, 1e8], jnp.float32)
+    y = dists.symlog(x)
+    assert np.all(np.isfinite(y)) and np.all(np.diff(np.asarray(y)) > 0), "finite and monotonic"
+    np.testing.assert_allclose(dists.symexp(y), x, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dists.symlog(jnp.array([1.0, -1.0])), [np.log(2), -np.log(2)], rtol=1e-6)
+
+
+def test_twohot_round_trips_and_is_a_valid_code():
+    bins = dists.twohot_bins(255)
+    x = jnp.array([-19.9, -3.3, -0.01, 0.0, 0.07, 1.0, 7.77, 19.99], jnp.float32)
+    code = dists.twohot_encode(x, bins)
+    np.testing.assert_allclose(code.sum(-1), 1.0, rtol=1e-6)
+    assert int((code > 0).sum(-1).max()) <= 2 and float(code.min()) >= 0.0
+    np.testing.assert_allclose(dists.twohot_decode(code, bins), x, atol=1e-5)
+    # A value on a bin centre is one-hot on it.
+    on_bin = dists.twohot_encode(bins[100:101], bins)
+    assert float(on_bin[0, 100]) == pytest.approx(1.0)
+
+
+def test_symlog_twohot_decodes_extreme_rewards_without_nans():
+    bins = dists.twohot_bins(255)
+    values = jnp.array([-1e8, -5.0, 0.0, 0.1, 1e8], jnp.float32)
+    probs = dists.twohot_encode(dists.symlog(values), bins)
+    decoded = dists.symexp(dists.twohot_decode(probs, bins))
+    np.testing.assert_allclose(decoded, values, rtol=1e-4, atol=1e-5)
+    # Beyond the last bin (symlog(1e10) = 23 > 20) the code saturates instead of overflowing.
+    beyond = dists.twohot_encode(dists.symlog(jnp.array([1e10, -1e10])), bins)
+    assert np.all(np.isfinite(beyond)) and float(beyond[0, -1]) == 1.0 and float(beyond[1, 0]) == 1.0
+    loss = dists.symlog_twohot_loss(jnp.zeros((5, 255)), values, bins)
+    np.testing.assert_allclose(loss, np.log(255), rtol=1e-5)  # uniform prediction: log K, never NaN
+
+
+# ---------------------------------------------------------------------------------------------------
+# lambda-returns
+# ---------------------------------------------------------------------------------------------------
+
+
+def loop_lambda_returns(rewards, discounts, next_values, lam):
+    T, N = rewards.shape
+    out = np.zeros((T, N))
+    for n in range(N):
+        following = next_values[-1, n]
+        for t in reversed(range(T)):
+            following = rewards[t, n] + discounts[t, n] * ((1 - lam) * next_values[t, n] + lam * following)
+            out[t, n] = following
+    return out
+
+
+def test_lambda_returns_match_plain_loop():
+    rng = np.random.default_rng(0)
+    T, N = 15, 6
+    rewards = rng.normal(size=(T, N)).astype(np.float32)
+    discounts = (0.99 * (rng.random((T, N)) > 0.1)).astype(np.float32)
+    next_values = rng.normal(size=(T, N)).astype(np.float32)
+    got = lambda_returns(rewards, discounts, next_values, 0.95)
+    np.testing.assert_allclose(got, loop_lambda_returns(rewards, discounts, next_values, 0.95), rtol=1e-5, atol=1e-5)
+    # lam = 0 is one-step TD; lam = 1 the discounted sum bootstrapped at the end.
+    np.testing.assert_allclose(lambda_returns(rewards, discounts, next_values, 0.0),
+                               rewards + discounts * next_values, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# KL regularisers
+# ---------------------------------------------------------------------------------------------------
+
+P_HALF = jnp.log(jnp.array([0.5, 0.5]))
+Q_QUARTER = jnp.log(jnp.array([0.25, 0.75]))
+KL_PQ = 0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)  # 0.14384
+
+
+def test_categorical_and_gaussian_kl_match_hand_values():
+    assert float(dists.categorical_kl(P_HALF, Q_QUARTER)) == pytest.approx(KL_PQ, rel=1e-5)
+    # KL(N(0, 1) || N(1, 2^2)) = ln 2 + (1 + 1) / 8 - 1/2
+    assert float(dists.gaussian_kl(0.0, 1.0, 1.0, 2.0)) == pytest.approx(np.log(2) + 0.25 - 0.5, rel=1e-5)
+    spec = LatentSpec(discrete=True, stoch=3, classes=2)
+    post, prior = jnp.stack([P_HALF] * 3), jnp.stack([Q_QUARTER] * 3)
+    assert float(spec.kl(post, prior)) == pytest.approx(3 * KL_PQ, rel=1e-5), "summed over latents"
+
+
+def test_v1_free_nats_clip_the_batch_mean():
+    spec = LatentSpec(discrete=False, stoch=1)
+    post = jnp.array([[[0.0, 1.0]], [[0.0, 1.0]]])  # two steps, one Gaussian latent
+    prior = jnp.array([[[1.0, 2.0]], [[3.0, 1.0]]])  # KLs 0.4431 and 4.5
+    loss, kl = dists.kl_free_nats(spec, post, prior, free_nats=3.0)
+    np.testing.assert_allclose(kl, [np.log(2) + 0.25 - 0.5, 4.5], rtol=1e-5)
+    assert float(loss) == pytest.approx(3.0), "mean 2.47 is below 3 free nats"
+    loss, _ = dists.kl_free_nats(spec, post, prior, free_nats=1.0)
+    assert float(loss) == pytest.approx((np.log(2) - 0.25 + 4.5) / 2, rel=1e-5)
+
+
+def test_v2_kl_balancing_splits_the_gradient_not_the_value():
+    spec = LatentSpec(discrete=True, stoch=1, classes=2)
+    post, prior = P_HALF[None], Q_QUARTER[None]
+    loss, kl = dists.kl_balanced(spec, post, prior, balance=0.8)
+    assert float(loss) == pytest.approx(KL_PQ, rel=1e-5) and float(kl) == pytest.approx(KL_PQ, rel=1e-5)
+    full_post, full_prior = jax.grad(lambda p, q: spec.kl(p, q).sum(), argnums=(0, 1))(post, prior)
+    got_post, got_prior = jax.grad(lambda p, q: dists.kl_balanced(spec, p, q, 0.8)[0], argnums=(0, 1))(post, prior)
+    np.testing.assert_allclose(got_prior, 0.8 * full_prior, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got_post, 0.2 * full_post, rtol=1e-5, atol=1e-7)
+
+
+def test_v3_free_bits_clip_after_summing_latents():
+    spec = LatentSpec(discrete=True, stoch=4, classes=2)
+    post, prior = jnp.stack([P_HALF] * 4)[None], jnp.stack([Q_QUARTER] * 4)[None]  # KL 4 x 0.1438 = 0.575
+    loss, parts = dists.kl_free_bits(spec, post, prior, free_bits=1.0, dyn_scale=0.5, rep_scale=0.1)
+    # Clipped per latent (0.1438 -> 1 each) it would be 4.0; summed first it is 0.575 -> 1.0.
+    assert float(parts["dyn"]) == pytest.approx(1.0) and float(parts["rep"]) == pytest.approx(1.0)
+    assert float(loss) == pytest.approx(0.5 + 0.1)
+    assert float(parts["kl"][0]) == pytest.approx(4 * KL_PQ, rel=1e-5)
+    grads = jax.grad(lambda p, q: dists.kl_free_bits(spec, p, q, 1.0, 0.5, 0.1)[0], argnums=(0, 1))(post, prior)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in grads), "under the free bits nothing is pushed"
+    # Above the threshold: dyn trains the prior with weight 0.5, rep the posterior with 0.1.
+    got_post, got_prior = jax.grad(lambda p, q: dists.kl_free_bits(spec, p, q, 0.1, 0.5, 0.1)[0],
+                                   argnums=(0, 1))(post, prior)
+    full_post, full_prior = jax.grad(lambda p, q: spec.kl(p, q).sum(), argnums=(0, 1))(post, prior)
+    np.testing.assert_allclose(got_prior, 0.5 * full_prior, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got_post, 0.1 * full_post, rtol=1e-5, atol=1e-7)
+
+
+def test_unimix_and_straight_through_samples():
+    logits = jnp.array([[30.0, 0.0, -30.0, 0.0]])
+    mixed = jnp.exp(dists.unimix_logits(logits, 0.01))
+    assert float(mixed.min()) >= 0.01 / 4 - 1e-7 and float(mixed.sum()) == pytest.approx(1.0, rel=1e-5)
+    sample = dists.straight_through_onehot(jax.random.PRNGKey(0), logits)
+    assert sorted(np.asarray(sample[0]).round(5).tolist()) == [0.0, 0.0, 0.0, 1.0]
+    weights = jnp.arange(4.0)
+    grad_st = jax.grad(lambda l: (dists.straight_through_onehot(jax.random.PRNGKey(0), l) * weights).sum())(logits)
+    grad_probs = jax.grad(lambda l: (jax.nn.softmax(l) * weights).sum())(logits)
+    np.testing.assert_allclose(grad_st, grad_probs, rtol=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# RSSM
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("discrete", [False, True], ids=["gaussian", "categorical"])
+def test_rssm_shapes_and_is_first_resets(discrete):
+    spec = LatentSpec(discrete=discrete, stoch=3, classes=4 if discrete else 1, unimix=0.01 if discrete else 0.0)
+    rssm = RSSM(spec, deter=8, hidden=8)
+    T, B, A, E = 7, 2, 5, 6
+    params = init_params(rssm, jax.random.PRNGKey(0), A, E)
+    embed = jax.random.normal(jax.random.PRNGKey(1), (T, B, E))
+    prev_action = jax.nn.one_hot(jax.random.randint(jax.random.PRNGKey(2), (T, B), 0, A), A)
+    is_first = jnp.zeros((T, B), bool).at[0].set(True).at[4, 1].set(True)
+    key = jax.random.PRNGKey(3)
+    start = initial_state(spec, 8, (B,))
+    last, post, prior = observe(rssm, params, embed, prev_action, is_first, start, key)
+    assert post.deter.shape == (T, B, 8) and post.stoch.shape == (T, B, spec.sample_size)
+    assert post.stats.shape == (T, B) + spec.stats_shape and prior.shape == post.stats.shape
+    assert features(post).shape == (T, B, 8 + spec.sample_size) and last.deter.shape == (B, 8)
+
+    # From step 4 on, sequence 1 must not depend on anything before its episode start.
+    other_history = embed.at[:4, 1].set(embed[:4, 1] + 5.0)
+    _, post_b, _ = observe(rssm, params, other_history, prev_action, is_first, start, key)
+    np.testing.assert_allclose(post.deter[4:, 1], post_b.deter[4:, 1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(post.stoch[4:, 1], post_b.stoch[4:, 1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(post.deter[:, 0], post_b.deter[:, 0])  # sequence 0 was not changed
+    np.testing.assert_allclose(post.stats[4:, 1], post_b.stats[4:, 1], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(post.stats[:4, 1], post_b.stats[:4, 1]), "before the reset the history matters"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Replay
+# ---------------------------------------------------------------------------------------------------
+
+
+def synthetic_rows(num_streams, steps, seed=0):
+    """Rows whose ``obs`` is (global step, episode id) per stream, episodes of random lengths."""
+    rng = np.random.default_rng(seed)
+    episode = np.zeros(num_streams, int)
+    rows = []
+    for t in range(steps):
+        first = rng.random(num_streams) < 0.15 if t else np.ones(num_streams, bool)
+        episode = episode + (first & (t > 0))
+        obs = np.stack([np.full(num_streams, t), episode + 1000 * np.arange(num_streams)], -1).astype(np.float32)
+        rows.append(dict(obs=obs, action=np.zeros(num_streams, np.int32), reward=np.zeros(num_streams, np.float32),
+                         is_first=first, is_terminal=np.zeros(num_streams, bool)))
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+@pytest.mark.parametrize("steps", [30, 130], ids=["partly-filled", "wrapped-around"])
+def test_replay_chunks_are_consecutive_and_flag_every_episode_start(steps):
+    num_streams, capacity, length = 3, 50, 10
+    rows = synthetic_rows(num_streams, steps)
+    replay = replay_lib.empty({k: v[0] for k, v in rows.items()}, num_streams, capacity)
+    for start in range(0, steps, 7):  # add in uneven blocks, as collection does
+        replay = replay_lib.add(replay, {k: v[start:start + 7] for k, v in rows.items()})
+    assert int(replay.count) == min(steps, capacity)
+    chunk = jax.jit(lambda r, k: replay_lib.sample(r, k, 256, length))(replay, jax.random.PRNGKey(0))
+    t, episode = np.asarray(chunk["obs"][..., 0]), np.asarray(chunk["obs"][..., 1])
+    first = np.asarray(chunk["is_first"])
+    assert t.shape == (length, 256)
+    np.testing.assert_array_equal(np.diff(t, axis=0), 1, err_msg="a chunk crossed the ring's seam")
+    assert t.min() >= steps - min(steps, capacity), "sampled a row that was overwritten"
+    assert first[0].all(), "the first row of a chunk starts the RSSM afresh"
+    changes = np.diff(episode, axis=0) != 0
+    assert np.all(first[1:][changes]), "an episode start inside a chunk without is_first"
+    assert np.all(changes[first[1:]]), "is_first where no episode starts"
+
+
+def test_replay_add_writes_every_stream_at_the_ring_position():
+    rows = synthetic_rows(2, 12)
+    replay = replay_lib.empty({k: v[0] for k, v in rows.items()}, 2, 8)
+    replay = replay_lib.add(replay, {k: v[:12] for k, v in rows.items()})
+    assert int(replay.position) == 12 % 8 and int(replay.count) == 8
+    np.testing.assert_array_equal(np.asarray(replay.data["obs"][0, :, 0]), [8, 9, 10, 11, 4, 5, 6, 7])
+    latest = replay_lib.latest(replay, 3)
+    np.testing.assert_array_equal(np.asarray(latest["obs"][:, 1, 0]), [9, 10, 11])
+
+
+# ---------------------------------------------------------------------------------------------------
+# World model and actor-critic
+# ---------------------------------------------------------------------------------------------------
+
+
+def tiny_config(version, **fields):
+    return make_config(version, ["debug"], **fields)
+
+
+def fixed_batch(obs_shape, T=8, B=4, num_actions=5, seed=0):
+    """A learnable batch: observations are a fixed function of a random walk plus the action."""
+    rng = np.random.default_rng(seed)
+    action = rng.integers(0, num_actions, (T, B))
+    position = np.cumsum(action - 2, 0) % 7
+    size = int(np.prod(obs_shape))
+    obs = np.stack([np.roll(np.eye(size)[0], int(p)) for p in position.reshape(-1)]).reshape((T, B) + tuple(obs_shape))
+    reward = (position == 3).astype(np.float32)
+    first = np.zeros((T, B), bool)
+    first[0] = True
+    terminal = np.zeros((T, B), bool)
+    terminal[-1, 0] = True
+    return dict(obs=jnp.asarray(obs, jnp.float32), action=jnp.asarray(action, jnp.int32), reward=jnp.asarray(reward),
+                is_first=jnp.asarray(first), is_terminal=jnp.asarray(terminal))
+
+
+@pytest.mark.parametrize("version,obs_shape", [(1, (12,)), (2, (12,)), (3, (12,)), (3, (16, 16, 3))],
+                         ids=["v1", "v2", "v3", "v3-pixels"])
+def test_world_model_loss_falls_on_a_fixed_batch(version, obs_shape):
+    import optax
+
+    from world_models.common.world_model import WorldModel
+
+    cfg = tiny_config(version, cnn_stages=2)
+    wm = WorldModel(cfg, obs_shape, 5)
+    batch = fixed_batch(obs_shape)
+    params = wm.init(jax.random.PRNGKey(0))
+    opt = optax.adam(3e-3)
+
+    @jax.jit
+    def steps(params, opt_state):
+        def step(state, key):
+            params, opt_state = state
+            (loss, (post, metrics)), grads = jax.value_and_grad(wm.loss, has_aux=True)(params, batch, key)
+            updates, opt_state = opt.update(grads, opt_state)
+            return (optax.apply_updates(params, updates), opt_state), metrics
+        return jax.lax.scan(step, (params, opt_state), jax.random.split(jax.random.PRNGKey(1), 60))
+
+    _, metrics = steps(params, opt.init(params))
+    metrics = {k: np.asarray(v) for k, v in metrics.items()}
+    assert all(np.all(np.isfinite(v)) for v in metrics.values())
+    assert metrics["loss/model"][-10:].mean() < metrics["loss/model"][:5].mean()
+    # Without the KL term (V1's free nats keep it at a constant 3) the predictions improve a lot.
+    predictions = metrics["loss/model"] - metrics["loss/kl_term"]
+    assert predictions[-10:].mean() < 0.6 * predictions[:5].mean()
+
+
+def test_actor_gradients_go_through_dynamics_only_in_v1():
+    """With the entropy bonus off, V2/V3 learn only from log-probability times advantage, so an actor
+    whose advantages are all zero gets no gradient; V1 still does, through the imagined dynamics."""
+    from world_models.common.agent import Agent
+
+    grads_by_version = {}
+    for version in (1, 3):
+        cfg = tiny_config(version, actor_entropy=0.0)
+        agent = Agent(cfg, (12,), 5)
+        state = jax.jit(agent.init)(jax.random.PRNGKey(0))
+        start = agent.wm.initial_state((6,))
+        start = start._replace(deter=jax.random.normal(jax.random.PRNGKey(1), start.deter.shape))
+
+        def loss(actor_params):
+            return agent.ac.actor_loss(actor_params, agent.wm, state.params["wm"], state.params["critic"],
+                                       state.params["slow_critic"], state.retnorm, start, jnp.ones(6),
+                                       jax.random.PRNGKey(2))[0]
+
+        grads = jax.jit(jax.grad(loss))(state.params["actor"])
+        grads_by_version[version] = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
+    # Freshly initialised V3 reward and critic heads predict 0 (zero-initialised two-hot heads), so
+    # every advantage is 0 up to float rounding; V1's returns depend on the actions through the model.
+    assert grads_by_version[3] < 1e-6
+    assert grads_by_version[1] > 1e-3
+
+
+def test_return_normaliser_tracks_percentiles_with_a_floor_of_one():
+    from world_models.common.behavior import ReturnNorm
+
+    returns = jnp.linspace(0.0, 100.0, 1001)
+    norm = ReturnNorm.initial().update(returns, decay=0.0)
+    assert float(norm.low) == pytest.approx(5.0, rel=1e-4) and float(norm.high) == pytest.approx(95.0, rel=1e-4)
+    assert float(norm.scale()) == pytest.approx(90.0, rel=1e-4)
+    small = ReturnNorm.initial().update(jnp.linspace(0.0, 0.1, 11), decay=0.0)
+    assert float(small.scale()) == 1.0, "small returns are not blown up"
+    ema = ReturnNorm(jnp.float32(0.0), jnp.float32(10.0)).update(returns, decay=0.99)
+    assert float(ema.high) == pytest.approx(0.99 * 10 + 0.01 * 95, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_version_picks_its_paper_defaults_before_other_presets():
+    v1 = parse_dreamer_config(["--version", "1"])
+    v2 = parse_dreamer_config(["--version=2", "--preset", "xs"])
+    v3 = parse_dreamer_config(["--preset", "debug", "--batch-length", "16"])
+    assert (v1.version, v1.free_nats, v1.act, v1.norm, v1.batch_size) == (1, 3.0, "elu", False, 50)
+    assert (v2.version, v2.kl_balance, v2.kl_scale, v2.deter, v2.units, v2.preset) == (2, 0.8, 0.1, 256, 256, ("xs",))
+    assert (v3.version, v3.unimix, v3.dyn_scale, v3.rep_scale, v3.bins) == (3, 0.01, 0.5, 0.1, 255)
+    assert v3.batch_length == 16 and v3.deter == 16, "flags after presets, presets after the version"
+    with pytest.raises(UserError, match="--version must be one of 1, 2, 3"):
+        parse_dreamer_config(["--version", "4"])
+
+
+def test_train_ratio_must_give_whole_gradient_steps():
+    cfg = tiny_config(3)
+    assert grad_steps_per_update(cfg) == cfg.train_ratio * cfg.num_envs * cfg.collect_steps // 32
+    with pytest.raises(UserError, match="e.g. --collect-steps 8"):
+        grad_steps_per_update(dataclasses.replace(cfg, train_ratio=1.0, collect_steps=1))
+
+
+def test_help_documents_every_field(capsys):
+    with pytest.raises(SystemExit):
+        parse_dreamer_config(["--help"])
+    out = capsys.readouterr().out
+    for field in ("--version", "--train-ratio", "--free-nats", "--kl-balance", "--imag-horizon", "--num-seeds",
+                  "--fast-compile", "--preset"):
+        assert field in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Collection: terminal rows and episode starts
+# ---------------------------------------------------------------------------------------------------
+
+
+class CountingEnv:
+    """A tiny Craftax-shaped env: obs ``[t, episode marker]``, reward ``t`` after each step, and the
+    episode ends when ``t`` reaches 3 (so three transitions and four observations per episode)."""
+
+    num_actions = 3
+    default_params = None
+
+    def observation_space(self, params):
+        return jax.ShapeDtypeStruct((2,), jnp.float32)
+
+    def reset(self, key, params):
+        marker = jax.random.uniform(key, minval=1.0, maxval=2.0)
+        state = (jnp.int32(0), marker)
+        return jnp.stack([0.0, marker]), state
+
+    def step(self, key, state, action, params):
+        t, marker = state
+        t = t + 1
+        return jnp.stack([t.astype(jnp.float32), marker]), (t, marker), t.astype(jnp.float32), t >= 3, {}
+
+
+def test_collection_shows_the_terminal_observation_then_the_first_of_the_next_episode():
+    from utils.envs import VecEnv
+    from world_models.dreamer import make_train
+
+    env = VecEnv(CountingEnv(), name="Counting", num_envs=2, reset_ratio=1, achievement_names=("a",),
+                 achievements_fn=lambda state: jnp.zeros(1))
+    cfg = tiny_config(3, num_envs=2, collect_steps=16, train_ratio=1.0, prefill=100, replay_size=64,
+                      symbolic_storage="float32")
+    program = make_train(cfg, env)
+    carry = jax.jit(program.init)(jax.random.PRNGKey(0))
+    carry, stats = jax.jit(program.collect)(carry)
+    data = jax.tree.map(np.asarray, carry.replay.data)
+    t = data["obs"][:, :16, 0]
+    np.testing.assert_array_equal(t, np.tile([0, 1, 2, 3], (2, 4)))
+    np.testing.assert_array_equal(data["is_first"][:, :16], np.tile([True, False, False, False], (2, 4)))
+    np.testing.assert_array_equal(data["is_terminal"][:, :16], np.tile([False, False, False, True], (2, 4)))
+    np.testing.assert_array_equal(data["reward"][:, :16], np.tile([0.0, 1.0, 2.0, 3.0], (2, 4)))
+    marker = data["obs"][:, :16, 1].reshape(2, 4, 4)
+    assert np.all(marker == marker[:, :, :1]), "one episode's rows keep its marker, terminal row included"
+    assert np.all(np.diff(marker[:, :, 0], axis=1) != 0), "a fresh episode follows each terminal row"
+    # Four episodes per env ended (the steps discarded after terminal rows are not episodes).
+    assert float(stats.count) == 8 and float(stats.return_sum) == 8 * 6 and float(stats.length_sum) == 8 * 3
+    assert int(carry.env_steps) == 16 and int(carry.replay.count) == 16

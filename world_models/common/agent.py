@@ -1,0 +1,109 @@
+"""One Dreamer agent: parameters, optimisers and the gradient step that trains all of it.
+
+A gradient step trains the world model on a replay batch, then the actor from every posterior state
+of that batch in imagination, then the critic on the imagined rollout, then moves the V2 target
+critic (hard copy every ``target_update_every`` steps) or the V3 slow critic (EMA). Acting is a
+posterior step on the new observation followed by a sample from the actor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from world_models.common.behavior import ActorCritic, ReturnNorm
+from world_models.common.rssm import RSSMState, features, obs_step
+from world_models.common.world_model import WorldModel
+
+
+@struct.dataclass
+class AgentState:
+    params: dict  # wm, actor, critic, slow_critic (V2 target / V3 EMA; unused by V1)
+    opt_state: dict  # wm, actor, critic
+    retnorm: ReturnNorm
+    grad_steps: jax.Array  # int32
+
+
+def optimizer(lr: float, eps: float, clip: float) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(lr, eps=eps))
+
+
+class Agent:
+    """Static parts (networks, optimisers) of a Dreamer agent for one env's shapes."""
+
+    def __init__(self, cfg: Any, obs_shape: tuple[int, ...], num_actions: int):
+        self.cfg = cfg
+        self.wm = WorldModel(cfg, obs_shape, num_actions)
+        self.ac = ActorCritic(cfg, self.wm.feat_size, num_actions)
+        self.num_actions = num_actions
+        self.optimizers = {
+            "wm": optimizer(cfg.model_lr, cfg.model_eps, cfg.model_grad_clip),
+            "actor": optimizer(cfg.actor_lr, cfg.ac_eps, cfg.ac_grad_clip),
+            "critic": optimizer(cfg.critic_lr, cfg.ac_eps, cfg.ac_grad_clip),
+        }
+
+    def init(self, key: jax.Array) -> AgentState:
+        wm_key, ac_key = jax.random.split(key)
+        actor, critic = self.ac.init(ac_key)
+        params = {"wm": self.wm.init(wm_key), "actor": actor, "critic": critic, "slow_critic": critic}
+        opt_state = {k: opt.init(params[k]) for k, opt in self.optimizers.items()}
+        return AgentState(params, opt_state, ReturnNorm.initial(), jnp.int32(0))
+
+    # -- acting ---------------------------------------------------------------------------------------
+    def initial_policy_state(self, n: int) -> tuple[RSSMState, jax.Array]:
+        """(latent, previous action one-hot) before the first observation."""
+        return self.wm.initial_state((n,)), jnp.zeros((n, self.num_actions))
+
+    def act(self, params: dict, obs: jax.Array, policy_state, is_first: jax.Array, key: jax.Array,
+            random: jax.Array | bool = False):
+        """Posterior step on ``obs`` then an action per env: sampled from the actor, or uniformly
+        where ``random`` (prefill). Returns ``(action, new policy state)``."""
+        latent, prev_action = policy_state
+        obs_key, action_key = jax.random.split(key)
+        embed = self.wm.embed(params["wm"], obs)
+        latent, _ = obs_step(self.wm.rssm, params["wm"]["rssm"], latent, prev_action, embed, is_first, obs_key)
+        logits = self.ac.logits(params["actor"], features(latent))
+        logits = jnp.where(jnp.asarray(random), jnp.zeros_like(logits), logits)
+        action = jax.random.categorical(action_key, logits)
+        return action, (latent, jax.nn.one_hot(action, self.num_actions))
+
+    # -- learning -------------------------------------------------------------------------------------
+    def train_step(self, state: AgentState, batch: dict, key: jax.Array) -> tuple[AgentState, dict]:
+        cfg = self.cfg
+        wm_key, imag_key = jax.random.split(key)
+        params, opt_state = dict(state.params), dict(state.opt_state)
+
+        grads, (post, metrics) = jax.grad(self.wm.loss, has_aux=True)(params["wm"], batch, wm_key)
+        params["wm"], opt_state["wm"] = self._apply("wm", grads, params["wm"], opt_state["wm"])
+
+        flat = lambda x: x.reshape((-1,) + x.shape[2:])
+        start = jax.tree.map(lambda x: flat(jax.lax.stop_gradient(x)), post)
+        start_cont = flat(1.0 - batch["is_terminal"].astype(jnp.float32))
+        grads, (traj, returns, weight, retnorm, actor_metrics) = jax.grad(self.ac.actor_loss, has_aux=True)(
+            params["actor"], self.wm, params["wm"], params["critic"], params["slow_critic"], state.retnorm,
+            start, start_cont, imag_key)
+        params["actor"], opt_state["actor"] = self._apply("actor", grads, params["actor"], opt_state["actor"])
+
+        grads, critic_metrics = jax.grad(self.ac.critic_loss, has_aux=True)(
+            params["critic"], params["slow_critic"], traj, returns, weight)
+        params["critic"], opt_state["critic"] = self._apply("critic", grads, params["critic"], opt_state["critic"])
+
+        grad_steps = state.grad_steps + 1
+        if cfg.version == 2:
+            copy = grad_steps % cfg.target_update_every == 0
+            params["slow_critic"] = jax.tree.map(lambda new, old: jnp.where(copy, new, old),
+                                                 params["critic"], params["slow_critic"])
+        elif cfg.version == 3:
+            rate = cfg.slow_critic_rate
+            params["slow_critic"] = jax.tree.map(lambda new, old: rate * new + (1 - rate) * old,
+                                                 params["critic"], params["slow_critic"])
+        metrics = {**metrics, **actor_metrics, **critic_metrics}
+        return AgentState(params, opt_state, retnorm, grad_steps), metrics
+
+    def _apply(self, name: str, grads, params, opt_state):
+        updates, opt_state = self.optimizers[name].update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state

@@ -1,0 +1,162 @@
+"""Actor-critic learning in imagination, for the three versions.
+
+From every posterior state of a replay batch the actor imagines ``horizon`` steps with the world
+model's prior; predicted rewards, continue probabilities and critic values give lambda-returns.
+
+* V1 backpropagates the returns through the imagined dynamics into the actor (value gradients,
+  straight-through one-hot actions); the critic regresses the returns.
+* V2 uses REINFORCE with the advantage against a target critic (copied every
+  ``target_update_every`` steps) and an entropy bonus.
+* V3 also uses REINFORCE, but divides advantages by the EMA of the returns' 5th-95th percentile
+  range (at least 1), so rewards of any scale give similar gradients without drowning the entropy
+  bonus; its critic predicts a symlog two-hot distribution and is regularised towards a slow EMA
+  copy of itself.
+
+Steps are time-major: states ``0..H``, actions ``0..H-1``; the return of step ``t`` looks at the
+rewards of states ``t+1..``. Each step is weighted by the probability that the imagined episode
+is still going (cumulative discounted continue), so the actor never learns from after a death.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from utils.returns import lambda_returns
+from world_models.common import dists
+from world_models.common.networks import Head
+from world_models.common.rssm import RSSMState, features, img_step
+from world_models.common.world_model import WorldModel
+
+sg = jax.lax.stop_gradient
+
+
+class ReturnNorm(NamedTuple):
+    """EMA of the 5th and 95th percentiles of imagined returns (V3)."""
+
+    low: jax.Array
+    high: jax.Array
+
+    @classmethod
+    def initial(cls) -> "ReturnNorm":
+        return cls(jnp.float32(0.0), jnp.float32(0.0))
+
+    def update(self, returns: jax.Array, decay: float) -> "ReturnNorm":
+        low, high = jnp.percentile(returns, jnp.array([5.0, 95.0]))
+        return ReturnNorm(decay * self.low + (1 - decay) * low, decay * self.high + (1 - decay) * high)
+
+    def scale(self, limit: float = 1.0) -> jax.Array:
+        return jnp.maximum(limit, self.high - self.low)
+
+
+class Imagined(NamedTuple):
+    states: RSSMState  # [H + 1, N]
+    actions: jax.Array  # [H, N, A] one-hot (straight-through in V1)
+    logits: jax.Array  # [H, N, A] the actor's logits at states 0..H-1
+
+
+class ActorCritic:
+    """The actor (categorical over actions) and critic heads on world-model features."""
+
+    def __init__(self, cfg: Any, feat_size: int, num_actions: int):
+        self.cfg = cfg
+        self.version = cfg.version
+        self.num_actions = num_actions
+        self.feat_size = feat_size
+        style = dict(act=cfg.act, norm=cfg.norm)
+        two_hot = self.version == 3
+        self.bins = dists.twohot_bins(cfg.bins) if two_hot else None
+        self.actor = Head(num_actions, cfg.units, cfg.layers, out_scale=0.01 if two_hot else 1.0, **style)
+        self.critic = Head(cfg.bins if two_hot else 1, cfg.units, cfg.layers, out_scale=0.0 if two_hot else 1.0,
+                           **style)
+
+    def init(self, key: jax.Array) -> tuple[dict, dict]:
+        actor_key, critic_key = jax.random.split(key)
+        feat = jnp.zeros((1, self.feat_size))
+        return self.actor.init(actor_key, feat), self.critic.init(critic_key, feat)
+
+    def logits(self, actor_params, feat: jax.Array) -> jax.Array:
+        unimix = self.cfg.unimix if self.version == 3 else 0.0
+        return dists.unimix_logits(self.actor.apply(actor_params, feat), unimix)
+
+    def value(self, critic_params, feat: jax.Array) -> jax.Array:
+        out = self.critic.apply(critic_params, feat)
+        return dists.symlog_twohot_mean(out, self.bins) if self.bins is not None else out[..., 0]
+
+    # -- imagination ----------------------------------------------------------------------------------
+    def imagine(self, wm: WorldModel, wm_params: dict, actor_params, start: RSSMState, key: jax.Array) -> Imagined:
+        """Roll the actor out in the world model for ``imag_horizon`` steps from ``start`` ``[N]``.
+
+        V1 keeps gradients through features and straight-through actions (value gradients); V2 and
+        V3 stop them, so the actor learns only through the log-probabilities of its actions.
+        """
+        value_gradients = self.version == 1
+
+        def step(state, key):
+            action_key, state_key = jax.random.split(key)
+            feat = features(state)
+            logits = self.logits(actor_params, feat if value_gradients else sg(feat))
+            action = dists.straight_through_onehot(action_key, logits)
+            action = action if value_gradients else sg(action)
+            next_state = img_step(wm.rssm, wm_params["rssm"], state, action, state_key)
+            next_state = next_state if value_gradients else sg(next_state)
+            return next_state, (next_state, action, logits)
+
+        keys = jax.random.split(key, self.cfg.imag_horizon)
+        _, (states, actions, logits) = jax.lax.scan(step, start, keys)
+        states = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest], 0), start, states)
+        return Imagined(states, actions, logits)
+
+    # -- losses ---------------------------------------------------------------------------------------
+    def actor_loss(self, actor_params, wm: WorldModel, wm_params: dict, critic_params, target_params,
+                   retnorm: ReturnNorm, start: RSSMState, start_cont: jax.Array, key: jax.Array):
+        """``(loss, (imagined rollout, returns, weights, new ReturnNorm, metrics))`` for one batch of
+        start states; gradients reach only ``actor_params``."""
+        cfg = self.cfg
+        traj = self.imagine(wm, wm_params, actor_params, start, key)
+        feat = features(traj.states)  # [H + 1, N, F]
+        reward = wm.reward(wm_params, feat[1:])
+        cont = jnp.concatenate([start_cont[None], wm.cont(wm_params, feat[1:])], 0)
+        discount = cfg.gamma * cont
+        value_params = target_params if self.version == 2 else critic_params
+        values = self.value(value_params, feat)
+        returns = lambda_returns(reward, discount[1:], values[1:], cfg.lam)  # [H, N]
+        weight = sg(jnp.cumprod(jnp.concatenate([cont[:1], discount[1:-1]], 0), 0))  # [H, N]
+
+        log_probs = jax.nn.log_softmax(traj.logits, -1)
+        entropy = -(jnp.exp(log_probs) * log_probs).sum(-1)
+        metrics = {}
+        if self.version == 1:
+            objective = returns
+        else:
+            advantage = returns - values[:-1]
+            if self.version == 3:
+                retnorm = retnorm.update(sg(returns), cfg.retnorm_decay)
+                advantage = advantage / retnorm.scale()
+                metrics["loss/return_scale"] = retnorm.scale()
+            log_prob = (log_probs * sg(traj.actions)).sum(-1)
+            objective = log_prob * sg(advantage)
+        loss = -(weight * (objective + cfg.actor_entropy * entropy)).mean()
+        metrics.update({
+            "loss/actor": loss,
+            "loss/actor_entropy": entropy.mean(),
+            "loss/imag_return": returns.mean(),
+            "loss/imag_value": values.mean(),
+            "loss/imag_reward": reward.mean(),
+            "loss/imag_cont": cont[1:].mean(),
+        })
+        return loss, (sg(traj), sg(returns), weight, retnorm, metrics)
+
+    def critic_loss(self, critic_params, slow_params, traj: Imagined, returns: jax.Array, weight: jax.Array):
+        feat = features(traj.states)[:-1]
+        out = self.critic.apply(critic_params, feat)
+        if self.bins is None:
+            loss = 0.5 * (out[..., 0] - returns) ** 2
+        else:
+            slow_target = self.value(slow_params, feat)
+            loss = (dists.symlog_twohot_loss(out, returns, self.bins)
+                    + self.cfg.slow_critic_reg * dists.symlog_twohot_loss(out, slow_target, self.bins))
+        loss = (weight * loss).mean()
+        return loss, {"loss/critic": loss}

@@ -1,0 +1,137 @@
+"""The recurrent state-space model (RSSM) shared by Dreamer V1, V2 and V3.
+
+A state is a deterministic GRU state ``deter`` and a stochastic sample ``stoch`` (Gaussian in V1,
+``stoch`` categoricals of ``classes`` classes in V2 and V3, see :class:`LatentSpec`). One step of
+the *prior* (imagination) runs the GRU on the previous sample and action and predicts the next
+latent from ``deter`` alone; the *posterior* (observation) also sees the encoded observation.
+
+``is_first`` resets the state and the previous action to zeros before a step, so sequences that
+span an episode start never carry memory across it. :func:`observe` and :func:`imagine_actions`
+are ``lax.scan``s over time-major inputs; imagination under a policy lives in ``behavior.py``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from world_models.common.dists import LatentSpec
+from world_models.common.networks import DenseStack, Head
+
+
+class RSSMState(NamedTuple):
+    deter: jax.Array  # [..., deter]
+    stoch: jax.Array  # [..., spec.sample_size] the sample
+    stats: jax.Array  # [..., *spec.stats_shape] the distribution it was drawn from
+
+
+def features(state: RSSMState) -> jax.Array:
+    """What every head and the actor read: ``concat(deter, stoch)``."""
+    return jnp.concatenate([state.deter, state.stoch], -1)
+
+
+class GRU(nn.Module):
+    """GRU with one fused dense layer and optional LayerNorm (V2/V3); the update gate is biased
+    towards keeping the old state (``sigmoid(u - 1)``), which helps long memories early on."""
+
+    size: int
+    norm: bool = True
+
+    @nn.compact
+    def __call__(self, hidden, x):
+        parts = nn.Dense(3 * self.size, use_bias=not self.norm)(jnp.concatenate([x, hidden], -1))
+        if self.norm:
+            parts = nn.LayerNorm(epsilon=1e-3)(parts)
+        reset, cand, update = jnp.split(parts, 3, -1)
+        reset = jax.nn.sigmoid(reset)
+        cand = jnp.tanh(reset * cand)
+        update = jax.nn.sigmoid(update - 1.0)
+        return update * cand + (1.0 - update) * hidden
+
+
+class RSSM(nn.Module):
+    spec: LatentSpec
+    deter: int
+    hidden: int
+    act: str = "silu"
+    norm: bool = True
+
+    def setup(self):
+        stats_size = self.spec.stats_shape[0] * self.spec.stats_shape[1]
+        self.img_in = DenseStack(self.hidden, 1, self.act, self.norm)
+        self.gru = GRU(self.deter, self.norm)
+        self.prior_net = Head(stats_size, self.hidden, 1, self.act, self.norm)
+        self.post_net = Head(stats_size, self.hidden, 1, self.act, self.norm)
+
+    def img_core(self, deter, stoch, action):
+        """``(deter, prior stats)`` of the next step from the previous state and action."""
+        deter = self.gru(deter, self.img_in(jnp.concatenate([stoch, action], -1)))
+        return deter, self.spec.stats_from_raw(self.prior_net(deter))
+
+    def post_stats(self, deter, embed):
+        return self.spec.stats_from_raw(self.post_net(jnp.concatenate([deter, embed], -1)))
+
+    def __call__(self, deter, stoch, action, embed):
+        """Touches every layer (for ``init``)."""
+        deter, prior = self.img_core(deter, stoch, action)
+        return self.post_stats(deter, embed), prior
+
+
+def initial_state(spec: LatentSpec, deter_size: int, batch_shape: tuple[int, ...]) -> RSSMState:
+    stats = jnp.zeros(batch_shape + spec.stats_shape)
+    if not spec.discrete:
+        stats = stats.at[..., 1].set(1.0)
+    return RSSMState(jnp.zeros(batch_shape + (deter_size,)), jnp.zeros(batch_shape + (spec.sample_size,)), stats)
+
+
+def init_params(rssm: RSSM, key: jax.Array, num_actions: int, embed_size: int):
+    state = initial_state(rssm.spec, rssm.deter, (1,))
+    return rssm.init(key, state.deter, state.stoch, jnp.zeros((1, num_actions)), jnp.zeros((1, embed_size)))
+
+
+def img_step(rssm: RSSM, params, state: RSSMState, action: jax.Array, key: jax.Array) -> RSSMState:
+    """One prior step: the next state sampled from the dynamics alone."""
+    deter, stats = rssm.apply(params, state.deter, state.stoch, action, method=RSSM.img_core)
+    return RSSMState(deter, rssm.spec.sample(key, stats), stats)
+
+
+def obs_step(rssm: RSSM, params, state: RSSMState, prev_action: jax.Array, embed: jax.Array,
+             is_first: jax.Array, key: jax.Array) -> tuple[RSSMState, jax.Array]:
+    """One posterior step; returns the posterior state and the prior statistics of the same step."""
+    keep = 1.0 - is_first.astype(jnp.float32)[..., None]
+    deter, prior = rssm.apply(params, state.deter * keep, state.stoch * keep, prev_action * keep,
+                              method=RSSM.img_core)
+    post = rssm.apply(params, deter, embed, method=RSSM.post_stats)
+    return RSSMState(deter, rssm.spec.sample(key, post), post), prior
+
+
+def observe(rssm: RSSM, params, embed: jax.Array, prev_action: jax.Array, is_first: jax.Array,
+            state: RSSMState, key: jax.Array) -> tuple[RSSMState, RSSMState, jax.Array]:
+    """Posterior rollout over ``[T, B]`` inputs; ``prev_action[t]`` is the action taken before
+    ``embed[t]`` was observed. Returns ``(last state, posterior states [T, B], prior stats [T, B])``;
+    step ``t`` uses ``fold_in(key, t)``, so a suffix of a sequence can be replayed exactly."""
+    steps = jnp.arange(embed.shape[0])
+
+    def step(state, inputs):
+        t, embed, prev_action, is_first = inputs
+        post, prior = obs_step(rssm, params, state, prev_action, embed, is_first, jax.random.fold_in(key, t))
+        return post, (post, prior)
+
+    last, (posts, priors) = jax.lax.scan(step, state, (steps, embed, prev_action, is_first))
+    return last, posts, priors
+
+
+def imagine_actions(rssm: RSSM, params, state: RSSMState, actions: jax.Array, key: jax.Array) -> RSSMState:
+    """Open-loop prior rollout driven by given actions ``[T, B, A]``: states ``[T, B]``."""
+    keys = jax.random.split(key, actions.shape[0])
+
+    def step(state, inputs):
+        action, key = inputs
+        state = img_step(rssm, params, state, action, key)
+        return state, state
+
+    _, states = jax.lax.scan(step, state, (actions, keys))
+    return states

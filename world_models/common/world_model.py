@@ -1,0 +1,165 @@
+"""The world model: encoder, RSSM, decoder, reward and continue heads, and its loss per version.
+
+| | V1 | V2 | V3 |
+|---|---|---|---|
+| latent | Gaussian | 32x32 categorical | 32x32 categorical, 1% unimix |
+| reconstruction | Gaussian NLL (1/2 squared error) | same | squared error on symlog(obs) (symbolic) |
+| reward | Gaussian NLL | Gaussian NLL | symlog two-hot, 255 bins |
+| KL | free nats on the batch mean | balancing 0.8, scale | free bits per step, dyn 0.5 + rep 0.1 |
+
+Observations arrive as stored in replay (uint8 pixels, low-precision floats for symbolic vectors);
+:meth:`WorldModel.preprocess` turns them into the float inputs every network sees, for training
+and for acting alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from world_models.common import dists
+from world_models.common.dists import LatentSpec, symlog, symexp
+from world_models.common.networks import CNNDecoder, CNNEncoder, Head, MLPDecoder, MLPEncoder, is_pixels
+from world_models.common.rssm import RSSM, RSSMState, features, init_params, initial_state, observe
+
+
+def latent_spec(cfg) -> LatentSpec:
+    if cfg.version == 1:
+        return LatentSpec(discrete=False, stoch=cfg.stoch, min_std=cfg.min_std)
+    return LatentSpec(discrete=True, stoch=cfg.stoch, classes=cfg.classes,
+                      unimix=cfg.unimix if cfg.version == 3 else 0.0)
+
+
+class WorldModel:
+    """Static description (modules and shapes); parameters travel separately as a dict."""
+
+    def __init__(self, cfg: Any, obs_shape: tuple[int, ...], num_actions: int):
+        self.cfg = cfg
+        self.version = cfg.version
+        self.obs_shape = tuple(obs_shape)
+        self.pixels = is_pixels(obs_shape)
+        self.num_actions = num_actions
+        self.spec = latent_spec(cfg)
+        style = dict(act=cfg.act, norm=cfg.norm)
+        if self.pixels:
+            self.encoder = CNNEncoder(cfg.cnn_depth, cfg.cnn_stages, **style)
+            self.decoder = CNNDecoder(self.obs_shape, cfg.cnn_depth, cfg.cnn_stages, **style)
+        else:
+            self.encoder = MLPEncoder(cfg.units, cfg.layers, symlog_inputs=self.version == 3, **style)
+            self.decoder = MLPDecoder(math.prod(self.obs_shape), cfg.units, cfg.layers, **style)
+        self.rssm = RSSM(self.spec, cfg.deter, cfg.hidden, **style)
+        two_hot = self.version == 3
+        self.bins = dists.twohot_bins(cfg.bins) if two_hot else None
+        self.reward_head = Head(cfg.bins if two_hot else 1, cfg.units, cfg.layers, out_scale=0.0 if two_hot else 1.0,
+                                **style)
+        self.cont_head = Head(1, cfg.units, cfg.layers, **style)
+        self.feat_size = cfg.deter + self.spec.sample_size
+
+    # -- parameters and inputs ------------------------------------------------------------------------
+    def init(self, key: jax.Array) -> dict:
+        keys = jax.random.split(key, 5)
+        obs = jnp.zeros((1,) + self.obs_shape)
+        embed = self.encoder.init(keys[0], obs)
+        embed_size = self.encoder.apply(embed, obs).shape[-1]
+        feat = jnp.zeros((1, self.feat_size))
+        return {
+            "encoder": embed,
+            "rssm": init_params(self.rssm, keys[1], self.num_actions, embed_size),
+            "decoder": self.decoder.init(keys[2], feat),
+            "reward": self.reward_head.init(keys[3], feat),
+            "cont": self.cont_head.init(keys[4], feat),
+        }
+
+    def preprocess(self, obs: jax.Array) -> jax.Array:
+        """Stored observation -> network input: uint8 pixels to [0, 1], any vector to float32."""
+        if obs.dtype == jnp.uint8:
+            return obs.astype(jnp.float32) / 255.0
+        return obs.astype(jnp.float32)
+
+    def initial_state(self, batch_shape: tuple[int, ...]) -> RSSMState:
+        return initial_state(self.spec, self.cfg.deter, batch_shape)
+
+    def embed(self, params: dict, obs: jax.Array) -> jax.Array:
+        return self.encoder.apply(params["encoder"], self.preprocess(obs))
+
+    # -- heads ----------------------------------------------------------------------------------------
+    def reward(self, params: dict, feat: jax.Array) -> jax.Array:
+        out = self.reward_head.apply(params["reward"], feat)
+        return dists.symlog_twohot_mean(out, self.bins) if self.bins is not None else out[..., 0]
+
+    def cont(self, params: dict, feat: jax.Array) -> jax.Array:
+        """Probability that the episode goes on after this state."""
+        return jax.nn.sigmoid(self.cont_head.apply(params["cont"], feat)[..., 0])
+
+    def decode(self, params: dict, feat: jax.Array) -> jax.Array:
+        """Predicted observation in the env's own units (pixels in [0, 1])."""
+        out = self.decoder.apply(params["decoder"], feat)
+        if self.pixels:
+            return out
+        out = out.reshape(out.shape[:-1] + self.obs_shape)
+        return symexp(out) if self.version == 3 else out
+
+    # -- the loss -------------------------------------------------------------------------------------
+    def loss(self, params: dict, batch: dict, key: jax.Array) -> tuple[jax.Array, tuple[RSSMState, dict]]:
+        """World-model loss on a time-major batch ``[T, B]`` of replay rows.
+
+        Returns ``(loss, (posterior states [T, B], metrics))``; the posteriors seed imagination.
+        """
+        cfg = self.cfg
+        obs = self.preprocess(batch["obs"])
+        is_first = batch["is_first"]
+        actions = jax.nn.one_hot(batch["action"], self.num_actions)
+        prev_action = jnp.concatenate([jnp.zeros_like(actions[:1]), actions[:-1]], 0)
+        embed = self.encoder.apply(params["encoder"], obs)
+        _, post, prior = observe(self.rssm, params["rssm"], embed, prev_action, is_first,
+                                 self.initial_state(is_first.shape[1:]), key)
+        feat = features(post)
+
+        recon = self.decoder.apply(params["decoder"], feat)
+        obs_axes = tuple(range(2, obs.ndim))
+        if self.pixels:
+            squared = (recon - obs) ** 2
+        else:
+            target = symlog(obs) if self.version == 3 else obs
+            squared = (recon - target.reshape(recon.shape)) ** 2
+            obs_axes = (2,)
+        recon_loss = squared.sum(obs_axes) * (1.0 if self.version == 3 else 0.5)
+
+        reward_out = self.reward_head.apply(params["reward"], feat)
+        if self.bins is not None:
+            reward_loss = dists.symlog_twohot_loss(reward_out, batch["reward"], self.bins)
+            reward_pred = dists.symlog_twohot_mean(reward_out, self.bins)
+        else:
+            reward_pred = reward_out[..., 0]
+            reward_loss = 0.5 * (reward_pred - batch["reward"]) ** 2
+        cont_target = 1.0 - batch["is_terminal"].astype(jnp.float32)
+        cont_loss = dists.bernoulli_nll(self.cont_head.apply(params["cont"], feat)[..., 0], cont_target)
+
+        metrics = {}
+        if self.version == 1:
+            kl_loss, kl = dists.kl_free_nats(self.spec, post.stats, prior, cfg.free_nats)
+        elif self.version == 2:
+            kl_loss, kl = dists.kl_balanced(self.spec, post.stats, prior, cfg.kl_balance, cfg.free_nats)
+            kl_loss = cfg.kl_scale * kl_loss
+        else:
+            kl_loss, parts = dists.kl_free_bits(self.spec, post.stats, prior, cfg.free_nats, cfg.dyn_scale,
+                                                cfg.rep_scale)
+            kl = parts.pop("kl")
+            metrics.update({f"loss/{k}": v for k, v in parts.items()})
+
+        total = recon_loss.mean() + reward_loss.mean() + cont_loss.mean() + kl_loss
+        metrics.update({
+            "loss/model": total,
+            "loss/recon": recon_loss.mean(),
+            "loss/reward": reward_loss.mean(),
+            "loss/cont": cont_loss.mean(),
+            "loss/kl": kl.mean(),
+            "loss/kl_term": kl_loss,
+            "loss/prior_entropy": self.spec.entropy(prior).mean(),
+            "loss/post_entropy": self.spec.entropy(post.stats).mean(),
+            "loss/reward_error": jnp.abs(reward_pred - batch["reward"]).mean(),
+        })
+        return total, (post, metrics)

@@ -1,0 +1,509 @@
+"""Dreamer V1, V2 and V3 on batched Craftax envs, trained end to end in compiled chunks.
+
+Read top to bottom: the config (the version picks the paper's defaults from the ``v<k>`` preset),
+``make_train`` (pure and jittable: act in the envs with the posterior state, store rows in the
+device replay, train at the configured ratio; vmapped over seeds), the host loop (logging, progress,
+evaluation with open-loop reports, checkpoints and resume, through :class:`utils.training.HostLoop`)
+and ``main``. The networks and losses live in :mod:`world_models.common`, shared by the versions.
+
+    python -m world_models.dreamer --version 3 --preset debug
+    python -m world_models.dreamer --version 3 --preset xs cpu --total-steps 200000 --num-seeds 2
+    python -m world_models.dreamer --version 2 --env Craftax-Classic-Pixels-v1 --preset s
+    python -m world_models.dreamer --version 1 --help
+
+Runs are filed under ``runs/world_models/dreamer_v<k>/<env>/<run-name>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+import warnings
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from utils import envs
+from utils.config import RunConfig, apply_presets, load_presets, parse_config
+from utils.errors import UserError, exit_on_user_error
+from utils.evaluation import Policy, make_evaluate
+from utils.training import EpisodeStats, HostLoop
+from world_models.common import replay as replay_lib
+from world_models.common.agent import Agent, AgentState
+from world_models.common.report import make_openloop, write_report
+
+AREA, PRESETS = "world_models", "dreamer"
+VERSIONS = (1, 2, 3)
+#: XLA options for --fast-compile: no LLVM optimisation of the generated code.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+@dataclasses.dataclass
+class DreamerConfig(RunConfig):
+    """Dreamer V1/V2/V3 (defaults: the chosen version's paper settings; see --preset debug / xs..xl / cpu)."""
+
+    version: int = 3
+    """Dreamer version 1, 2 or 3; its paper defaults (preset v<k>) are applied before other presets."""
+    # -- collection and replay
+    num_envs: int = 16
+    """Parallel envs per seed (each is one replay stream)."""
+    reset_ratio: int = 16
+    """Optimistic resets: generate num_envs / reset_ratio fresh worlds per step."""
+    collect_steps: int = 2
+    """Env steps per env in one update, before its gradient steps."""
+    train_ratio: float = 32.0
+    """Replayed steps per env step (V3's definition); gradient steps per update are
+    train_ratio * num_envs * collect_steps / (batch_size * batch_length) and must be whole."""
+    prefill: int = 256
+    """Env steps per env with uniform random actions before training starts (>= batch_length)."""
+    replay_size: int = 1_000_000
+    """Replay capacity per seed in env steps, split evenly over the env streams."""
+    symbolic_storage: str = "float16"
+    """dtype symbolic observations are stored in (float16 or float32); pixels are stored as uint8."""
+    batch_size: int = 16
+    """Sequences per gradient step."""
+    batch_length: int = 64
+    """Steps per sequence."""
+    # -- world model
+    deter: int = 512
+    """GRU (deterministic state) units."""
+    hidden: int = 512
+    """Units of the RSSM's input, prior and posterior layers."""
+    stoch: int = 32
+    """Stochastic latent variables (V1: Gaussian dimensions; V2/V3: categoricals)."""
+    classes: int = 32
+    """Classes per categorical latent (V2/V3)."""
+    units: int = 512
+    """Units per layer of the MLP encoder, decoder, heads, actor and critic."""
+    layers: int = 2
+    """Layers of those MLPs."""
+    cnn_depth: int = 32
+    """Channels of the first CNN layer (doubling per stage) for pixel envs."""
+    cnn_stages: int = 4
+    """Stride-2 CNN stages (a 63x63 frame becomes 4x4)."""
+    act: str = "silu"
+    """Activation: silu (V3), elu (V1/V2) or relu."""
+    norm: bool = True
+    """LayerNorm after every hidden layer (V2/V3)."""
+    unimix: float = 0.01
+    """V3: uniform mix into latent and actor categoricals."""
+    min_std: float = 0.1
+    """V1: minimum std of the Gaussian latent."""
+    bins: int = 255
+    """V3: two-hot bins of the reward and critic heads."""
+    # -- world-model losses
+    free_nats: float = 1.0
+    """V1: free nats on the mean KL; V2: on each balanced term; V3: free bits per step."""
+    kl_balance: float = 0.8
+    """V2: weight of the prior's side of the KL."""
+    kl_scale: float = 1.0
+    """V2: scale of the balanced KL loss."""
+    dyn_scale: float = 0.5
+    """V3: weight of the dynamics KL loss."""
+    rep_scale: float = 0.1
+    """V3: weight of the representation KL loss."""
+    # -- optimisers
+    model_lr: float = 1e-4
+    """World-model Adam learning rate."""
+    model_eps: float = 1e-8
+    """World-model Adam epsilon."""
+    model_grad_clip: float = 1000.0
+    """World-model gradient global-norm clip."""
+    actor_lr: float = 3e-5
+    """Actor Adam learning rate."""
+    critic_lr: float = 3e-5
+    """Critic Adam learning rate."""
+    ac_eps: float = 1e-5
+    """Actor and critic Adam epsilon."""
+    ac_grad_clip: float = 100.0
+    """Actor and critic gradient global-norm clip."""
+    # -- behaviour
+    imag_horizon: int = 15
+    """Imagined steps per start state."""
+    gamma: float = 0.997
+    """Discount."""
+    lam: float = 0.95
+    """Lambda of the lambda-returns."""
+    actor_entropy: float = 3e-4
+    """Entropy bonus of the actor."""
+    target_update_every: int = 100
+    """V2: copy the critic into its target every this many gradient steps."""
+    slow_critic_rate: float = 0.02
+    """V3: EMA rate of the slow critic."""
+    slow_critic_reg: float = 1.0
+    """V3: weight of the critic's regulariser towards the slow critic."""
+    retnorm_decay: float = 0.99
+    """V3: EMA decay of the return percentiles."""
+    # -- the host loop
+    updates_per_chunk: int = 25
+    """Updates per compiled chunk; the host logs and checkpoints between chunks."""
+    checkpoint_every: int = 500
+    """Save a checkpoint (including the replay) every this many updates (and at the end)."""
+    eval_every: int = 0
+    """Evaluate and write the open-loop report every this many updates; 0: only at the end."""
+    eval_envs: int = 16
+    """Evaluation episodes per seed (one per env); 0 turns evaluation episodes off."""
+    eval_max_steps: int = 10_000
+    """Evaluation stops after this many steps even if some episodes are still running."""
+    report_context: int = 8
+    """Open-loop report: steps observed before predicting."""
+    report_horizon: int = 24
+    """Open-loop report: steps predicted from the actions alone."""
+    report_sequences: int = 4
+    """Open-loop report: replay sequences shown."""
+    fast_compile: bool = False
+    """Compile without XLA's backend optimisations: about half the compile time on a CPU, slower
+    steps; for short checks (the debug preset). Symbolic envs only: unoptimised pixel rendering and
+    convolutions run 10x slower or worse, which costs more than the compile saves."""
+
+
+def algo_name(cfg: DreamerConfig) -> str:
+    return f"dreamer_v{cfg.version}"
+
+
+def version_from_argv(argv: Sequence[str]) -> int:
+    """The ``--version`` on the command line (last one wins), needed before presets are applied."""
+    version = DreamerConfig.version
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--version=") else (
+            argv[i + 1] if arg == "--version" and i + 1 < len(argv) else None)
+        if value is not None:
+            if value not in {str(v) for v in VERSIONS}:
+                raise UserError(f"--version must be one of {', '.join(map(str, VERSIONS))}, got {value!r}")
+            version = int(value)
+    return version
+
+
+def version_defaults(version: int) -> DreamerConfig:
+    """The dataclass defaults with the version's paper preset applied."""
+    cfg = apply_presets(DreamerConfig(version=version), [f"v{version}"], load_presets(AREA, PRESETS),
+                        f"configs/{AREA}/{PRESETS}.yaml")
+    return dataclasses.replace(cfg, preset=())
+
+
+def make_config(version: int = 3, presets: Sequence[str] = (), **fields) -> DreamerConfig:
+    """What ``--version V --preset P... --field value`` resolves to (for tests and benchmarks)."""
+    cfg = apply_presets(version_defaults(version), list(presets), load_presets(AREA, PRESETS),
+                        f"configs/{AREA}/{PRESETS}.yaml")
+    return dataclasses.replace(cfg, **fields)
+
+
+def grad_steps_per_update(cfg: DreamerConfig) -> int:
+    """Whole gradient steps per update at ``train_ratio``, or a UserError saying how to get them."""
+    env_steps = cfg.num_envs * cfg.collect_steps
+    exact = cfg.train_ratio * env_steps / (cfg.batch_size * cfg.batch_length)
+    if exact < 1 - 1e-9 or abs(exact - round(exact)) > 1e-6:
+        per_env_step = cfg.train_ratio * cfg.num_envs / (cfg.batch_size * cfg.batch_length)
+        fix = next((k for k in range(1, 10_001) if abs(k * per_env_step - round(k * per_env_step)) < 1e-6
+                    and round(k * per_env_step) >= 1), None)
+        hint = f"; e.g. --collect-steps {fix}" if fix else ""
+        raise UserError(
+            f"train_ratio {cfg.train_ratio} x {env_steps} env steps per update / ({cfg.batch_size} x "
+            f"{cfg.batch_length}) replayed steps per gradient step = {exact:.4g} gradient steps per update; "
+            f"it must be a whole number >= 1{hint}")
+    return int(round(exact))
+
+
+def validate(cfg: DreamerConfig) -> None:
+    if cfg.version not in VERSIONS:
+        raise UserError(f"--version must be one of {', '.join(map(str, VERSIONS))}, got {cfg.version}")
+    if cfg.env not in envs.ENV_NAMES:
+        raise envs.UnknownEnvError(f"unknown env {cfg.env!r}; valid names: {', '.join(envs.ENV_NAMES)}")
+    capacity = cfg.replay_size // cfg.num_envs
+    needed = max(cfg.batch_length, cfg.report_context + cfg.report_horizon)
+    if capacity < needed:
+        raise UserError(f"replay_size {cfg.replay_size} gives {capacity} steps per env stream; need at least "
+                        f"{needed} (batch_length and report_context + report_horizon)")
+    if cfg.prefill < needed:
+        raise UserError(f"prefill {cfg.prefill} must be at least {needed} so that replay holds whole sequences "
+                        "before training")
+    if cfg.symbolic_storage not in ("float16", "float32"):
+        raise UserError(f"--symbolic-storage must be float16 or float32, got {cfg.symbolic_storage!r}")
+    if cfg.act not in ("silu", "elu", "relu"):
+        raise UserError(f"--act must be silu, elu or relu, got {cfg.act!r}")
+    grad_steps_per_update(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The compiled program
+# ---------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class Collector:
+    """Where every env stream stands: the row the agent is about to act on, and its memory."""
+
+    env_state: envs.VecEnvState
+    obs: jax.Array  # [N, ...] as stored in replay
+    reward: jax.Array  # [N] reward that came with obs
+    is_first: jax.Array  # [N] obs starts an episode
+    is_terminal: jax.Array  # [N] obs is the last of its episode (the env has already reset)
+    reset_obs: jax.Array  # [N, ...] first obs of the next episode, shown after a terminal row
+    policy_state: Any  # (RSSMState [N], previous action one-hot [N, A])
+
+
+@struct.dataclass
+class TrainCarry:
+    """Everything a seed needs to continue training; it is exactly what a checkpoint holds."""
+
+    agent: AgentState
+    replay: replay_lib.Replay
+    collector: Collector
+    key: jax.Array
+    env_steps: jax.Array  # int32, steps taken per env
+    update: jax.Array  # int32, completed updates
+
+
+def storage_dtype(cfg: DreamerConfig, env: envs.VecEnv):
+    return jnp.uint8 if env.is_pixels else jnp.dtype(cfg.symbolic_storage)
+
+
+def make_store(cfg: DreamerConfig, env: envs.VecEnv):
+    """Env observation -> the form kept in replay (and acted on, so acting sees what training sees)."""
+    dtype = storage_dtype(cfg, env)
+    if dtype == jnp.uint8:
+        return lambda obs: jnp.round(jnp.clip(obs, 0.0, 1.0) * 255).astype(jnp.uint8)
+    return lambda obs: obs.astype(dtype)
+
+
+def where_env(mask: jax.Array, new, old):
+    """Per-env select over pytrees whose leaves lead with the env axis."""
+    return jax.tree.map(lambda a, b: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+def strong_types(tree):
+    """Craftax's reset returns some weak-typed arrays that its step returns strongly typed; a carry
+    built from a reset would then differ from the carry a chunk returns and compile twice."""
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), tree)
+
+
+class Program(NamedTuple):
+    """One seed's compiled pieces. ``train_chunk(carry, length)`` runs ``length`` updates and returns
+    ``(carry, (episode stats [length], metrics [length]))``; ``init(key)`` is
+    ``init_from_reset(key', *env.reset(reset_key))``."""
+
+    agent: Agent
+    init: Callable[[jax.Array], TrainCarry]
+    init_from_reset: Callable[..., TrainCarry]
+    collect: Callable[[TrainCarry], tuple]  # one update's acting and replay writes, no training
+    train_chunk: Callable[[TrainCarry, int], tuple]
+
+
+def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
+    agent = Agent(cfg, env.obs_shape, env.num_actions)
+    store = make_store(cfg, env)
+    grad_steps = grad_steps_per_update(cfg)
+    capacity = cfg.replay_size // cfg.num_envs
+    n = cfg.num_envs
+
+    def init_from_reset(key: jax.Array, obs: jax.Array, env_state: envs.VecEnvState) -> TrainCarry:
+        key, agent_key = jax.random.split(key)
+        obs = store(obs)
+        false = jnp.zeros(n, bool)
+        collector = Collector(env_state, obs, jnp.zeros(n), jnp.ones(n, bool), false, obs,
+                              agent.initial_policy_state(n))
+        example_row = dict(obs=obs, action=jnp.zeros(n, jnp.int32), reward=jnp.zeros(n), is_first=false,
+                           is_terminal=false)
+        carry = TrainCarry(agent.init(agent_key), replay_lib.empty(example_row, n, capacity), collector, key,
+                           jnp.int32(0), jnp.int32(0))
+        return strong_types(carry)
+
+    def init(key: jax.Array) -> TrainCarry:
+        key, reset_key = jax.random.split(key)
+        return init_from_reset(key, *env.reset(reset_key))
+
+    def env_step(state, _):
+        """One step of every env. A terminal row is shown to the agent (so the model learns the last
+        reward and the end of the episode) while its env stays put; the reset observation follows."""
+        c, params, env_steps, key = state
+        key, act_key, step_key = jax.random.split(key, 3)
+        action, policy_state = agent.act(params, c.obs, c.policy_state, c.is_first, act_key,
+                                         random=env_steps < cfg.prefill)
+        row = dict(obs=c.obs, action=action, reward=c.reward, is_first=c.is_first, is_terminal=c.is_terminal)
+        obs, env_state, reward, done, info = env.step(step_key, c.env_state, action)
+        skip = c.is_terminal  # this env showed its terminal row: move on to the stashed first obs
+        done = done & ~skip
+        obs, terminal_obs = store(obs), store(info["terminal_obs"])
+        c = Collector(
+            env_state=where_env(skip, c.env_state, env_state),
+            obs=where_env(skip, c.reset_obs, where_env(done, terminal_obs, obs)),
+            reward=jnp.where(skip, 0.0, reward),
+            is_first=skip,
+            is_terminal=done,
+            reset_obs=where_env(done, obs, c.reset_obs),
+            policy_state=policy_state,
+        )
+        return (c, params, env_steps + 1, key), (row, EpisodeStats.from_step(done, info))
+
+    def train(agent_state: AgentState, replay: replay_lib.Replay, key: jax.Array):
+        def grad_step(agent_state, key):
+            batch_key, step_key = jax.random.split(key)
+            batch = replay_lib.sample(replay, batch_key, cfg.batch_size, cfg.batch_length)
+            return agent.train_step(agent_state, batch, step_key)
+
+        agent_state, metrics = jax.lax.scan(grad_step, agent_state, jax.random.split(key, grad_steps))
+        return agent_state, jax.tree.map(jnp.mean, metrics)
+
+    def collect(carry: TrainCarry) -> tuple[TrainCarry, EpisodeStats]:
+        """``collect_steps`` steps of every env, written to replay; stats summed over the steps."""
+        key, collect_key = jax.random.split(carry.key)
+        (collector, _, env_steps, _), (rows, stats) = jax.lax.scan(
+            env_step, (carry.collector, carry.agent.params, carry.env_steps, collect_key), None,
+            length=cfg.collect_steps)
+        carry = carry.replace(replay=replay_lib.add(carry.replay, rows), collector=collector, env_steps=env_steps,
+                              key=key)
+        return carry, stats.sum()
+
+    def update(carry: TrainCarry, _):
+        carry, stats = collect(carry)
+        key, train_key = jax.random.split(carry.key)
+        ready = replay_lib.can_sample(carry.replay, cfg.batch_length) & (carry.env_steps >= cfg.prefill)
+        metrics_shape = jax.eval_shape(train, carry.agent, carry.replay, train_key)[1]
+        skip = lambda agent_state, replay, key: (
+            agent_state, jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), metrics_shape))
+        agent_state, metrics = jax.lax.cond(ready, train, skip, carry.agent, carry.replay, train_key)
+        metrics["perf/grad_steps"] = agent_state.grad_steps.astype(jnp.float32)
+        carry = carry.replace(agent=agent_state, key=key, update=carry.update + 1)
+        return carry, (stats, metrics)
+
+    def train_chunk(carry: TrainCarry, length: int):
+        return jax.lax.scan(update, carry, None, length=length)
+
+    return Program(agent, init, init_from_reset, collect, train_chunk)
+
+
+def init_seeds(program: Program, env: envs.VecEnv, keys: jax.Array) -> TrainCarry:
+    """``program.init`` for each seed, stacked: one seed at a time like ``utils.training.init_per_seed``, with
+    the env reset compiled on its own -- that program is the same for every version and agent size,
+    so the persistent compilation cache serves it to every later run on the env."""
+    reset, init_from_reset = jax.jit(env.reset), jax.jit(program.init_from_reset)
+    carries = []
+    for key in keys:
+        key, reset_key = jax.random.split(key)
+        carries.append(init_from_reset(key, *reset(reset_key)))
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *carries)
+
+
+def make_policy(agent: Agent, store) -> Policy:
+    """Evaluation acts like collection: the posterior state on each new observation."""
+
+    def act(params, obs, state, key):
+        policy_state, is_first = state
+        action, policy_state = agent.act(params, store(obs), policy_state, is_first, key)
+        return action, (policy_state, jnp.zeros_like(is_first))
+
+    return Policy(act, lambda n: (agent.initial_policy_state(n), jnp.ones(n, bool)),
+                  lambda state, done: (state[0], done))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The host loop
+# ---------------------------------------------------------------------------------------------------
+
+
+def num_updates_for(cfg: DreamerConfig) -> int:
+    return max(1, math.ceil(cfg.total_steps / (cfg.num_envs * cfg.collect_steps)))
+
+
+def chunk_length(cfg: DreamerConfig) -> int:
+    """The largest chunk up to ``updates_per_chunk`` that divides the run (one compiled program)."""
+    total = num_updates_for(cfg)
+    return max(d for d in range(1, min(cfg.updates_per_chunk, total) + 1) if total % d == 0)
+
+
+def compiler_options(cfg: DreamerConfig, env: envs.VecEnv) -> dict | None:
+    return FAST_COMPILE if cfg.fast_compile and not env.is_pixels else None
+
+
+def seed_keys(cfg: DreamerConfig) -> jax.Array:
+    return jnp.stack([jax.random.PRNGKey(cfg.seed + i) for i in range(cfg.num_seeds)])
+
+
+def chunk_means(metrics: dict) -> dict[str, np.ndarray]:
+    """Per-seed means over the updates of a chunk that trained (``[seeds, 1]``; NaN if none did);
+    counters (``perf/...``) keep their value at the end of the chunk."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a chunk entirely in prefill
+        return {k: (np.asarray(v, dtype=np.float64)[:, -1:] if k.startswith("perf/")
+                    else np.nanmean(np.asarray(v, dtype=np.float64), axis=1, keepdims=True))
+                for k, v in metrics.items()}
+
+
+def train(cfg: DreamerConfig, stop_after_updates: int | None = None) -> dict:
+    """Train (or resume) the run described by ``cfg``; returns the summary, final carry and run folder.
+
+    ``stop_after_updates`` ends the loop early as if the process had been killed there (for tests).
+    """
+    validate(cfg)
+    env = envs.make(cfg.env, cfg.num_envs, reset_ratio=cfg.reset_ratio)
+    program = make_train(cfg, env)
+    agent = program.agent
+    length = chunk_length(cfg)
+    total_updates = num_updates_for(cfg)
+    loop = HostLoop(cfg, AREA, algo_name(cfg), steps_per_update=cfg.num_envs * cfg.collect_steps,
+                    total_updates=total_updates, achievement_names=env.achievement_names)
+    carry = loop.restore(init_seeds(program, env, seed_keys(cfg)))
+
+    jit = lambda f: jax.jit(f, compiler_options=compiler_options(cfg, env))
+    run_chunk = jit(jax.vmap(lambda c: program.train_chunk(c, length)))
+    run_eval = None
+    if cfg.eval_envs:
+        evaluate = make_evaluate(cfg.env, cfg.eval_envs, make_policy(agent, make_store(cfg, env)),
+                                 max_steps=cfg.eval_max_steps, reset_ratio=cfg.reset_ratio)
+        run_eval = jit(jax.vmap(evaluate))
+    openloop = make_openloop(agent, cfg.report_context, cfg.report_horizon, cfg.report_sequences)
+    first_seed = lambda tree: jax.tree.map(lambda x: x[0], tree)
+    run_report = jit(lambda params, replay, key: openloop(first_seed(params), first_seed(replay), key))
+    eval_key = jax.random.PRNGKey(cfg.seed + 10_000)
+
+    def maybe_evaluate(update: int, final: bool) -> dict:
+        if not final and not (cfg.eval_every and update % cfg.eval_every == 0):
+            return {}
+        key = jax.random.fold_in(eval_key, update)
+        metrics = {}
+        if run_eval is not None:
+            keys = jax.random.split(key, cfg.num_seeds)
+            metrics.update(loop.eval_metrics(jax.device_get(run_eval(carry.agent.params, keys))))
+        report = jax.device_get(run_report(carry.agent.params, carry.replay, key))
+        metrics.update(write_report(report, loop.run_dir, cfg.report_context, env.is_pixels))
+        return metrics
+
+    update = loop.start_update
+    while update < total_updates:
+        if stop_after_updates is not None and update >= stop_after_updates:
+            break
+        start = time.perf_counter()
+        carry, (stats, metrics) = run_chunk(carry)
+        stats, metrics = jax.device_get((stats, metrics))
+        update += length
+        evals = maybe_evaluate(update, final=update >= total_updates)
+        loop.after_chunk(update, stats, chunk_means(metrics), evals, seconds=time.perf_counter() - start)
+        loop.maybe_checkpoint(update, carry, final=update >= total_updates)
+
+    summary = loop.finish(update, carry, final=update >= total_updates)
+    return {"summary": summary, "carry": carry, "run_dir": loop.run_dir}
+
+
+def parse_dreamer_config(argv: Sequence[str] | None = None) -> DreamerConfig:
+    """``--version`` first (it picks the paper preset), then presets left to right, then flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return parse_config(DreamerConfig, AREA, PRESETS, argv, default=version_defaults(version_from_argv(argv)))
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    from utils.jax_setup import enable_compilation_cache
+
+    enable_compilation_cache()
+    result = train(parse_dreamer_config(argv))
+    print(f"run folder: {result['run_dir']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
