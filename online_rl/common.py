@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from utils import envs
+from utils import envs, evaluation
+from utils.evaluation import Policy
 from utils.config import RunConfig
 from utils.errors import UserError
 from utils.training import HostLoop, init_per_seed
@@ -85,14 +86,6 @@ class Transition(NamedTuple):
     log_prob: jax.Array
     value: jax.Array
     terminal_obs: jax.Array | None
-
-
-class Policy(NamedTuple):
-    """How evaluation acts with an agent. Memoryless policies carry ``()`` as their state."""
-
-    act: Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]  # (params, obs, state, key)
-    initial_state: Callable[[int], Any]  # number of envs -> state
-    on_done: Callable[[Any, jax.Array], Any]  # (state, done) -> state for the next episode
 
 
 def memoryless_policy(logits_fn: Callable[[Any, jax.Array], jax.Array]) -> Policy:
@@ -205,40 +198,8 @@ def scan_updates(update: Callable, save_rollout: bool) -> Callable:
 
 def make_evaluate(cfg: PPOFamilyConfig, policy: Policy):
     """``evaluate(params, key)``: one episode in each of ``eval_envs`` fresh envs, sampled actions."""
-    env = envs.make(cfg.env, cfg.eval_envs, reset_ratio=cfg.reset_ratio)
-    metric_names = env.episode_metric_names
-    n = cfg.eval_envs
-
-    def evaluate(params, key):
-        key, reset_key = jax.random.split(key)
-        obs, state = env.reset(reset_key)
-        init = dict(key=key, obs=obs, state=state, policy=policy.initial_state(n), t=jnp.int32(0),
-                    finished=jnp.zeros(n, bool), ret=jnp.zeros(n), length=jnp.zeros(n),
-                    achievements=jnp.zeros((n, len(env.achievement_names))),
-                    metrics={k: jnp.zeros(n) for k in metric_names})
-
-        def running(c):
-            return (~c["finished"].all()) & (c["t"] < cfg.eval_max_steps)
-
-        def step(c):
-            key, action_key, step_key = jax.random.split(c["key"], 3)
-            action, policy_state = policy.act(params, c["obs"], c["policy"], action_key)
-            obs, state, _, done, info = env.step(step_key, c["state"], action)
-            first = done & ~c["finished"]
-            keep = lambda new, old: jnp.where(first.reshape(first.shape + (1,) * (old.ndim - 1)), new, old)
-            return dict(
-                key=key, obs=obs, state=state, policy=policy.on_done(policy_state, done), t=c["t"] + 1,
-                finished=c["finished"] | done, ret=keep(info["episode_return"], c["ret"]),
-                length=keep(info["episode_length"], c["length"]),
-                achievements=keep(info["achievements"], c["achievements"]),
-                metrics={k: keep(info["episode_metrics"][k], v) for k, v in c["metrics"].items()},
-            )
-
-        c = jax.lax.while_loop(running, step, init)
-        return {"finished": c["finished"], "return": c["ret"], "length": c["length"],
-                "achievements": c["achievements"], "episode_metrics": c["metrics"]}
-
-    return evaluate
+    return evaluation.make_evaluate(cfg.env, cfg.eval_envs, policy, max_steps=cfg.eval_max_steps,
+                                    reset_ratio=cfg.reset_ratio)
 
 
 # ---------------------------------------------------------------------------------------------------
