@@ -276,12 +276,6 @@ def where_env(mask: jax.Array, new, old):
     return jax.tree.map(lambda a, b: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b), new, old)
 
 
-def strong_types(tree):
-    """Craftax's reset returns some weak-typed arrays that its step returns strongly typed; a carry
-    built from a reset would then differ from the carry a chunk returns and compile twice."""
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), tree)
-
-
 class Program(NamedTuple):
     """One seed's compiled pieces. ``train_chunk(carry, length)`` runs ``length`` updates and returns
     ``(carry, (episode stats [length], metrics [length]))``; ``init(key)`` is
@@ -309,9 +303,8 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
                               agent.initial_policy_state(n))
         example_row = dict(obs=obs, action=jnp.zeros(n, jnp.int32), reward=jnp.zeros(n), is_first=false,
                            is_terminal=false)
-        carry = TrainCarry(agent.init(agent_key), replay_lib.empty(example_row, n, capacity), collector, key,
-                           jnp.int32(0), jnp.int32(0))
-        return strong_types(carry)
+        return TrainCarry(agent.init(agent_key), replay_lib.empty(example_row, n, capacity), collector, key,
+                          jnp.int32(0), jnp.int32(0))
 
     def init(key: jax.Array) -> TrainCarry:
         key, reset_key = jax.random.split(key)
