@@ -23,6 +23,7 @@ from utils import envs, evaluation
 from utils.evaluation import Policy
 from utils.config import RunConfig
 from utils.errors import UserError
+from utils import training
 from utils.training import HostLoop, init_per_seed
 
 
@@ -209,20 +210,19 @@ def make_evaluate(cfg: PPOFamilyConfig, policy: Policy):
 
 def num_updates_for(cfg: PPOFamilyConfig) -> int:
     """Enough updates to take at least ``total_steps`` env steps per seed."""
-    return max(1, math.ceil(cfg.total_steps / (cfg.num_envs * cfg.num_steps)))
+    return training.updates_for(cfg.total_steps, cfg.num_envs * cfg.num_steps)
 
 
 def chunk_length(cfg: PPOFamilyConfig) -> int:
-    """Updates per compiled chunk: the largest that divides the run (so it takes exactly the asked
-    updates with one compiled program) and, when saving, the save interval (a saved rollout must be
-    a chunk's last update). Between chunks the host spends milliseconds, so short chunks cost little."""
+    """Updates per compiled chunk; when saving, also a divisor of the save interval (a saved rollout
+    must be a chunk's last update). Between chunks the host spends milliseconds, so short chunks cost little."""
     total = num_updates_for(cfg)
     multiple_of = math.gcd(total, cfg.save_every) if cfg.save_trajectories else total
-    return max(d for d in range(1, min(cfg.updates_per_chunk, total) + 1) if multiple_of % d == 0)
+    return training.largest_chunk(total, cfg.updates_per_chunk, multiple_of)
 
 
 def seed_keys(cfg: PPOFamilyConfig) -> jax.Array:
-    return jnp.stack([jax.random.PRNGKey(cfg.seed + i) for i in range(cfg.num_seeds)])
+    return training.seed_keys(cfg.seed, cfg.num_seeds)
 
 
 def run_training(cfg: PPOFamilyConfig, area: str, algo: str,

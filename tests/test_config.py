@@ -55,3 +55,16 @@ def test_default_run_folder_is_deterministic_so_rerunning_resumes():
     cfg = PPOConfig(preset=("debug",), seed=2)
     assert default_run_name(cfg) == "debug-s2"
     assert str(resolve_run_dir(cfg, "online_rl", "ppo")) == "runs/online_rl/ppo/Craftax-Classic-Symbolic-v1/debug-s2"
+
+
+def test_chunks_divide_the_run_and_seed_keys_are_independent_of_the_group():
+    from utils import training
+
+    assert training.updates_for(1000, 300) == 4
+    assert training.updates_for(0, 300) == 1
+    assert training.largest_chunk(12, 5) == 4
+    assert training.largest_chunk(12, 100, multiple_of=6) == 6
+    assert training.largest_chunk(7, 5) == 1
+    alone = training.seed_keys(3, 1)
+    group = training.seed_keys(2, 3)
+    assert (alone[0] == group[1]).all()

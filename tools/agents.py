@@ -144,6 +144,7 @@ def restore_policy_params(run_dir: Path, config_cls: type, build: Callable[[Any]
     Only the policy's parameters are read from the checkpoint."""
     import jax
 
+    from utils import training
     from utils.checkpoint import Checkpointer
 
     cfg = config_from_yaml(config_cls, run_dir / "config.yaml")
@@ -156,7 +157,7 @@ def restore_policy_params(run_dir: Path, config_cls: type, build: Callable[[Any]
     if step is None:
         raise UserError(f"{run_dir}/checkpoints holds no checkpoint; train the run first")
     pieces = build(cfg)
-    keys = jax.numpy.stack([jax.random.PRNGKey(cfg.seed + i) for i in range(cfg.num_seeds)])
+    keys = training.seed_keys(cfg.seed, cfg.num_seeds)
     like = jax.eval_shape(jax.vmap(pieces.init), keys)  # traced only: nothing is computed
     for name in pieces.params_field:
         like = getattr(like, name)

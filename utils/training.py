@@ -9,6 +9,7 @@ checkpoint, the metrics file and a trajectory dataset are all rolled back to the
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -268,3 +269,20 @@ class HostLoop:
             self._progress.write(message)
         else:
             print(message)
+
+
+def updates_for(total_steps: int, steps_per_update: int) -> int:
+    """Enough updates to take at least ``total_steps`` env steps per seed (at least one)."""
+    return max(1, math.ceil(total_steps / steps_per_update))
+
+
+def largest_chunk(total_updates: int, limit: int, multiple_of: int | None = None) -> int:
+    """Updates per compiled chunk: the largest up to ``limit`` that divides ``multiple_of`` (default:
+    the run), so the run takes exactly its updates with one compiled program."""
+    target = total_updates if multiple_of is None else multiple_of
+    return max(d for d in range(1, min(limit, total_updates) + 1) if target % d == 0)
+
+
+def seed_keys(seed: int, num_seeds: int) -> jax.Array:
+    """One PRNG key per seed, ``seed, seed + 1, ...``: the same seed trains the same way alone or in a group."""
+    return jnp.stack([jax.random.PRNGKey(seed + i) for i in range(num_seeds)])

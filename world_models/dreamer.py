@@ -17,7 +17,6 @@ Runs are filed under ``runs/world_models/dreamer_v<k>/<env>/<run-name>/``.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 import warnings
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from utils import envs
+from utils import envs, training
 from utils.config import RunConfig, apply_presets, load_presets, parse_config
 from utils.errors import UserError, exit_on_user_error
 from utils.evaluation import Policy, make_evaluate
@@ -400,13 +399,11 @@ def make_policy(agent: Agent, store) -> Policy:
 
 
 def num_updates_for(cfg: DreamerConfig) -> int:
-    return max(1, math.ceil(cfg.total_steps / (cfg.num_envs * cfg.collect_steps)))
+    return training.updates_for(cfg.total_steps, cfg.num_envs * cfg.collect_steps)
 
 
 def chunk_length(cfg: DreamerConfig) -> int:
-    """The largest chunk up to ``updates_per_chunk`` that divides the run (one compiled program)."""
-    total = num_updates_for(cfg)
-    return max(d for d in range(1, min(cfg.updates_per_chunk, total) + 1) if total % d == 0)
+    return training.largest_chunk(num_updates_for(cfg), cfg.updates_per_chunk)
 
 
 def compiler_options(cfg: DreamerConfig, env: envs.VecEnv) -> dict | None:
@@ -414,7 +411,7 @@ def compiler_options(cfg: DreamerConfig, env: envs.VecEnv) -> dict | None:
 
 
 def seed_keys(cfg: DreamerConfig) -> jax.Array:
-    return jnp.stack([jax.random.PRNGKey(cfg.seed + i) for i in range(cfg.num_seeds)])
+    return training.seed_keys(cfg.seed, cfg.num_seeds)
 
 
 def chunk_means(metrics: dict) -> dict[str, np.ndarray]:
