@@ -39,7 +39,7 @@ def measure(version: int, size: str, dreamer_args: list[str], updates: int, repe
     program = dreamer.make_train(cfg, env)
     grad_steps = dreamer.grad_steps_per_update(cfg)
     env_steps_per_update = cfg.num_envs * cfg.collect_steps
-    carry = jax.jit(program.init)(jax.random.PRNGKey(cfg.seed))
+    carry = dreamer.init_seeds(program, env, jax.random.PRNGKey(cfg.seed)[None])  # one seed, stacked
     jit = lambda f: jax.jit(f, compiler_options=dreamer.compiler_options(cfg, env))
 
     # Fill replay past the prefill so that every timed update trains.
@@ -64,7 +64,7 @@ def measure(version: int, size: str, dreamer_args: list[str], updates: int, repe
         return jax.lax.scan(step, agent_state, jax.random.split(key, updates * grad_steps))
 
     train_fn = jit(train_only)
-    carry = state["carry"]
+    carry = jax.tree.map(lambda x: x[0], state["carry"])
     _, train_s = time_compiled(lambda: train_fn(carry.agent, carry.replay, carry.key), repeats)
 
     act_fn = jit(lambda c: jax.lax.scan(lambda c, _: program.collect(c), c, None, length=updates))

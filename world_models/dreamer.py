@@ -276,8 +276,9 @@ def where_env(mask: jax.Array, new, old):
 
 
 class Program(NamedTuple):
-    """One seed's compiled pieces. ``train_chunk(carry, length)`` runs ``length`` updates and returns
-    ``(carry, (episode stats [length], metrics [length]))``; ``init(key)`` is
+    """The compiled pieces. ``init``, ``init_from_reset`` and ``collect`` are for one seed;
+    ``train_chunk(carry, length)`` takes the seeds stacked (``init_seeds``), runs ``length`` updates
+    and returns ``(carry, (episode stats [seeds, length], metrics [seeds, length]))``; ``init(key)`` is
     ``init_from_reset(key', *env.reset(reset_key))``."""
 
     agent: Agent
@@ -352,19 +353,27 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
         return carry, stats.sum()
 
     def update(carry: TrainCarry, _):
-        carry, stats = collect(carry)
-        key, train_key = jax.random.split(carry.key)
-        ready = replay_lib.can_sample(carry.replay, cfg.batch_length) & (carry.env_steps >= cfg.prefill)
-        metrics_shape = jax.eval_shape(train, carry.agent, carry.replay, train_key)[1]
+        """One update of every seed (``carry`` leads with the seed axis). Whether to train is decided
+        once for all seeds -- they step in lockstep -- so that ``cond`` stays a branch; on a per-seed
+        predicate vmap turns it into a select that runs the gradient steps during prefill too."""
+        carry, stats = jax.vmap(collect)(carry)
+        keys = jax.vmap(jax.random.split)(carry.key)
+        key, train_key = keys[:, 0], keys[:, 1]
+        first = jax.tree.map(lambda x: x[0], carry)
+        ready = replay_lib.can_sample(first.replay, cfg.batch_length) & (first.env_steps >= cfg.prefill)
+        train_seeds = jax.vmap(train)
+        metrics_shape = jax.eval_shape(train_seeds, carry.agent, carry.replay, train_key)[1]
         skip = lambda agent_state, replay, key: (
             agent_state, jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), metrics_shape))
-        agent_state, metrics = jax.lax.cond(ready, train, skip, carry.agent, carry.replay, train_key)
+        agent_state, metrics = jax.lax.cond(ready, train_seeds, skip, carry.agent, carry.replay, train_key)
         metrics["perf/grad_steps"] = agent_state.grad_steps.astype(jnp.float32)
         carry = carry.replace(agent=agent_state, key=key, update=carry.update + 1)
         return carry, (stats, metrics)
 
     def train_chunk(carry: TrainCarry, length: int):
-        return jax.lax.scan(update, carry, None, length=length)
+        """``length`` updates of every seed; outputs lead with the seed axis, then the update."""
+        carry, outputs = jax.lax.scan(update, carry, None, length=length)
+        return carry, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outputs)
 
     return Program(agent, init, init_from_reset, collect, train_chunk)
 
@@ -440,7 +449,7 @@ def train(cfg: DreamerConfig, stop_after_updates: int | None = None) -> dict:
     carry = loop.restore(init_seeds(program, env, seed_keys(cfg)))
 
     jit = lambda f: jax.jit(f, compiler_options=compiler_options(cfg, env))
-    run_chunk = jit(jax.vmap(lambda c: program.train_chunk(c, length)))
+    run_chunk = jit(lambda c: program.train_chunk(c, length))
     run_eval = None
     if cfg.eval_envs:
         evaluate = make_evaluate(cfg.env, cfg.eval_envs, make_policy(agent, make_store(cfg, env)),
