@@ -411,3 +411,25 @@ def test_collection_shows_the_terminal_observation_then_the_first_of_the_next_ep
     # Four episodes per env ended (the steps discarded after terminal rows are not episodes).
     assert float(stats.count) == 8 and float(stats.return_sum) == 8 * 6 and float(stats.length_sum) == 8 * 3
     assert int(carry.env_steps) == 16 and int(carry.replay.count) == 16
+
+
+def test_prefill_skips_training_for_every_seed_with_a_real_branch():
+    """Seeds train together; whether an update trains must stay a ``cond`` (a branch) in the compiled
+    chunk. Decided per seed under vmap it becomes a select that runs the gradient steps in the prefill."""
+    from utils.envs import VecEnv
+    from world_models.dreamer import init_seeds, make_train
+
+    env = VecEnv(CountingEnv(), name="Counting", num_envs=2, reset_ratio=1, achievement_names=("a",),
+                 achievements_fn=lambda state: jnp.zeros(1))
+    cfg = tiny_config(3, num_envs=2, collect_steps=4, train_ratio=4.0, prefill=8, replay_size=64, batch_size=2,
+                      batch_length=4, symbolic_storage="float32")
+    program = make_train(cfg, env)
+    carry = init_seeds(program, env, jax.random.split(jax.random.PRNGKey(0), 2))
+    jaxpr = str(jax.make_jaxpr(lambda c: program.train_chunk(c, 1))(carry))
+    assert " cond[" in jaxpr
+    carry, (_, metrics) = jax.jit(lambda c: program.train_chunk(c, 3))(carry)
+    grad_steps = np.asarray(metrics["perf/grad_steps"])
+    assert grad_steps.shape == (2, 3)
+    np.testing.assert_array_equal(grad_steps[:, 0], [0, 0])  # 4 env steps per env: still prefilling
+    assert np.all(grad_steps[:, 2] > grad_steps[:, 1]) and np.all(grad_steps[:, 1] > 0)
+    assert np.isnan(np.asarray(metrics["loss/model"])[:, 0]).all()
