@@ -433,3 +433,21 @@ def test_prefill_skips_training_for_every_seed_with_a_real_branch():
     np.testing.assert_array_equal(grad_steps[:, 0], [0, 0])  # 4 env steps per env: still prefilling
     assert np.all(grad_steps[:, 2] > grad_steps[:, 1]) and np.all(grad_steps[:, 1] > 0)
     assert np.isnan(np.asarray(metrics["loss/model"])[:, 0]).all()
+
+
+def test_openloop_errors_leave_out_steps_after_a_new_episode_starts(tmp_path):
+    from world_models.common.report import write_report
+
+    T, B, context = 6, 2, 2
+    reward = np.zeros((T, B), np.float32)
+    reward_pred = np.full((T, B), 1.0, np.float32)
+    reward_pred[4:, 1] = 100.0  # sequence 1 starts a new episode at step 4: unpredictable from actions
+    is_first = np.zeros((T, B), np.float32)
+    is_first[0] = 1
+    is_first[4, 1] = 1
+    obs = np.zeros((T, B, 3), np.float32)
+    result = dict(obs=obs, obs_pred=obs + 2.0, reward=reward, reward_pred=reward_pred, is_first=is_first)
+    metrics = write_report(result, tmp_path, context, pixels=False)
+    assert metrics["eval/openloop_reward_mae"] == pytest.approx(1.0)
+    assert metrics["eval/openloop_obs_mse"] == pytest.approx(4.0)
+    assert (tmp_path / "imagined_rewards.png").exists()

@@ -51,10 +51,13 @@ def write_report(result: dict, run_dir: Path, context: int, pixels: bool) -> dic
     result = {k: np.asarray(v, dtype=np.float32) for k, v in result.items()}
     open_part = slice(context, None)
     obs_axes = tuple(range(2, result["obs"].ndim))
-    metrics = {
-        "eval/openloop_reward_mae": float(np.abs(result["reward_pred"] - result["reward"])[open_part].mean()),
-        "eval/openloop_obs_mse": float(((result["obs_pred"] - result["obs"]) ** 2)[open_part].mean(obs_axes).mean()),
-    }
+    # Open loop from the actions alone cannot know that a new episode began: steps from a later
+    # episode start on are shown but left out of the errors.
+    same_episode = np.cumsum(result["is_first"][open_part] > 0, axis=0) == 0
+    reward_error = np.abs(result["reward_pred"] - result["reward"])[open_part]
+    obs_error = ((result["obs_pred"] - result["obs"]) ** 2)[open_part].mean(obs_axes)
+    masked_mean = lambda x: float(x[same_episode].mean()) if same_episode.any() else float("nan")
+    metrics = {"eval/openloop_reward_mae": masked_mean(reward_error), "eval/openloop_obs_mse": masked_mean(obs_error)}
     if pixels:
         write_openloop_gif(result, run_dir / "openloop.gif", context)
     write_reward_plot(result, run_dir / "imagined_rewards.png", context)
