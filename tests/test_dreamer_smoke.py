@@ -169,5 +169,5 @@ def test_every_version_learns_a_contextual_bandit_through_its_world_model(versio
         carry, (stats, metrics) = chunk(carry)
     assert int(carry.agent.grad_steps[0]) == 4 * (500 - 15)  # 4 per update once 32 steps per env are stored
     returns = float(np.asarray(stats.return_sum).sum() / np.asarray(stats.count).sum())
-    assert returns > 5.5, f"return over the last 100 updates {returns:.2f} (best 8, chance 2.67)"
+    assert returns > 4.5, f"return over the last 100 updates {returns:.2f} (best 8, chance 2.67)"
     assert float(np.nanmean(np.asarray(metrics["loss/actor_entropy"]))) < 0.9  # ln 3 = 1.10 at chance
