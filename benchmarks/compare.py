@@ -776,7 +776,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if run_suite([tasks[args.task]], args.runs_root, args.in_process) else 0
     failed = [] if args.collect else run_suite(tasks, args.runs_root, args.in_process)
     if not args.no_collect:
-        print(write_results(suite, args.runs_root, args.results_md))
+        # The block covers the whole suite even when --methods/--env ran a part of it: a rerun of one
+        # method must not drop the rows of the others from results.md.
+        whole = load_suite(args.suite, budget=args.budget, seeds=args.seeds)
+        print(write_results(whole, args.runs_root, args.results_md))
         print(f"wrote the {suite.name} block of {args.results_md}")
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(t.title for t in failed)}", file=sys.stderr)

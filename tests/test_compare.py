@@ -204,6 +204,15 @@ def test_rerun_skips_finished_runs_and_rewrites_the_block_identically(debug_runs
     assert len(listing) == 2 and all(" done " in line for line in listing)
 
 
+def test_rerunning_one_method_keeps_every_row_of_the_block(debug_runs, capsys):
+    runs, results, _ = debug_runs
+    before = results.read_text()
+    assert compare.main(["classic_debug", "--budget", str(BUDGET), "--methods", "ppo_rnn", "--runs-root", str(runs),
+                         "--results-md", str(results)]) == 0
+    assert "done, skipped" in capsys.readouterr().out
+    assert results.read_text() == before, "the block must still list ppo and ppo_rnn, under the suite's command"
+
+
 def test_a_changed_budget_is_a_new_run_not_done(debug_runs, capsys):
     runs, _, _ = debug_runs
     compare.main(["classic_debug", "--budget", str(2 * BUDGET), "--runs-root", str(runs), "--list"])
