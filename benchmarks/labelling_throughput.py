@@ -185,7 +185,7 @@ def main() -> None:
         workdir = Path(tmp)
         model = args.model
         if model is None:
-            from tests.tiny_llm import build_tiny_llm
+            from utils.testing.tiny_llm import build_tiny_llm
 
             model = build_tiny_llm(workdir / "tiny_llm")
         obs = _observations(args.source, args.num) if {"backend", "worker"} & set(parts) else None

@@ -11,7 +11,7 @@ work (rendering, cache, LLM), the cache hit rate and the texts sent to the LLM p
 Choose ``num_steps * updates`` as a multiple of the largest skip_n, so that every timed call holds
 the same number of refreshes.
 
-    python -m benchmarks.ppo_llm_sps                      # tiny random model (tests/tiny_llm.py), CPU
+    python -m benchmarks.ppo_llm_sps                      # tiny random model (utils/testing/tiny_llm.py), CPU
     python -m benchmarks.ppo_llm_sps --model Qwen/Qwen2.5-0.5B-Instruct --num-envs 1024 --num-steps 50 --updates 2
     python -m benchmarks.ppo_llm_sps --server-url http://127.0.0.1:8000   # features from a server
 """
@@ -130,7 +130,7 @@ def main() -> None:
     model = args.model
     with tempfile.TemporaryDirectory(prefix="tiny_llm_") as scratch:  # the weights stay loaded after it goes
         if model is None and args.server_url is None:
-            from tests.tiny_llm import build_tiny_llm
+            from utils.testing.tiny_llm import build_tiny_llm
 
             model = build_tiny_llm(Path(scratch))
         spec = None if args.server_url else LLMSpec(model=model, batch_size=args.llm_batch_size, device=args.device)

@@ -289,7 +289,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None and args.url is None and not args.stand_in:
-            from tests.tiny_llm import build_tiny_llm
+            from utils.testing.tiny_llm import build_tiny_llm
 
             model = build_tiny_llm(Path(tmp) / "tiny_llm")
         if args.url:
@@ -311,7 +311,7 @@ def main() -> None:
     result = {"machine": machine_description(), "command": " ".join(["python -m benchmarks.server_throughput",
                                                                      *sys.argv[1:]]),
               "model": ("stand-in: constant vectors, no model" if args.stand_in
-                        else args.model or "tiny random Qwen2 (tests/tiny_llm.py)"), "env": ENV,
+                        else args.model or "tiny random Qwen2 (utils/testing/tiny_llm.py)"), "env": ENV,
               "payload": args.payload, "items_per_request": args.items, "source": args.source,
               "mean_chars": round(float(np.mean([len(t) for t in texts]))),
               "rows": rows, "direct": direct}

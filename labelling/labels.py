@@ -4,7 +4,7 @@ The queue (``labelling.queue``) decides *when* a shard is labelled; this module 
 a labelled shard and its manifest are, with no Redis in sight, so it can be tested and reused
 directly (``label_shard`` is a plain function of a dataset, a backend and an output folder).
 
-Format (DESIGN.md, "Labelled datasets"):
+Format (docs/design.md, "Labelled datasets"):
 
 * A separate output folder with the source's shard file names. Each labelled shard holds the
   source shard's arrays exactly as stored (observations stay encoded: read with

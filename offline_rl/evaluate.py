@@ -197,7 +197,7 @@ def _act(policies, obs: np.ndarray, feats: np.ndarray | None, per_seed: int, gre
 
 
 def _results(payload, achievement_names, finished, returns, lengths, achievements, episode_metrics):
-    """Per-seed means over the finished episodes (NaN for a seed with none), named as DESIGN.md says."""
+    """Per-seed means over the finished episodes (NaN for a seed with none), named as docs/design.md says."""
     count = finished.sum(1)
 
     def mean(values):

@@ -1,6 +1,6 @@
 """What the PPO family (ppo, ppo_rnn, ppo_rnd) shares, written once.
 
-Algorithm files never import each other (DESIGN.md), so the pieces they all need live here: the
+Algorithm files never import each other (docs/design.md), so the pieces they all need live here: the
 common hyperparameters, the clipped PPO losses, the epochs-of-shuffled-minibatches optimiser loop,
 evaluation, the host loop that runs compiled chunks, and the conversion of saved rollouts into the
 trajectory-dataset layout. Each algorithm supplies an :class:`Algorithm`: pure ``init`` and
@@ -72,7 +72,7 @@ class PPOFamilyConfig(RunConfig):
     eval_max_steps: int = 10_000
     """Evaluation stops after this many steps even if some episodes are still running."""
     save_trajectories: str | None = None
-    """Folder to save rollouts to, in the dataset format of DESIGN.md (off when unset)."""
+    """Folder to save rollouts to, in the dataset format of docs/design.md (off when unset)."""
     save_every: int = 1
     """With --save-trajectories, save the rollout of every this-many-th update."""
 

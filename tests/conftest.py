@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_llm_path(tmp_path_factory) -> str:
-    """A tiny random Qwen2 model and tokenizer on disk (tests/tiny_llm.py), built once a session."""
-    from tests.tiny_llm import build_tiny_llm
+    """A tiny random Qwen2 model and tokenizer on disk (utils/testing/tiny_llm.py), built once a session."""
+    from utils.testing.tiny_llm import build_tiny_llm
 
     return build_tiny_llm(tmp_path_factory.mktemp("tiny_llm"))

@@ -67,7 +67,7 @@ def file_digests(folder: str) -> dict[str, str]:
 def test_tiny_model_loads_like_a_real_one_and_builds_deterministically(tiny_llm_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.tiny_llm import NUM_LAYERS, build_tiny_llm
+    from utils.testing.tiny_llm import NUM_LAYERS, build_tiny_llm
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llm_path)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llm_path)

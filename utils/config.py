@@ -29,7 +29,7 @@ PRESENTATION_FIELDS = frozenset(
 
 @dataclasses.dataclass
 class RunConfig:
-    """Fields every training entry point shares (DESIGN.md's command-line contract)."""
+    """Fields every training entry point shares (docs/design.md's command-line contract)."""
 
     env: str = "Craftax-Classic-Symbolic-v1"
     """Environment name (see utils.envs.ENV_NAMES)."""

@@ -1,6 +1,6 @@
 """A tiny randomly initialised Qwen2 model and tokenizer, written to a folder like a real model.
 
-LLM code is tested against this instead of a downloaded model (DESIGN.md, Testing): it loads
+LLM code is tested against this instead of a downloaded model (docs/design.md, Testing): it loads
 through ``AutoModelForCausalLM.from_pretrained(path)`` / ``AutoTokenizer.from_pretrained(path)``,
 the same path a hub model takes, so the backends' loading, padding, chat-template and layer logic
 run for real, in about a second on a CPU.
@@ -81,7 +81,7 @@ def build_tiny_llm(directory: str | os.PathLike) -> str:
     return str(path)
 
 
-if __name__ == "__main__":  # python -m tests.tiny_llm DIR: a model for benchmarks or manual runs
+if __name__ == "__main__":  # python -m utils.testing.tiny_llm DIR: a model for benchmarks or manual runs
     import sys
 
     print(build_tiny_llm(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny_llm"))
