@@ -16,8 +16,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from utils.media import state_renderer
 from utils import envs
+from utils.media import state_renderer
 from utils.text_obs import CLASSIC_ENV, FULL_ENV, render_text
 
 
