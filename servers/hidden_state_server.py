@@ -12,18 +12,23 @@ Endpoints (docs/servers.md has examples; the live schema is at ``/openapi.json``
 
 * ``POST /v1/hidden_states``: ``{"texts": [...]}`` or ``{"env": ..., "observations": [[...]]}``
   -> ``{"vectors": [[...]], "model", "layer", "pooling", "dim", ...}``.
-* ``GET /health``: model, layer, pooling, dim and the batching limits.
+  With ``?format=f16`` (or ``Accept: application/octet-stream``) or ``?format=f32`` the vectors
+  come back as raw little-endian floats with their shape in ``X-Shape`` (``servers/wire.py``).
+* ``GET /health``: model, layer, pooling, dim and the limits; 503 once the model keeps failing.
 * ``GET /v1/stats``: requests, model calls and batch sizes so far.
 
 Concurrent requests are gathered into one model call (``servers/batching.py``): ``--max-batch``
 caps the texts per call and per request, ``--max-wait-ms`` is how long a call waits for company.
 Bad input (malformed JSON, wrong observation length, empty or oversized batches, both or neither
 of texts/observations, unknown env, too long a prompt) gets a 4xx with one line saying what is
-wrong, never a 500. Listens on 127.0.0.1 unless ``--host`` says otherwise: there is no auth.
+wrong, never a 500. Size limits apply before parsing and before tokenising, the queue is bounded
+(429 with Retry-After), a request has a deadline (504) and is dropped when its client disconnects
+(``servers/limits.py``). Listens on 127.0.0.1 unless ``--host`` says otherwise: there is no auth.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -32,15 +37,17 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
-from servers.batching import BatcherStopped, MicroBatcher
+from servers import wire
+from servers.batching import BatcherStopped, DeadlineExceeded, MicroBatcher, QueueFull
+from servers.limits import MB, BodyLimit, Limits, check_texts, printable
 from servers.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -82,6 +89,21 @@ class ServerConfig(LLMSpec):
     """uvicorn log level: critical, error, warning, info, debug."""
     access_log: bool = False
     """Log one line per request."""
+    max_body_mb: float = Limits.max_body_bytes / MB
+    """Largest request body in MB (10^6 bytes), refused with 413 before it is parsed."""
+    max_text_chars: int = Limits.max_text_chars
+    """Longest text in characters, refused with 413 before it is tokenised."""
+    max_queue: int = Limits.max_queue
+    """Most texts waiting for the model; more get 429 with Retry-After."""
+    request_timeout_s: float = Limits.request_timeout_s
+    """A request not computed within this many seconds gets 504 and is dropped."""
+    unhealthy_after: int = Limits.unhealthy_after
+    """Model calls failing in a row before /health answers 503."""
+
+    def limits(self) -> Limits:
+        return Limits(max_body_bytes=int(self.max_body_mb * MB), max_text_chars=self.max_text_chars,
+                      max_queue=self.max_queue, request_timeout_s=self.request_timeout_s,
+                      unhealthy_after=self.unhealthy_after).check()
 
     def spec(self) -> LLMSpec:
         """The LLM fields; a local model folder becomes absolute, so /health names it unambiguously."""
@@ -107,20 +129,20 @@ class ServerConfig(LLMSpec):
 
 
 def _location(loc: Sequence[Any]) -> str:
-    parts = [str(p) for p in loc]
+    parts = [printable(str(p)) for p in loc]
     if parts and parts[0] == "body":
         parts = parts[1:]
     return ".".join(parts) or "body"
 
 
 def _message(error: dict[str, Any]) -> str:
-    msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    msg = printable(str(error.get("msg", "invalid")).removeprefix("Value error, "))
     loc, value = tuple(error.get("loc", ())), error.get("input")
     if error.get("type") == "literal_error" and loc[-1:] == ("env",) and isinstance(value, str):
         try:  # the renderer's own message says e.g. which symbolic env goes with a pixel one
             obs_layout(value)
         except UserError as problem:
-            return str(problem)
+            return printable(str(problem))
     return msg
 
 
@@ -143,7 +165,7 @@ def validation_error_answer(errors: Sequence[dict[str, Any]]) -> tuple[int, dict
                                    "'observations' and 'env'"}
     shown = [_line(e) for e in errors[:3]]
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-    items = [{"loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
+    items = [{"loc": [p if isinstance(p, int) else printable(str(p)) for p in e.get("loc", ())],
               "msg": _message(e), "type": str(e.get("type", ""))}
              for e in errors[:_MAX_REPORTED_ERRORS]]
     return 422, {"detail": "invalid request: " + "; ".join(shown) + more, "errors": items}
@@ -155,16 +177,77 @@ async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONR
 
 
 async def _on_user_error(_: Request, exc: UserError) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"detail": str(exc)})
+    return JSONResponse(status_code=422, content={"detail": printable(str(exc))})
 
 
 _ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
     (400, "Body is not valid JSON."),
-    (413, "More texts or observations than the server's max batch: split the request."),
-    (422, "Invalid request: wrong fields, observation length, env, or a prompt too long."),
+    (413, "Body over --max-body-mb, a text over --max-text-chars, or more items than the max "
+          "batch: split or shorten the request."),
+    (422, "Invalid request: wrong fields, observation length, env, invalid Unicode, or a prompt "
+          "too long."),
+    (429, "Too many texts waiting for the model; retry after the Retry-After header's seconds."),
     (500, "The model failed on valid input (a server problem)."),
     (503, "The server is shutting down."),
+    (504, "Not computed within the request's deadline (--request-timeout-s or X-Timeout-S)."),
 )}
+_BINARY_ANSWER = {"description": "With ?format=f16|f32 or Accept: application/octet-stream: the "
+                                 "vectors as raw little-endian floats, row-major; X-Shape is "
+                                 "'count,dim' and X-Dtype 'float16' or 'float32'.",
+                  "content": {wire.BINARY_MEDIA_TYPE: {"schema": {"type": "string",
+                                                                  "format": "binary"}}}}
+TIMEOUT_HEADER = "X-Timeout-S"
+CLIENT_GONE = 499  # nginx's "client closed request": logged, never read by anyone
+
+
+def answer_format(query: str | None, accept: str) -> str:
+    """json, f16 or f32: the query parameter wins, else ``Accept: application/octet-stream`` is f16."""
+    if query is not None:
+        return query
+    return "f16" if wire.BINARY_MEDIA_TYPE in accept and "application/json" not in accept else "json"
+
+
+def request_timeout(header: str | None, server_s: float) -> float:
+    """The server's deadline, shortened by a client's ``X-Timeout-S`` (the client gives up then)."""
+    if header is None:
+        return server_s
+    try:
+        seconds = float(header)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise HTTPException(400, f"{TIMEOUT_HEADER} must be a positive number of seconds, got "
+                                 f"{printable(header[:40])!r}")
+    return min(seconds, server_s)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes its connection (the body has been read by then, so the next
+    ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; its request was dropped."""
+
+
+async def compute_or_drop(batcher: MicroBatcher, texts: list[str], request: Request,
+                          timeout_s: float) -> np.ndarray:
+    """The batcher's answer, or ``ClientGone`` (and the request dropped from the batcher) as soon
+    as the client disconnects: the model never computes answers nobody will read."""
+    work = asyncio.ensure_future(batcher.submit(texts, timeout_s))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        raise ClientGone
+    return work.result()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,14 +266,17 @@ def observation_texts(observations: list[list[float]], env: str) -> list[str]:
 
 
 def create_app(backend: LLMBackend, spec: LLMSpec, *, max_batch: int = 64,
-               max_wait_ms: float = 5.0) -> FastAPI:
+               max_wait_ms: float = 5.0, limits: Limits = Limits()) -> FastAPI:
     """The FastAPI app serving ``backend``'s hidden states (``spec`` names what they are).
 
     The model is only ever called from the batcher's one worker thread, so a backend need not be
-    thread-safe. The worker starts with the first request and stops when the app shuts down."""
+    thread-safe. The worker starts with the first request and stops when the app shuts down.
+    ``limits`` bound body size, text length, queue, deadline and the failures /health tolerates."""
     if max_batch < 1 or max_wait_ms < 0:
         raise UserError(f"max_batch must be >= 1 and max_wait_ms >= 0 (got {max_batch}, {max_wait_ms})")
-    batcher = MicroBatcher(backend.hidden_states, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    limits.check()
+    batcher = MicroBatcher(backend.hidden_states, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                           max_queue=limits.max_queue)
     layer_index = getattr(backend, "layer_index", None)
     if layer_index is None:
         layer_index = resolve_layer(spec.layer, backend.num_layers, spec.model)
@@ -218,48 +304,90 @@ def create_app(backend: LLMBackend, spec: LLMSpec, *, max_batch: int = 64,
     )
     app.state.batcher = batcher
     app.state.identity = identity
+    app.state.limits = limits
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(UserError, _on_user_error)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    binary_headers = {"X-Layer-Index": str(identity["layer_index"]), "X-Pooling": spec.pooling,
+                      "X-Template-Hash": identity["template_hash"]}
 
-    @app.get("/health", response_model=HealthResponse, summary="Model, layer, pooling, dim, limits")
-    async def health() -> HealthResponse:
-        return HealthResponse(
+    @app.get("/health", response_model=HealthResponse,
+             responses={503: {"model": HealthResponse, "description": "The model keeps failing."}},
+             summary="Model, layer, pooling, dim, limits; 503 when the model keeps failing")
+    async def health():
+        s = batcher.stats()
+        failing = s.failed_in_a_row >= limits.unhealthy_after
+        answer = HealthResponse(
             **identity, num_layers=int(backend.num_layers), template=spec.template,
             system_prompt=spec.system_prompt, backend=spec.backend, max_batch=max_batch,
-            max_wait_ms=max_wait_ms, envs=list(TEXT_ENV_NAMES))
+            max_wait_ms=max_wait_ms, envs=list(TEXT_ENV_NAMES),
+            status="failing" if failing else "ok",
+            detail=(f"the last {s.failed_in_a_row} model calls failed; last error: "
+                    f"{printable(s.last_error or '')}") if failing else None,
+            max_body_bytes=limits.max_body_bytes, max_text_chars=limits.max_text_chars,
+            max_queue=limits.max_queue, queued=s.queued, request_timeout_s=limits.request_timeout_s)
+        if failing:
+            return JSONResponse(status_code=503, content=answer.model_dump())
+        return answer
 
     @app.get("/v1/stats", response_model=StatsResponse, summary="Requests and model calls so far")
     async def stats() -> StatsResponse:
         s = batcher.stats()
         return StatsResponse(requests=s.requests, texts=s.texts, batches=s.batches,
                              mean_batch=round(s.mean_batch, 3), batch_sizes=s.batch_sizes,
-                             model_seconds=round(s.model_seconds, 4))
+                             model_seconds=round(s.model_seconds, 4), queued=s.queued,
+                             rejected=s.rejected, dropped=s.dropped,
+                             failed_in_a_row=s.failed_in_a_row, last_error=s.last_error)
 
-    @app.post(HIDDEN_STATES_PATH, response_model=HiddenStatesResponse, responses=_ERRORS,
-              response_model_exclude_none=True,
+    @app.post(HIDDEN_STATES_PATH, response_model=HiddenStatesResponse,
+              responses={200: _BINARY_ANSWER, **_ERRORS}, response_model_exclude_none=True,
               summary="Hidden states of texts or of symbolic observations")
-    async def hidden_states(body: HiddenStatesRequest) -> HiddenStatesResponse:
+    async def hidden_states(
+        body: HiddenStatesRequest, request: Request,
+        fmt: Optional[Literal[wire.FORMATS]] = Query(  # type: ignore[valid-type]
+            None, alias="format", description="json (default), f16 or f32 (raw little-endian "
+            "floats, shape in X-Shape); Accept: application/octet-stream also means f16."),
+    ):
+        fmt = answer_format(fmt, request.headers.get("accept", ""))
+        if fmt != "json" and body.return_texts:
+            raise HTTPException(422, "return_texts needs the JSON answer (format=json): a binary "
+                                     "answer carries only the vectors")
         count = body.count()
         if count > max_batch:
             what = "texts" if body.texts is not None else "observations"
             raise HTTPException(413, f"{count} {what} in one request, more than this server's "
                                      f"max batch of {max_batch}; split the request "
                                      "(utils.hidden_state_client.HiddenStateClient does)")
+        timeout_s = request_timeout(request.headers.get(TIMEOUT_HEADER), limits.request_timeout_s)
         if body.texts is not None:
+            check_texts(body.texts, limits.max_text_chars)
             texts = body.texts
         else:
             texts = await run_in_threadpool(observation_texts, body.observations, body.env)
         try:
-            states = await batcher.submit(texts)
+            states = await compute_or_drop(batcher, texts, request, timeout_s)
         except UserError as error:  # e.g. a prompt longer than max_length: the request's fault
             raise HTTPException(422, str(error)) from None
+        except QueueFull as error:
+            raise HTTPException(429, f"{error}; the server is at capacity",
+                                headers={"Retry-After": str(error.retry_after_s)}) from None
+        except DeadlineExceeded:
+            raise HTTPException(504, f"not computed within {timeout_s:g} s (the server's "
+                                     f"--request-timeout-s or the client's {TIMEOUT_HEADER}); "
+                                     "the server is overloaded, retry later") from None
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
         except BatcherStopped as error:
             raise HTTPException(503, str(error)) from None
         except Exception as error:  # noqa: BLE001 - a model failure on valid input: say which
             log.exception("model call failed")
             reason = (str(error).strip().splitlines() or [""])[0]
             raise HTTPException(500, f"the model failed on this request "
-                                     f"({type(error).__name__}: {reason})") from None
+                                     f"({type(error).__name__}: {printable(reason)})") from None
+        if fmt != "json":
+            content, headers = wire.encode(states, fmt)
+            return Response(content, media_type=wire.BINARY_MEDIA_TYPE,
+                            headers={**headers, **binary_headers})
         return HiddenStatesResponse(**identity, count=len(texts), vectors=states.tolist(),
                                     texts=texts if body.return_texts else None)
 
@@ -345,6 +473,7 @@ def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0, *,
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(ServerConfig, AREA, COMMAND, argv).check()
     spec = cfg.spec().validate()
+    limits = cfg.limits()  # a bad limit flag fails before a minutes-long model load
     logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = bind_socket(cfg.host, cfg.port)  # fail on a taken port before a minutes-long load
@@ -361,7 +490,8 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException:
         sock.close()
         raise
-    app = create_app(backend, spec, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms)
+    app = create_app(backend, spec, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
+                     limits=limits)
     identity = app.state.identity
     print(f"model ready in {time.perf_counter() - start:.1f} s: dim {identity['dim']}, layer index "
           f"{identity['layer_index']} of {backend.num_layers}; max batch {cfg.max_batch}, max wait "

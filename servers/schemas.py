@@ -68,9 +68,11 @@ class HiddenStatesResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    """The server is up and its model is loaded; what it computes and how it batches."""
+    """The server is up and its model is loaded; what it computes, how it batches, its limits.
+    With status "failing" (HTTP 503) the last model calls all failed and ``detail`` says why."""
 
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "failing"] = "ok"
+    detail: Optional[str] = Field(default=None, description="Why the status is failing.")
     model: str
     layer: int
     layer_index: int
@@ -84,6 +86,11 @@ class HealthResponse(BaseModel):
     max_batch: int = Field(description="Most texts or observations one request may carry.")
     max_wait_ms: float = Field(description="How long a batch waits for more requests.")
     envs: list[str] = Field(description="Envs whose observations the server can render.")
+    max_body_bytes: int = Field(description="Largest request body; larger gets 413 unread.")
+    max_text_chars: int = Field(description="Longest text in characters; longer gets 413.")
+    max_queue: int = Field(description="Most texts waiting for the model; more get 429.")
+    queued: int = Field(description="Texts waiting for the model now.")
+    request_timeout_s: float = Field(description="Deadline of a request; past it, 504.")
 
 
 class StatsResponse(BaseModel):
@@ -95,6 +102,11 @@ class StatsResponse(BaseModel):
     mean_batch: float = Field(description="Texts per model call.")
     batch_sizes: dict[int, int] = Field(description="Texts per model call -> number of calls.")
     model_seconds: float = Field(description="Seconds spent in model calls.")
+    queued: int = Field(description="Texts waiting for the model now.")
+    rejected: int = Field(description="Requests refused with 429 (queue full).")
+    dropped: int = Field(description="Requests given up uncomputed: client gone or deadline passed.")
+    failed_in_a_row: int = Field(description="Model calls failing since the last one that worked.")
+    last_error: Optional[str] = Field(description="The most recent model failure.")
 
 
 class ErrorItem(BaseModel):
