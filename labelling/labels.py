@@ -14,6 +14,11 @@ Format (docs/design.md, "Labelled datasets"):
   partly labelled dataset still reads), plus a ``labels`` block -- ``LLMSpec.to_manifest()`` with
   ``hidden_size`` and the storage ``dtype`` "float16" -- and a ``source`` block naming the source
   folder and its shard count (``is_complete`` compares the two).
+* The labels block is exact: once a worker has loaded the model it holds the *resolved* compute
+  dtype (never ``auto``), the backend and the model revision (``utils.llm.identity``). Before
+  that (enqueue time) they read ``auto`` / None and match anything; after it, a worker whose
+  resolution differs -- bf16 on a GPU against fp32 on a CPU, another snapshot of the model --
+  is refused instead of mixing its rows into the dataset.
 * Shards are written atomically (temp then rename), so a file under a shard's name is complete;
   the manifest is rebuilt from the files present, so re-running a job rewrites the same bytes.
 
@@ -32,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.llm import LLMBackend, LLMError, LLMSpec, observation_features
+from utils.llm import LLMBackend, LLMError, LLMSpec, identity, observation_features
 from utils.obs_codec import decode_array, encoded_keys, is_encoded
 from utils.trajectories import (
     DatasetError,
@@ -49,9 +54,21 @@ LABEL_ARRAYS = ("text_obs", "hidden_state")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def labels_block(spec: LLMSpec, hidden_size: int | None) -> dict[str, Any]:
-    """The manifest's ``labels`` block. ``hidden_size`` is None until a worker has loaded the model."""
-    return {**spec.to_manifest(), "hidden_size": hidden_size, "dtype": STORAGE_DTYPE}
+# Fields a block may not know yet (written before a worker loaded the model): value meaning "unknown".
+_UNRESOLVED = {"hidden_size": None, "compute_dtype": "auto", "model_revision": None}
+
+
+def labels_block(spec: LLMSpec, hidden_size: int | None,
+                 resolved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest's ``labels`` block. ``hidden_size`` is None until a worker has loaded the model.
+
+    With a ``hidden_size`` (a worker that has loaded the model) the compute dtype, backend and
+    model revision are resolved: from ``resolved`` (a backend's ``identity``) when given, else by
+    ``utils.llm.identity`` in this process, which is where the worker's model runs."""
+    block = {**spec.to_manifest(), "hidden_size": hidden_size, "dtype": STORAGE_DTYPE}
+    if hidden_size is not None:
+        block.update(resolved if resolved is not None else identity(spec))
+    return block
 
 
 def labels_of(manifest: dict[str, Any], **runtime: Any) -> LLMSpec:
@@ -63,17 +80,34 @@ def labels_of(manifest: dict[str, Any], **runtime: Any) -> LLMSpec:
     return LLMSpec.from_manifest(block, **runtime)
 
 
+def _known(block: dict[str, Any], key: str) -> bool:
+    return key in block and block[key] != _UNRESOLVED.get(key, object())
+
+
 def same_labels(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two label blocks describe the same hidden states (hidden_size may still be unknown)."""
-    keys = set(a) | set(b)
-    return all(a.get(k) == b.get(k) for k in keys if k != "hidden_size") and (
-        a.get("hidden_size") is None or b.get("hidden_size") is None
-        or a["hidden_size"] == b["hidden_size"])
+    """Whether two label blocks describe the same hidden states. Fields not resolved yet on one
+    side (hidden size, ``auto`` dtype, unknown revision) match anything; every other field must be
+    equal, a missing one included."""
+    for key in set(a) | set(b):
+        if key in _UNRESOLVED:
+            if _known(a, key) and _known(b, key) and a[key] != b[key]:
+                return False
+        elif a.get(key) != b.get(key):
+            return False
+    return True
+
+
+def merge_labels(current: dict[str, Any], labels: dict[str, Any]) -> dict[str, Any]:
+    """``labels`` with the fields it does not know yet taken from ``current`` (same labels)."""
+    known = {k: current[k] for k in _UNRESOLVED if _known(current, k) and not _known(labels, k)}
+    return {**labels, **known}
 
 
 def _describe(block: dict[str, Any]) -> str:
-    return (f"model {block.get('model')}, layer {block.get('layer')}, {block.get('pooling')} pooling, "
-            f"template hash {block.get('template_hash')}, backend {block.get('backend')}")
+    return (f"model {block.get('model')} (revision {block.get('model_revision')}), layer "
+            f"{block.get('layer')}, {block.get('pooling')} pooling, template hash "
+            f"{block.get('template_hash')}, backend {block.get('backend')}, compute dtype "
+            f"{block.get('compute_dtype')}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,15 +136,14 @@ def existing_labels(out_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 def check_output_labels(out_dir: str | os.PathLike, labels: dict[str, Any]) -> dict[str, Any]:
     """Refuse to mix labels: ``out_dir`` must be new or hold the same labels. Returns the block to
-    write (keeping a known hidden size)."""
+    write (keeping what the folder already resolved)."""
     current = existing_labels(out_dir)
     if current is None:
         return labels
     if not same_labels(current, labels):
         raise DatasetError(f"{out_dir} already holds labels from {_describe(current)}, not "
                            f"{_describe(labels)}; pass another --out or delete that folder")
-    hidden = labels.get("hidden_size") or current.get("hidden_size")
-    return {**labels, "hidden_size": hidden}
+    return merge_labels(current, labels)
 
 
 def update_manifest(source_dir: str | os.PathLike, out_dir: str | os.PathLike,

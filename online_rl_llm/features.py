@@ -46,8 +46,12 @@ from utils.running_stats import RunningMeanStd
 # Where hidden states come from: the in-process model or the server, behind one interface
 # ---------------------------------------------------------------------------------------------------
 
-IDENTITY_FIELDS = ("model", "layer", "pooling", "template_hash", "dim")
-"""What decides a feature vector; a resumed run must get its features from the same."""
+IDENTITY_FIELDS = ("model", "layer", "pooling", "template_hash", "dim", "backend", "compute_dtype",
+                   "model_revision")
+"""What decides a feature vector; a resumed run must get its features from the same. The last three
+(``utils.llm.identity``: resolved dtype, engine, weights) are None for a server that does not
+report them, and are skipped when resuming a run folder saved before they were recorded."""
+RESOLVED_FIELDS = ("backend", "compute_dtype", "model_revision")
 
 
 def open_encoder(spec: LLMSpec | None, server_url: str | None):
@@ -73,18 +77,20 @@ def open_encoder(spec: LLMSpec | None, server_url: str | None):
 def encoder_identity(encoder, server_url: str | None = None) -> dict[str, Any]:
     """``IDENTITY_FIELDS`` of ``encoder`` plus where its vectors come from."""
     spec: LLMSpec = encoder.spec
+    resolved = getattr(encoder, "identity", None) or {}
     return {"source": "server" if server_url else "in-process", "url": server_url, "model": spec.model,
             "layer": spec.layer, "pooling": spec.pooling, "template_hash": spec.template_hash(),
-            "dim": int(encoder.hidden_size)}
+            "dim": int(encoder.hidden_size), **{k: resolved.get(k) for k in RESOLVED_FIELDS}}
 
 
 def check_same_identity(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Refuse to continue a run with features from another model, layer, pooling or prompt."""
-    different = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in IDENTITY_FIELDS
+    fields = [k for k in IDENTITY_FIELDS if k not in RESOLVED_FIELDS or k in saved]
+    different = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in fields
                  if saved.get(k) != current.get(k)]
     if different:
         raise UserError(f"{where} was trained on other LLM features ({'; '.join(different)}); "
-                        "resume it with the same model and prompt, or start a new run folder")
+                        "resume it with the same model, prompt, backend and dtype, or start a new run folder")
 
 
 # ---------------------------------------------------------------------------------------------------

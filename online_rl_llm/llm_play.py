@@ -61,7 +61,10 @@ class LLMPlayConfig:
     model: str = ""
     """Local model folder or Hugging Face hub id (required)."""
     backend: str = "transformers"
-    """'transformers' (CPU or GPU) or 'vllm' (GPU only)."""
+    """'transformers' (CPU or GPU), 'vllm' or 'sglang' (GPU only)."""
+    thinking: bool = False
+    """Qwen3-style chat templates: let the model open a <think> block before answering (off: it
+    answers directly, which is what the action parser and --max-new-tokens expect)."""
     device: str = "auto"
     """Transformers device: auto, cpu, cuda or cuda:N."""
     dtype: str = "auto"
@@ -135,6 +138,7 @@ def make_player_backend(cfg, system: str):
         torch.set_num_threads(cfg.torch_threads)
     spec = LLMSpec(model=cfg.model, system_prompt=system, backend=cfg.backend,
                    batch_size=cfg.batch_size, max_length=cfg.max_length, dtype=cfg.dtype,
+                   thinking=getattr(cfg, "thinking", False),
                    device=cfg.device)
     return make_backend(spec, hidden_states=False)
 
@@ -470,7 +474,8 @@ def write_summary(cfg: LLMPlayConfig, run_dir: Path, episodes: list[dict], timin
     lengths = np.array([row["length"] for row in episodes], dtype=np.float64)
     totals = _sum_counters(episodes, [])
     summary: dict[str, Any] = {
-        "env": cfg.env, "model": cfg.model, "backend": cfg.backend, "run_dir": str(run_dir),
+        "env": cfg.env, "model": cfg.model, "backend": cfg.backend, "thinking": cfg.thinking,
+        "run_dir": str(run_dir),
         "episodes": len(episodes),
         "truncated_episodes": sum(bool(row["truncated"]) for row in episodes),
         "return_mean": float(returns.mean()) if len(returns) else None,

@@ -72,7 +72,10 @@ class QueryConfig:
     once: str | None = None
     """Ask once with this question ('' = the unchanged prompt), print, and exit."""
     backend: str = "transformers"
-    """'transformers' (CPU or GPU) or 'vllm' (GPU only)."""
+    """'transformers' (CPU or GPU), 'vllm' or 'sglang' (GPU only)."""
+    thinking: bool = False
+    """Qwen3-style chat templates: let the model open a <think> block before answering (off: it
+    answers directly, which is what the action parser and --max-new-tokens expect)."""
     device: str = "auto"
     """Transformers device: auto, cpu, cuda or cuda:N."""
     dtype: str = "auto"

@@ -378,6 +378,7 @@ def test_player_prompt_uses_the_chat_template_or_plain_text(tiny_llm_path, tmp_p
 
 def test_vllm_generation_backend_starts_only_the_generation_engine(tiny_llm_path, monkeypatch):
     import utils.llm as llm
+    import utils.llm.vllm_engine as vllm_engine
 
     engines = []
 
@@ -389,16 +390,45 @@ def test_vllm_generation_backend_starts_only_the_generation_engine(tiny_llm_path
             return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text="Action: DO")])
                     for _ in prompts]
 
+        def embed(self, prompts, use_tqdm=False):  # the warm-up's request: not unit-norm rows
+            return [types.SimpleNamespace(outputs=types.SimpleNamespace(embedding=[3.0] * 32))
+                    for _ in prompts]
+
     fake = types.SimpleNamespace(LLM=FakeLLM, SamplingParams=lambda **kw: kw)
-    monkeypatch.setattr(llm, "require_vllm", lambda: fake)
+    monkeypatch.setattr(vllm_engine, "require_vllm", lambda: fake)
     spec = llm.LLMSpec(model=tiny_llm_path, backend="vllm", system_prompt="rules")
     backend = llm.make_backend(spec, hidden_states=False)
     assert engines == []
     assert backend.generate(["a", "b"], max_new_tokens=5) == ["Action: DO"] * 2
     assert len(engines) == 1 and "runner" not in engines[0]
-    monkeypatch.setattr(llm.VLLMBackend, "_hidden_state_options", lambda self: {"runner": "pooling"})
+    monkeypatch.setattr(vllm_engine.VLLMBackend, "_hidden_state_options", lambda self: {"runner": "pooling"})
     llm.make_backend(spec)  # the default still starts the hidden-state engine up front
     assert engines[-1] == {"runner": "pooling"}
+
+
+def test_thinking_is_off_for_qwen3_style_templates_unless_asked(tmp_path, monkeypatch):
+    """Qwen3 templates open a <think> block by default; LLM play answers directly unless
+    --thinking (which also changes the prompt's hash)."""
+    import utils.llm as llm
+    from online_rl_llm.llm_play import LLMPlayConfig, make_player_backend
+    from utils.testing.tiny_llm import build_tiny_llm
+
+    model = build_tiny_llm(tmp_path / "qwen3", "qwen3-4b", weights=False)
+    tokenizer = llm.load_tokenizer(model)
+    spec = llm.LLMSpec(model=model, system_prompt="rules")
+    off = llm.PromptBuilder(spec, tokenizer).prompt("USER")
+    on = llm.PromptBuilder(spec.replace(thinking=True), tokenizer).prompt("USER")
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert on.endswith("<|im_start|>assistant\n") and "<think>" not in on
+    assert spec.template_hash() != spec.replace(thinking=True).template_hash()
+    assert llm.LLMSpec.from_manifest(spec.replace(thinking=True).to_manifest()).thinking is True
+
+    made = []
+    monkeypatch.setattr(llm, "make_backend", lambda spec, hidden_states=True: made.append(spec))
+    cfg = LLMPlayConfig(model=model, device="cpu")
+    make_player_backend(cfg, "rules")
+    make_player_backend(dataclasses.replace(cfg, thinking=True), "rules")
+    assert [s.thinking for s in made] == [False, True]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,16 @@ run for real, in about a second on a CPU.
   ChatML special tokens and a Qwen-style chat template make system prompts work.
 
 Everything is seeded and the training corpus is fixed, so two builds give identical files.
+
+Other shapes (``build_tiny_llm(dir, preset=...)``), same tokenizer:
+
+* ``gpu``: still small, but shaped like a real model where GPU kernels care -- head_dim 64,
+  bfloat16 weights -- because vLLM's and SGLang's attention kernels reject toy head sizes
+  (``tiny`` has head_dim 8 in float32). For the ``gpu``-marked tests.
+* ``qwen3-4b``: Qwen3-4B's config (36 layers, hidden 2560, 32/8 heads of 128, its vocabulary
+  size) and a Qwen3-style chat template with the ``enable_thinking`` switch, written *without*
+  weights (``weights=False``): engines load it with random weights (vLLM/SGLang
+  ``load_format="dummy"``) for throughput checks with no download.
 """
 
 from __future__ import annotations
@@ -25,6 +35,20 @@ NUM_LAYERS = 2
 VOCAB_SIZE = 512
 SEED = 0
 
+# Config fields per preset; the vocabulary size is the tokenizer's unless given.
+PRESETS: dict[str, dict] = {
+    "tiny": {"model_type": "qwen2", "hidden_size": HIDDEN_SIZE, "intermediate_size": 2 * HIDDEN_SIZE,
+             "num_hidden_layers": NUM_LAYERS, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "dtype": "float32"},
+    "gpu": {"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "dtype": "bfloat16"},
+    "qwen3-4b": {"model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728,
+                 "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+                 "head_dim": 128, "vocab_size": 151936, "rope_theta": 1000000.0,
+                 "max_position_embeddings": 40960, "dtype": "bfloat16"},
+}
+
 # ChatML, as Qwen2 instruct models use it; enough of it for system + user messages.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -33,6 +57,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen3's switch, as its template implements it: thinking off pre-fills an empty think block.
+QWEN3_CHAT_TEMPLATE = CHAT_TEMPLATE[:-len("{% endif %}")] + (
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"
+)
 
 
 def _corpus() -> list[str]:
@@ -43,7 +72,7 @@ def _corpus() -> list[str]:
     return lines + ["You are an agent playing Craftax.", "What do you do next?"]
 
 
-def _build_tokenizer():
+def _build_tokenizer(chat_template: str = CHAT_TEMPLATE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -56,27 +85,36 @@ def _build_tokenizer():
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 
-def build_tiny_llm(directory: str | os.PathLike) -> str:
-    """Write the tiny model and tokenizer into ``directory``; returns the path as a string."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def build_tiny_llm(directory: str | os.PathLike, preset: str = "tiny", *, weights: bool = True) -> str:
+    """Write a model of ``preset``'s shape and the tokenizer into ``directory``; returns the path.
 
+    ``weights=False`` writes config and tokenizer only (for engines' dummy loading)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    fields = dict(PRESETS[preset])
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN_SIZE, intermediate_size=2 * HIDDEN_SIZE,
-        num_hidden_layers=NUM_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=4096, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(SEED)
-    model = Qwen2ForCausalLM(config)
-    model.save_pretrained(path)
+    tokenizer = _build_tokenizer(QWEN3_CHAT_TEMPLATE if fields["model_type"] == "qwen3" else CHAT_TEMPLATE)
+    model_type, dtype = fields.pop("model_type"), fields.pop("dtype")
+    fields.setdefault("vocab_size", len(tokenizer))
+    fields.setdefault("max_position_embeddings", 4096)
+    config = AutoConfig.for_model(
+        model_type, **fields, tie_word_embeddings=True, bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config.dtype = dtype
+    if weights:
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+        model.save_pretrained(path)
+    else:
+        config.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
@@ -84,4 +122,6 @@ def build_tiny_llm(directory: str | os.PathLike) -> str:
 if __name__ == "__main__":  # python -m utils.testing.tiny_llm DIR: a model for benchmarks or manual runs
     import sys
 
-    print(build_tiny_llm(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny_llm"))
+    args = sys.argv[1:]
+    print(build_tiny_llm(args[0] if args else "runs/tiny_llm", args[1] if len(args) > 1 else "tiny",
+                         weights="--no-weights" not in args))

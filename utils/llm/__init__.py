@@ -28,10 +28,26 @@ Definitions every backend follows:
 * Prompts longer than ``max_length`` tokens are an error, never silently truncated: truncation
   would change what the hidden state describes.
 
-The transformers backend runs on CPU or GPU, batches prompts sorted by length with left padding
-and explicit position ids (so a padded row equals the same prompt alone). The vLLM backend (GPU
-only, imported lazily) uses the pooling runner for the last layer and vLLM's hidden-state
-extraction for intermediate layers when the installed vLLM has it.
+* **thinking**: chat templates that know ``enable_thinking`` (Qwen3) get it as ``spec.thinking``,
+  False by default, so the prompt ends where an answer (not a reasoning block) starts.
+
+Exactness: a hidden state depends on more than model, layer, pooling and prompt. ``identity(spec)``
+adds the *resolved* compute dtype (``auto`` becomes float32 or bfloat16 for the device the model
+runs on), the backend and the model revision (a hub snapshot's commit, or a fingerprint of a local
+folder's config and weights). Labelled datasets and PPO run folders compare it, so bf16 GPU
+features are never mixed silently with fp32 CPU ones. Pooling always sums in float32.
+
+Backends (all load the model only through :func:`make_backend`; the GPU engines import lazily):
+
+* ``transformers``: CPU or GPU; batches prompts sorted by length with left padding and explicit
+  position ids (so a padded row equals the same prompt alone). An intermediate layer ``k`` loads
+  only ``k`` decoder layers (and no final norm): the rest would be computed and thrown away.
+* ``vllm`` (GPU): the last layer through the pooling runner with every normalisation switch the
+  installed vLLM has turned off (checked at warm-up: rows must not come back unit-norm);
+  layer ``k`` by truncating the model to ``k`` layers (``hf_overrides``) and extracting the
+  pre-norm state of layer ``k``, with the per-prompt files under /dev/shm when it exists.
+* ``sglang`` (GPU): the last layer through ``return_hidden_states`` (SGLang returns the final,
+  normed state only, so intermediate layers are refused), and generation.
 """
 
 from __future__ import annotations
@@ -41,7 +57,6 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,13 +66,16 @@ import numpy as np
 from utils.errors import UserError
 
 __all__ = [
-    "LLMError", "LLMSpec", "LLMBackend", "TransformersBackend", "VLLMBackend", "make_backend",
-    "observation_features", "model_dims", "resolve_layer", "check_spec", "load_tokenizer",
-    "PromptBuilder",
+    "LLMError", "LLMSpec", "LLMBackend", "TransformersBackend", "VLLMBackend", "SGLangBackend",
+    "make_backend", "observation_features", "model_dims", "model_config", "resolve_layer",
+    "check_spec", "load_tokenizer", "PromptBuilder", "identity", "model_revision",
+    "truncation_overrides", "pool_states", "pool_token_states", "check_not_unit_norm",
+    "require_vllm", "require_sglang",
 ]
 
 POOLINGS = ("last", "mean")
-BACKENDS = ("transformers", "vllm")
+BACKENDS = ("transformers", "vllm", "sglang")
+GPU_BACKENDS = ("vllm", "sglang")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Bump when the rules that turn a text into a prompt change: old labels then get a new hash.
 PROMPT_FORMAT_VERSION = 1
@@ -83,7 +101,7 @@ class LLMSpec:
     system_prompt: str | None = None
     """Optional system prompt, applied through the tokenizer's chat template (prepended when it has none)."""
     backend: str = "transformers"
-    """'transformers' (CPU or GPU) or 'vllm' (GPU only)."""
+    """'transformers' (CPU or GPU), 'vllm' or 'sglang' (GPU only)."""
     batch_size: int = 16
     """Prompts per forward pass (transformers; vLLM schedules its own batches)."""
     max_length: int = 4096
@@ -92,6 +110,8 @@ class LLMSpec:
     """Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N' (transformers backend)."""
+    thinking: bool = False
+    """Qwen3-style chat templates: render with enable_thinking=True (off by default: answer directly)."""
 
     # -- validation ------------------------------------------------------------------------------
 
@@ -116,19 +136,27 @@ class LLMSpec:
     def template_hash(self) -> str:
         """Stable short hash of everything that shapes the prompt besides the model's own tokenizer:
         the template, the system prompt and the prompt-building rules' version."""
-        payload = json.dumps({"template": self.template, "system_prompt": self.system_prompt,
-                              "prompt_format": PROMPT_FORMAT_VERSION}, sort_keys=True)
+        fields = {"template": self.template, "system_prompt": self.system_prompt,
+                  "prompt_format": PROMPT_FORMAT_VERSION}
+        if self.thinking:  # only when on, so hashes of labels made before the flag stay valid
+            fields["thinking"] = True
+        payload = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_manifest(self) -> dict[str, Any]:
         """The fields that decide what a hidden state is (not batch size or device), for manifests.
 
-        ``compute_dtype`` is this spec's ``dtype``; the name leaves ``dtype`` free for the storage
-        dtype that a labelled dataset's manifest records next to these fields."""
-        return {"model": self.model, "layer": self.layer, "pooling": self.pooling,
-                "template": self.template, "system_prompt": self.system_prompt,
-                "template_hash": self.template_hash(), "backend": self.backend,
-                "compute_dtype": self.dtype}
+        ``compute_dtype`` is this spec's ``dtype`` as asked for (maybe ``auto``) and
+        ``model_revision`` is None: both are resolved where the model loads (:func:`identity`).
+        The name leaves ``dtype`` free for the storage dtype a labelled dataset's manifest
+        records next to these fields."""
+        block = {"model": self.model, "layer": self.layer, "pooling": self.pooling,
+                 "template": self.template, "system_prompt": self.system_prompt,
+                 "template_hash": self.template_hash(), "backend": self.backend,
+                 "compute_dtype": self.dtype, "model_revision": None}
+        if self.thinking:
+            block["thinking"] = True
+        return block
 
     @classmethod
     def from_manifest(cls, block: dict[str, Any], **runtime: Any) -> "LLMSpec":
@@ -142,7 +170,8 @@ class LLMSpec:
         spec = cls(model=block["model"], layer=int(block["layer"]), pooling=block["pooling"],
                    template=block["template"], system_prompt=block.get("system_prompt"),
                    backend=block.get("backend", "transformers"),
-                   dtype=block.get("compute_dtype", "auto"), **runtime)
+                   dtype=block.get("compute_dtype", "auto"),
+                   thinking=bool(block.get("thinking", False)), **runtime)
         stored = block.get("template_hash")
         if stored is not None and stored != spec.template_hash():
             raise LLMError(f"label block's template_hash {stored} does not match its template "
@@ -189,16 +218,20 @@ def _load_failure(model: str, what: str, exc: BaseException) -> LLMError:
                     "folder, or a hub id that can be downloaded from here")
 
 
-def model_dims(model: str) -> tuple[int, int]:
-    """(number of decoder layers, hidden size) from the model's config, without loading weights."""
+def model_config(model: str):
+    """The model's transformers config (no weights loaded)."""
     from transformers import AutoConfig
 
     _check_model_location(model)
     try:
-        config = AutoConfig.from_pretrained(os.path.expanduser(model))
+        return AutoConfig.from_pretrained(os.path.expanduser(model))
     except (OSError, ValueError, KeyError) as exc:
         raise _load_failure(model, "config", exc) from exc
-    text_config = config.get_text_config()
+
+
+def model_dims(model: str) -> tuple[int, int]:
+    """(number of decoder layers, hidden size) from the model's config, without loading weights."""
+    text_config = model_config(model).get_text_config()
     return int(text_config.num_hidden_layers), int(text_config.hidden_size)
 
 
@@ -237,6 +270,11 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.uses_chat_template = (spec.system_prompt is not None
                                    and bool(getattr(tokenizer, "chat_template", None)))
+        # Qwen3-style templates open a <think> block unless told not to; passed only to templates
+        # that read the switch, so other templates render exactly as before.
+        template = getattr(tokenizer, "chat_template", None) or ""
+        self.chat_options = ({"enable_thinking": spec.thinking}
+                             if isinstance(template, str) and "enable_thinking" in template else {})
 
     def prompt(self, text: str) -> str:
         """The exact string handed to the tokenizer for ``text``."""
@@ -247,7 +285,8 @@ class PromptBuilder:
             messages = [{"role": "system", "content": self.spec.system_prompt},
                         {"role": "user", "content": user}]
             return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
+                                                      add_generation_prompt=True,
+                                                      **self.chat_options)
         return self.spec.system_prompt + _SYSTEM_SEPARATOR + user
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -303,6 +342,91 @@ def _resolve_dtype(spec: LLMSpec, device: str) -> str:
     return "float32" if device == "cpu" else "bfloat16"
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf"))
+
+
+def model_revision(model: str, probe_bytes: int = 1 << 20) -> str | None:
+    """Which exact weights ``model`` names: a hub snapshot's commit hash, or for a local folder
+    ``local:`` + a hash of config.json and, per weight file, its name, size and first and last
+    ``probe_bytes`` (reading whole multi-GB checkpoints on every load would cost more than it
+    protects against). None for a hub id that is not downloaded yet: the worker that loads it
+    fills it in. Why: "Qwen/Qwen3-4B" names a moving target, and two folders with the same
+    name can hold different checkpoints."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        if folder.parent.name == "snapshots":  # a path inside the Hugging Face cache
+            return folder.name
+        digest = hashlib.sha256()
+        config = folder / "config.json"
+        if config.is_file():
+            digest.update(config.read_bytes())
+        for path in _weight_files(folder):
+            size = path.stat().st_size
+            digest.update(f"{path.name}:{size}".encode())
+            with path.open("rb") as handle:
+                digest.update(handle.read(probe_bytes))
+                if size > probe_bytes:
+                    handle.seek(max(probe_bytes, size - probe_bytes))
+                    digest.update(handle.read(probe_bytes))
+        return "local:" + digest.hexdigest()[:16]
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    cached = try_to_load_from_cache(model, "config.json")
+    return Path(cached).parent.name if isinstance(cached, str) else None
+
+
+def identity(spec: LLMSpec, *, cuda_available: bool | None = None) -> dict[str, Any]:
+    """What decides a hidden state beyond the spec's own fields, as resolved *here*.
+
+    ``compute_dtype`` is ``auto`` resolved for the device the backend uses (the GPU engines always
+    run on CUDA), ``backend`` the engine and ``model_revision`` :func:`model_revision`. Called
+    where the model loads: a manifest written before that keeps ``auto`` and None."""
+    if spec.backend in GPU_BACKENDS:
+        device = "cuda"
+    else:
+        if cuda_available is None:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+        device = _resolve_device(spec, cuda_available)
+    return {"backend": spec.backend, "compute_dtype": _resolve_dtype(spec, device),
+            "model_revision": model_revision(spec.model)}
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def truncation_overrides(config, keep: int) -> dict[str, Any]:
+    """Config fields that make a model with ``keep`` decoder layers (for layer ``keep``'s output).
+
+    Per-layer lists (``layer_types``) are cut to match, or a newer transformers/vLLM refuses a
+    config whose list is longer than its layer count."""
+    text = _text_config(config)
+    overrides: dict[str, Any] = {"num_hidden_layers": keep}
+    layer_types = getattr(text, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)):
+        overrides["layer_types"] = list(layer_types[:keep])
+    return overrides
+
+
+def pool_states(states, mask, pooling: str):
+    """[batch, tokens, D] torch states (left-padded; ``mask`` 1 on real tokens) -> float32 [batch, D].
+
+    Mean pooling sums in float32: a bf16 sum over hundreds of tokens loses the low bits that
+    distinguish similar observations. ``where``, not a product: padded positions may hold NaN."""
+    import torch
+
+    if pooling == "last":
+        return states[:, -1].float()
+    keep = mask.bool().unsqueeze(-1)
+    return torch.where(keep, states.float(), 0.0).sum(1) / mask.sum(1, keepdim=True).float()
+
+
 class TransformersBackend:
     """Hugging Face transformers on CPU or GPU: batched, left-padded, explicit position ids."""
 
@@ -317,13 +441,38 @@ class TransformersBackend:
         self.dtype = _resolve_dtype(spec, self.device)
         self.tokenizer = load_tokenizer(spec.model)
         self.prompts = PromptBuilder(spec, self.tokenizer)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec.model),
-                                                         dtype=getattr(torch, self.dtype))
-        except (OSError, ValueError, KeyError) as exc:
-            raise _load_failure(spec.model, "weights", exc) from exc
-        self.model = model.to(self.device).eval()
+        self.identity = {**identity(spec, cuda_available=torch.cuda.is_available()),
+                         "compute_dtype": self.dtype}
         self._torch = torch
+        # Layer k < num_layers needs only k decoder layers (1 for the embeddings): load no more.
+        self.loaded_layers = (self.num_layers if self.layer_index == self.num_layers
+                              else max(self.layer_index, 1))
+        self.model = self._load(AutoModelForCausalLM, self.loaded_layers).to(self.device).eval()
+
+    def _load(self, auto_class, keep: int):
+        """The model with its first ``keep`` decoder layers; without the final norm when truncated,
+        so the last output is the raw residual stream of layer ``keep``, like hidden_states[keep]."""
+        from transformers import AutoConfig
+
+        path = os.path.expanduser(self.spec.model)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            if keep < self.num_layers:
+                overrides = truncation_overrides(config, keep)
+                target = _text_config(config)
+                for key, value in overrides.items():
+                    setattr(target, key, value)
+            model = auto_class.from_pretrained(path, config=config,
+                                               dtype=getattr(self._torch, self.dtype))
+        except (OSError, ValueError, KeyError) as exc:
+            raise _load_failure(self.spec.model, "weights", exc) from exc
+        if keep < self.num_layers:
+            layers = len(model.base_model.layers)
+            if layers != keep:
+                raise LLMError(f"model {self.spec.model} loaded {layers} decoder layers when "
+                               f"{keep} were asked for; use the last layer (-1)")
+            model.base_model.norm = self._torch.nn.Identity()
+        return model
 
     def _pad(self, rows: Sequence[Sequence[int]]):
         """Left-padded input ids, attention mask and position ids counting real tokens only."""
@@ -345,21 +494,23 @@ class TransformersBackend:
             for batch in _length_batches(ids, self.spec.batch_size):
                 input_ids, mask, positions = self._pad([ids[i] for i in batch])
                 # The base model skips the LM head: no [batch, tokens, vocab] logits to compute.
+                # Its last output is the wanted layer (truncated model, no final norm) except for
+                # the embeddings, which only the hidden_states tuple holds.
+                embeddings = self.layer_index == 0
                 result = self.model.base_model(input_ids=input_ids, attention_mask=mask,
-                                               position_ids=positions, output_hidden_states=True,
-                                               use_cache=False)
-                states = result.hidden_states[self.layer_index]
-                if self.spec.pooling == "last":
-                    pooled = states[:, -1]
-                else:  # where(), not a product: padded positions may hold NaN
-                    keep = mask.bool().unsqueeze(-1)
-                    pooled = torch.where(keep, states, 0).sum(1) / mask.sum(1, keepdim=True)
-                out[batch] = pooled.float().cpu().numpy()
+                                               position_ids=positions, use_cache=False,
+                                               output_hidden_states=embeddings)
+                states = result.hidden_states[0] if embeddings else result.last_hidden_state
+                out[batch] = pool_states(states, mask, self.spec.pooling).cpu().numpy()
         return _check_finite(out, f"model {self.spec.model}")
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
                  temperature: float = 0.0) -> list[str]:
         torch = self._torch
+        if self.loaded_layers < self.num_layers:
+            raise LLMError(f"this backend loaded {self.loaded_layers} of {self.num_layers} layers for "
+                           f"layer {self.spec.layer}'s hidden states and cannot generate; load the "
+                           "model for generation with layer -1")
         ids = self.prompts.encode(prompts)
         texts: list[str] = [""] * len(ids)
         sampling = ({"do_sample": True, "temperature": float(temperature)} if temperature > 0
@@ -377,189 +528,30 @@ class TransformersBackend:
 
 
 # ----------------------------------------------------------------------------------------------
-# vLLM
-# ----------------------------------------------------------------------------------------------
-
-
-def require_vllm(cuda_available: bool | None = None):
-    """Import vLLM for a GPU run, or say in one line why that cannot work here."""
-    if cuda_available is None:
-        import torch
-
-        cuda_available = torch.cuda.is_available()
-    if not cuda_available:
-        raise LLMError("the vllm backend needs a CUDA GPU and none is visible here; "
-                       "use --backend transformers (CPU or GPU) or run on a GPU node")
-    try:
-        import vllm
-    except ImportError as exc:
-        raise LLMError(f"the vllm backend needs the vllm package ({exc}); install it on the GPU "
-                       "machine (pip install vllm) or use --backend transformers") from exc
-    return vllm
-
-
-def vllm_pooler_options(pooling: str, config_params: Sequence[str]) -> dict[str, Any]:
-    """PoolerConfig arguments for plain pooled hidden states: LAST or MEAN, no normalisation.
-
-    vLLM renamed the switch: ``normalize`` in older releases, ``use_activation`` since; pass
-    whichever the installed ``PoolerConfig`` takes (``config_params``: its parameter names)."""
-    options: dict[str, Any] = {"pooling_type": pooling.upper()}
-    if "use_activation" in config_params:
-        options["use_activation"] = False
-    elif "normalize" in config_params:
-        options["normalize"] = False
-    else:
-        raise LLMError("the installed vLLM's PoolerConfig has neither use_activation nor normalize, "
-                       "so embeddings would be L2-normalised; use --backend transformers")
-    return options
-
-
-def vllm_engine_options(spec: LLMSpec, layer_index: int, num_layers: int, *,
-                        pooler_params: Sequence[str] = (), extract_dir: str | None = None
-                        ) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM`` that compute ``spec``'s hidden states.
-
-    The last layer uses the pooling runner (its output is the final-normed state, like
-    transformers' last hidden state). Intermediate layers need vLLM's hidden-state extraction
-    (speculative method ``extract_hidden_states``), whose layer ids count like transformers'
-    hidden_states indices; it writes per-request files under ``extract_dir``."""
-    common = {"model": os.path.expanduser(spec.model), "dtype": _resolve_dtype(spec, "cuda"),
-              "max_model_len": spec.max_length, "seed": 0}
-    if layer_index == num_layers:
-        # convert="embed" turns a *ForCausalLM checkpoint into a pooling model (no LM head).
-        return {**common, "runner": "pooling", "convert": "embed",
-                "pooler_config": vllm_pooler_options(spec.pooling, pooler_params)}
-    if extract_dir is None:
-        raise ValueError("intermediate layers need extract_dir")
-    return {
-        **common,
-        "enable_chunked_prefill": False,  # the extraction path requires whole prompts per step
-        "speculative_config": {
-            "method": "extract_hidden_states", "num_speculative_tokens": 1,
-            "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": [layer_index]}},
-        },
-        "kv_transfer_config": {
-            "kv_connector": "ExampleHiddenStatesConnector", "kv_role": "kv_producer",
-            "kv_connector_extra_config": {"shared_storage_path": extract_dir},
-        },
-    }
-
-
-def pool_token_states(states: np.ndarray, pooling: str) -> np.ndarray:
-    """[tokens, D] -> [D] by the spec's pooling rule (used on vLLM's extracted states)."""
-    return states[-1] if pooling == "last" else states.mean(axis=0)
-
-
-class VLLMBackend:
-    """vLLM on a GPU: pooling runner for the last layer, hidden-state extraction for others.
-
-    ``generate`` starts a second (generation) engine the first time it is called; give each
-    engine its share of GPU memory with the ``VLLM_GPU_MEMORY_UTILIZATION`` environment variable
-    when one process needs both."""
-
-    def __init__(self, spec: LLMSpec, *, hidden_states: bool = True):
-        self.spec = spec.validate()
-        self._vllm = require_vllm()
-        self.num_layers, self.hidden_size = model_dims(spec.model)
-        self.layer_index = resolve_layer(spec.layer, self.num_layers, spec.model)
-        self.tokenizer = load_tokenizer(spec.model)
-        self.prompts = PromptBuilder(spec, self.tokenizer)
-        self._extract_dir: tempfile.TemporaryDirectory | None = None
-        self._generator = None
-        # hidden_states=False (generation only, e.g. LLM play): no hidden-state engine holding
-        # GPU memory the generation engine needs; started on first use if asked for after all.
-        self._llm = self._engine(self._hidden_state_options()) if hidden_states else None
-
-    def _engine(self, options: dict[str, Any]):
-        fraction = os.environ.get("VLLM_GPU_MEMORY_UTILIZATION")
-        if fraction:
-            options = {**options, "gpu_memory_utilization": float(fraction)}
-        return self._vllm.LLM(**options)
-
-    def _hidden_state_options(self) -> dict[str, Any]:
-        if self.layer_index == self.num_layers:
-            from vllm.config import PoolerConfig
-
-            params = list(inspect.signature(PoolerConfig).parameters)
-            options = vllm_engine_options(self.spec, self.layer_index, self.num_layers,
-                                          pooler_params=params)
-            options["pooler_config"] = PoolerConfig(**options["pooler_config"])
-            return options
-        try:
-            from vllm.distributed.kv_transfer.kv_connector.v1 import example_hidden_states_connector
-        except ImportError as exc:
-            raise LLMError(
-                f"layer {self.spec.layer} is an intermediate layer, and the installed vLLM "
-                f"{getattr(self._vllm, '__version__', '?')} cannot extract those (no "
-                "example_hidden_states_connector); upgrade vLLM, use the last layer (-1), or use "
-                "--backend transformers") from exc
-        self._load_extracted = example_hidden_states_connector.load_hidden_states
-        self._extract_dir = tempfile.TemporaryDirectory(prefix="vllm-hidden-states-")
-        return vllm_engine_options(self.spec, self.layer_index, self.num_layers,
-                                   extract_dir=self._extract_dir.name)
-
-    def _token_prompts(self, texts: Sequence[str]) -> list[dict[str, list[int]]]:
-        return [{"prompt_token_ids": row} for row in self.prompts.encode(texts)]
-
-    def hidden_states(self, texts: Sequence[str]) -> np.ndarray:
-        prompts = self._token_prompts(texts)
-        out = np.empty((len(prompts), self.hidden_size), dtype=np.float32)
-        if not prompts:
-            return out
-        if self._llm is None:
-            self._llm = self._engine(self._hidden_state_options())
-        if self.layer_index == self.num_layers:
-            results = self._llm.embed(prompts, use_tqdm=False)
-            for i, result in enumerate(results):
-                out[i] = self._checked_row(np.asarray(result.outputs.embedding, np.float32), i)
-        else:
-            sampling = self._vllm.SamplingParams(max_tokens=1)
-            results = self._llm.generate(prompts, sampling, use_tqdm=False)
-            for i, result in enumerate(results):
-                path = (result.kv_transfer_params or {}).get("hidden_states_path")
-                if not path:
-                    raise LLMError(f"vLLM returned no hidden states for prompt {i}")
-                saved = self._load_extracted(path)
-                for leftover in (path, path + ".lock"):
-                    Path(leftover).unlink(missing_ok=True)
-                states = np.asarray(saved["hidden_states"].float().cpu().numpy())[:, 0]
-                if len(states) != len(prompts[i]["prompt_token_ids"]):
-                    raise LLMError(f"vLLM returned states for {len(states)} tokens of prompt {i}, "
-                                   f"which has {len(prompts[i]['prompt_token_ids'])}")
-                out[i] = self._checked_row(pool_token_states(states, self.spec.pooling), i)
-        return _check_finite(out, f"vLLM model {self.spec.model}")
-
-    def _checked_row(self, row: np.ndarray, i: int) -> np.ndarray:
-        if row.shape != (self.hidden_size,):
-            raise LLMError(f"vLLM returned a vector of shape {row.shape} for prompt {i}; "
-                           f"expected ({self.hidden_size},)")
-        return row
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
-                 temperature: float = 0.0) -> list[str]:
-        if self._generator is None:
-            options = {"model": os.path.expanduser(self.spec.model),
-                       "dtype": _resolve_dtype(self.spec, "cuda"),
-                       "max_model_len": self.spec.max_length, "seed": 0}
-            self._generator = self._engine(options)
-        sampling = self._vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature)
-        results = self._generator.generate(self._token_prompts(prompts), sampling, use_tqdm=False)
-        return [r.outputs[0].text for r in results]
-
-
-# ----------------------------------------------------------------------------------------------
 # Entry points
 # ----------------------------------------------------------------------------------------------
 
 
-def make_backend(spec: LLMSpec, *, hidden_states: bool = True) -> LLMBackend:
+def make_backend(spec: LLMSpec, *, hidden_states: bool = True,
+                 engine_options: dict[str, Any] | None = None) -> LLMBackend:
     """Load the model ``spec`` names with its backend (once; reuse the returned object).
 
     ``hidden_states=False`` is for generation-only users (LLM play): the vLLM backend then does not
-    start its hidden-state engine up front (transformers uses one model for both anyway)."""
+    start its hidden-state engine up front (transformers uses one model for both anyway).
+    ``engine_options`` go to the GPU engine's constructor as they are (e.g. ``load_format="dummy"``
+    for throughput checks with random weights); the transformers backend takes none."""
     spec.validate()
     if spec.backend == "vllm":
-        return VLLMBackend(spec, hidden_states=hidden_states)
+        from utils.llm.vllm_engine import VLLMBackend
+
+        return VLLMBackend(spec, hidden_states=hidden_states, engine_options=engine_options)
+    if spec.backend == "sglang":
+        from utils.llm.sglang_engine import SGLangBackend
+
+        return SGLangBackend(spec, hidden_states=hidden_states, engine_options=engine_options)
+    if engine_options:
+        raise LLMError(f"engine options {sorted(engine_options)} are for the vllm and sglang "
+                       "backends; the transformers backend takes none")
     return TransformersBackend(spec)
 
 
@@ -583,3 +575,63 @@ def observation_features(backend: LLMBackend, obs: np.ndarray, env_name: str, *,
     texts = render_texts(obs, env_name)
     states = backend.hidden_states(texts)
     return (states, texts) if return_texts else states
+
+
+def pool_token_states(states: np.ndarray, pooling: str) -> np.ndarray:
+    """[tokens, D] -> float32 [D] by the spec's pooling rule (for engines that return every token)."""
+    states = np.asarray(states, dtype=np.float32)
+    return states[-1] if pooling == "last" else states.mean(axis=0, dtype=np.float32)
+
+
+def check_not_unit_norm(rows: np.ndarray, engine: str) -> None:
+    """Raise when every row has L2 norm 1: the engine normalised the states (an embedding
+    default) and they would not equal the transformers backend's. Raw hidden states of a real
+    model have norms far from 1 (the final RMS norm alone gives about sqrt(hidden_size))."""
+    norms = np.linalg.norm(np.asarray(rows, dtype=np.float64), axis=1)
+    if len(norms) and np.allclose(norms, 1.0, atol=1e-3):
+        raise LLMError(f"{engine} returned unit-norm hidden states (L2-normalised embeddings): the "
+                       "installed version has a normalisation switch this code does not turn off; "
+                       "use --backend transformers or another engine version")
+
+
+def shm_dir() -> str | None:
+    """/dev/shm when it is a writable folder (files there never touch a disk), else None (the
+    system temp folder)."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def param_names(obj) -> list[str]:
+    """Parameter names of a callable, dataclass or msgspec struct, to ask the *installed* engine
+    which switches it has instead of assuming one release's API."""
+    if dataclasses.is_dataclass(obj):
+        return [f.name for f in dataclasses.fields(obj)]
+    fields = getattr(obj, "__struct_fields__", None)
+    if fields is not None:
+        return list(fields)
+    try:
+        return list(inspect.signature(obj).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def engine_memory_fraction(env_name: str) -> float | None:
+    """A GPU memory share from ``env_name`` (when one process runs several engines)."""
+    value = os.environ.get(env_name)
+    if not value:
+        return None
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction <= 1:
+        raise LLMError(f"{env_name}={value!r} is not a fraction in (0, 1]")
+    return fraction
+
+
+from utils.llm.vllm_engine import (  # noqa: E402  (re-exported: one import path for callers)
+    VLLMBackend, require_vllm, vllm_engine_options, vllm_pooler_options, vllm_pooling_switches,
+)
+from utils.llm.sglang_engine import (  # noqa: E402
+    SGLangBackend, require_sglang, sglang_engine_options, sglang_prompt_states,
+)
