@@ -29,6 +29,11 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:09d}.pt"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The update a checkpoint file was saved at, from its name (no need to load it)."""
+    return int(_NAME_RE.match(path.name).group(1))
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` (plus the format version) atomically: a crash leaves the old file or none."""
     buffer = io.BytesIO()

@@ -16,22 +16,19 @@ import dataclasses
 import json
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 
-from offline_rl.checkpoint import CheckpointDir, load_checkpoint
+from offline_rl.checkpoint import CheckpointDir, checkpoint_step, load_checkpoint
 from offline_rl.data import BatchLoader, DataSpec, feature_stats, open_dataset
 from offline_rl.networks import NetworkSpec, PolicyNetwork, build_network, resolve_device
 from utils.config import RunConfig, to_dict
 from utils.errors import UserError
-from utils.io import atomic_write_json, read_jsonl
-from utils.logger import MetricsLogger
-from utils.plotting import plot_learning_curve
-from utils.run_dir import open_run_dir, resolve_run_dir
+from utils.io import read_jsonl
+from utils.training import ChunkOutput, HostLoop
 from utils.trajectories import TrajectoryDataset
 
 AREA = "offline_rl"
@@ -138,27 +135,35 @@ def _clip_per_group(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
             torch.nn.utils.clip_grad_norm_(group["params"], max_norm)
 
 
-class _Window:
-    """Per-seed sums of metrics between two log rows, kept as tensors so that a GPU is not
-    synchronised every update."""
+@dataclasses.dataclass
+class OfflineCarry:
+    """What the host loop carries and checkpoints: the seeds' networks and optimisers (updated in place)
+    and the position in the data (epoch, batch within it, updates so far)."""
 
-    def __init__(self, seeds: int):
-        self.seeds = seeds
-        self.reset()
+    models: list[PolicyNetwork]
+    optimizers: list[torch.optim.Optimizer]
+    position: dict[str, int]
 
-    def reset(self) -> None:
-        self.sums: dict[str, list] = {}
-        self.updates = 0
-        self.wait = 0.0
-        self.started = time.perf_counter()
 
-    def add(self, seed_index: int, metrics: dict[str, torch.Tensor]) -> None:
-        for key, value in metrics.items():
-            sums = self.sums.setdefault(key, [0.0] * self.seeds)
-            sums[seed_index] = sums[seed_index] + value.detach()
+class TorchCheckpoints:
+    """The checkpoint store :class:`utils.training.HostLoop` expects, over self-describing PyTorch files."""
 
-    def means(self) -> dict[str, np.ndarray]:
-        return {k: np.array([float(v) for v in sums]) / max(1, self.updates) for k, sums in self.sums.items()}
+    def __init__(self, directory: Path, payload: Callable[[OfflineCarry], dict[str, Any]], device: torch.device):
+        self.files, self.payload, self.device = CheckpointDir(directory), payload, device
+
+    def latest_step(self) -> int | None:
+        latest = self.files.latest()
+        return None if latest is None else checkpoint_step(latest)
+
+    def restore(self, step: int, carry: OfflineCarry) -> tuple[OfflineCarry, dict]:
+        position = _restore(self.files.latest(), carry.models, carry.optimizers, self.device)
+        return dataclasses.replace(carry, position=position), {}
+
+    def save(self, step: int, carry: OfflineCarry, meta: dict) -> None:
+        self.files.save(step, self.payload(carry))
+
+    def close(self) -> None:
+        pass
 
 
 def train(cfg: OfflineConfig, algorithm: OfflineAlgorithm, stop_after_updates: int | None = None) -> dict:
@@ -173,92 +178,119 @@ def train(cfg: OfflineConfig, algorithm: OfflineAlgorithm, stop_after_updates: i
     device = resolve_device(cfg.device)
     # The loader (workers, or one thread when num_workers is 0) keeps at least one core busy.
     torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) - max(1, cfg.num_workers)))
-    run_dir = resolve_run_dir(cfg, AREA, algorithm.name)
-    open_run_dir(cfg, run_dir)
-    checkpoints = CheckpointDir(run_dir / "checkpoints")
 
     net_spec = NetworkSpec(obs_shape=spec.obs_shape, num_actions=spec.num_actions,
                            feature_dim=spec.feature_dim, width=cfg.layer_width, depth=cfg.num_layers,
                            activation=cfg.activation, critic=algorithm.critic)
     models = [build_network(net_spec, cfg.seed + i).to(device) for i in range(cfg.num_seeds)]
-    optimizers = [algorithm.make_optimizer(m) for m in models]
-    latest = checkpoints.latest()
-    position = _restore(latest, models, optimizers, device) if latest else _initialise(cfg, dataset, spec, models)
-    facts = algorithm.prepare(dataset, spec)
+    carry = OfflineCarry(models, [algorithm.make_optimizer(m) for m in models],
+                         {"step": 0, "epoch": 0, "batch_in_epoch": 0})
 
-    def checkpoint_payload() -> dict[str, Any]:
+    def checkpoint_payload(carry: OfflineCarry) -> dict[str, Any]:
         return {
             "algo": algorithm.name, "config": to_dict(cfg), "env_name": spec.env_name,
             "obs_encoding": spec.obs_encoding, "num_actions": spec.num_actions,
             "features": spec.features, "labels": spec.labels, "network": net_spec.to_dict(),
             "dataset": {"directory": spec.directory, "transitions": spec.num_transitions},
-            "models": [m.state_dict() for m in models],
-            "optimizers": [o.state_dict() for o in optimizers],
-            "position": dict(position), "torch_rng": torch.get_rng_state(),
+            "models": [m.state_dict() for m in carry.models],
+            "optimizers": [o.state_dict() for o in carry.optimizers],
+            "position": dict(carry.position), "torch_rng": torch.get_rng_state(),
         }
 
-    logger = MetricsLogger(run_dir, config=to_dict(cfg), resume_step=position["step"] if latest else None,
-                           tensorboard=cfg.tensorboard, wandb_mode=cfg.wandb, wandb_project=cfg.wandb_project)
+    loop = HostLoop(cfg, AREA, algorithm.name, steps_per_update=1, total_updates=cfg.total_steps,
+                    achievement_names=(), env_steps=False,
+                    checkpointer=lambda folder: TorchCheckpoints(folder, checkpoint_payload, device),
+                    curve_key="loss/actor", curve_title=f"{algorithm.name} on {cfg.env} ({Path(spec.directory).name})")
+    if not loop.resuming:
+        _initialise(cfg, dataset, spec, models)
+    carry = loop.restore(carry)
+    if loop.resuming and not algorithm.exact_resume and loop.start_update < cfg.total_steps:
+        loop.say("(targets are recomputed with the restored critic)")
+    facts = algorithm.prepare(dataset, spec)
     loader = BatchLoader(spec, batch_size=cfg.batch_size * cfg.num_seeds, seed=cfg.seed,
                          num_workers=cfg.num_workers, shards_in_memory=cfg.shards_in_memory,
                          prefetch=cfg.prefetch, pin_memory=device.type == "cuda")
-    progress = _progress(cfg, algorithm.name, position["step"])
-    if latest is not None and position["step"] < cfg.total_steps:
-        _say(progress, f"resuming {run_dir} from update {position['step']}"
-             + ("" if algorithm.exact_resume else " (targets recomputed with the restored critic)"))
+    epoch = _EpochIterator(cfg, algorithm, dataset, spec, loader, device)
 
-    def start_epoch(skip: int):
-        arrays, mask = algorithm.epoch_rows(dataset, spec, models)
-        rows = int(mask.sum()) if mask is not None else spec.num_transitions
-        return loader.epoch(position["epoch"], arrays, mask, skip=skip), rows
-
-    window = _Window(cfg.num_seeds)
-    batches = None
-    epoch_rows = spec.num_transitions
-    try:
-        while position["step"] < cfg.total_steps:
-            if stop_after_updates is not None and position["step"] >= stop_after_updates:
-                break
-            if batches is None:
-                batches, epoch_rows = start_epoch(position["batch_in_epoch"])
-            waited = time.perf_counter()
-            batch = next(batches, None)
-            window.wait += time.perf_counter() - waited
-            if batch is None:
-                if position["batch_in_epoch"] == 0:
-                    raise UserError(f"{spec.directory}: an epoch has {epoch_rows} usable rows, fewer than "
-                                    f"--batch-size x --num-seeds = {cfg.batch_size * cfg.num_seeds}; "
-                                    "lower the batch size or use more data")
-                position["epoch"] += 1
-                position["batch_in_epoch"] = 0
-                batches = None
-                continue
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            for i, (model, optimizer) in enumerate(zip(models, optimizers)):
+    def train_chunk(carry: OfflineCarry, length: int) -> ChunkOutput:
+        started, position = time.perf_counter(), carry.position
+        sums: dict[str, list] = {}
+        waited = 0.0
+        for _ in range(length):
+            start_wait = time.perf_counter()
+            batch = epoch.next_batch(carry)
+            waited += time.perf_counter() - start_wait
+            for i, (model, optimizer) in enumerate(zip(carry.models, carry.optimizers)):
                 loss, metrics = algorithm.update(model, _seed_slice(batch, i, cfg.batch_size))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 _clip_per_group(optimizer, cfg.max_grad_norm)
                 optimizer.step()
-                window.add(i, metrics)
-            window.updates += 1
+                for key, value in metrics.items():  # tensors: a GPU is not synchronised every update
+                    per_seed = sums.setdefault(key, [0.0] * cfg.num_seeds)
+                    per_seed[i] = per_seed[i] + value.detach()
             position["step"] += 1
             position["batch_in_epoch"] += 1
-            step = position["step"]
-            if step % cfg.log_every == 0 or step == cfg.total_steps:
-                _log_window(logger, progress, window, cfg, step, position, epoch_rows)
-            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-                checkpoints.save(step, checkpoint_payload())
+        seconds = time.perf_counter() - started
+        losses = {k: np.array([float(v) for v in per_seed]) / length for k, per_seed in sums.items()}
+        perf = {"perf/sps": length * cfg.batch_size * cfg.num_seeds / max(seconds, 1e-9),
+                "perf/loader_wait_fraction": waited / max(seconds, 1e-9),
+                "perf/epoch": position["epoch"] + position["batch_in_epoch"] * cfg.batch_size * cfg.num_seeds
+                / max(1, epoch.rows)}
+        return ChunkOutput(carry, None, losses, perf)
+
+    evaluation: dict | None = None
+
+    def evaluate(carry: OfflineCarry, _key) -> dict:
+        nonlocal evaluation
+        evaluation = _final_evaluation(cfg, loop.run_dir, checkpoint_payload(carry))
+        return {} if evaluation is None else evaluation["metrics"]
+
+    def summary_fields() -> dict:
+        rows = read_jsonl(loop.logger.path) if loop.logger.path.exists() else []
+        result = evaluation or _saved_evaluation(loop.run_dir)
+        return {
+            "dataset": spec.directory, "dataset_transitions": spec.num_transitions, "features": cfg.features,
+            "transitions_per_seed": carry.position["step"] * cfg.batch_size,
+            "epochs": next((r["perf/epoch"] for r in reversed(rows) if "perf/epoch" in r), 0.0), **facts,
+            "final": _tail_means(rows), "eval": result["summary"] if result else None,
+        }
+
+    try:
+        result = loop.run(carry, train_chunk, updates_per_chunk=cfg.log_every, evaluate=evaluate,
+                          summary_fields=summary_fields, stop_after_updates=stop_after_updates)
     finally:
         loader.close()
-        if progress is not None:
-            progress.close()
-    complete = position["step"] >= cfg.total_steps  # else stopped as if killed: resumes from the last checkpoint
+    return {"summary": result["summary"], "run_dir": result["run_dir"], "models": models}
 
-    evaluation = _final_evaluation(cfg, run_dir, checkpoints, logger, complete)
-    logger.close()
-    summary = _write_summary(cfg, algorithm.name, run_dir, spec, position, complete, facts, evaluation)
-    return {"summary": summary, "run_dir": run_dir, "models": models}
+
+class _EpochIterator:
+    """Batches in data order across epochs, resumable at (epoch, batch within it); moved to the device."""
+
+    def __init__(self, cfg: OfflineConfig, algorithm: OfflineAlgorithm, dataset: TrajectoryDataset,
+                 spec: DataSpec, loader: BatchLoader, device: torch.device):
+        self.cfg, self.algorithm, self.dataset, self.spec = cfg, algorithm, dataset, spec
+        self.loader, self.device = loader, device
+        self.batches = None
+        self.rows = spec.num_transitions
+
+    def next_batch(self, carry: OfflineCarry) -> dict[str, torch.Tensor]:
+        position = carry.position
+        while True:
+            if self.batches is None:
+                arrays, mask = self.algorithm.epoch_rows(self.dataset, self.spec, carry.models)
+                self.rows = int(mask.sum()) if mask is not None else self.spec.num_transitions
+                self.batches = self.loader.epoch(position["epoch"], arrays, mask, skip=position["batch_in_epoch"])
+            batch = next(self.batches, None)
+            if batch is not None:
+                return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            if position["batch_in_epoch"] == 0:
+                raise UserError(f"{self.spec.directory}: an epoch has {self.rows} usable rows, fewer than "
+                                f"--batch-size x --num-seeds = {self.cfg.batch_size * self.cfg.num_seeds}; "
+                                "lower the batch size or use more data")
+            position["epoch"] += 1
+            position["batch_in_epoch"] = 0
+            self.batches = None
 
 
 def run_cli(config_cls: type, algorithm_cls: type, algo: str, argv: list[str] | None = None) -> dict:
@@ -297,56 +329,24 @@ def _restore(path: Path, models: list[PolicyNetwork], optimizers: list[torch.opt
     return dict(payload["position"])
 
 
-def _progress(cfg: OfflineConfig, name: str, initial: int):
-    if not cfg.progress:
+def _final_evaluation(cfg: OfflineConfig, run_dir: Path, payload: dict[str, Any]) -> dict | None:
+    """Evaluate the final policies once (``eval.json``); a re-run of a finished run keeps the earlier result."""
+    if cfg.eval_episodes <= 0:
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.total_steps, initial=initial, unit="update", dynamic_ncols=True,
-                desc=f"{name} {cfg.env}")
-
-
-def _say(progress, message: str) -> None:
-    if progress is not None:
-        progress.write(message)
-    else:
-        print(message)
-
-
-def _log_window(logger: MetricsLogger, progress, window: _Window, cfg: OfflineConfig, step: int,
-                position: dict[str, int], epoch_rows: int) -> None:
-    seconds = time.perf_counter() - window.started
-    metrics: dict[str, Any] = dict(window.means())
-    metrics["perf/sps"] = window.updates * cfg.batch_size * cfg.num_seeds / max(seconds, 1e-9)
-    metrics["perf/loader_wait_fraction"] = window.wait / max(seconds, 1e-9)
-    metrics["perf/epoch"] = position["epoch"] + position["batch_in_epoch"] * cfg.batch_size * cfg.num_seeds / max(1, epoch_rows)
-    row = logger.log(step, metrics)
-    if progress is not None:
-        progress.update(step - progress.n)
-        actor = row.get("loss/actor")
-        if isinstance(actor, list) and actor and actor[0] is not None:
-            progress.set_postfix(actor=f"{float(np.mean(actor)):.3f}", sps=f"{metrics['perf/sps']:.0f}",
-                                 refresh=False)
-    window.reset()
-
-
-def _final_evaluation(cfg: OfflineConfig, run_dir: Path, checkpoints: CheckpointDir,
-                      logger: MetricsLogger, complete: bool) -> dict | None:
-    """Evaluate the final policies once; a re-run of a finished run keeps the earlier result."""
-    eval_path = run_dir / "eval.json"
-    if not complete or cfg.eval_episodes <= 0:
-        return None
-    if eval_path.exists():
-        return json.loads(eval_path.read_text())
+    saved = _saved_evaluation(run_dir)
+    if saved is not None:
+        return saved
     from offline_rl.evaluate import evaluate_payload, write_eval
 
-    result = evaluate_payload(load_checkpoint(checkpoints.latest()), episodes=cfg.eval_episodes,
-                              max_steps=cfg.eval_max_steps, seed=cfg.seed + 10_000,
-                              progress=cfg.progress, device=cfg.device)
-    write_eval(eval_path, result)
-    logger.log(cfg.total_steps, result["metrics"])
+    result = evaluate_payload(payload, episodes=cfg.eval_episodes, max_steps=cfg.eval_max_steps,
+                              seed=cfg.seed + 10_000, progress=cfg.progress, device=cfg.device)
+    write_eval(run_dir / "eval.json", result)
     return result
 
+
+def _saved_evaluation(run_dir: Path) -> dict | None:
+    path = run_dir / "eval.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 def _tail_means(rows: list[dict], fraction: float = 0.1) -> dict[str, Any]:
     """Mean of each ``loss/`` and ``perf/`` metric over the last ``fraction`` of rows, per seed and overall."""
@@ -364,23 +364,3 @@ def _tail_means(rows: list[dict], fraction: float = 0.1) -> dict[str, Any]:
             per_seed = np.nanmean(values, axis=0)
             result[key] = {"mean": float(np.nanmean(per_seed)), "per_seed": per_seed.tolist()}
     return result
-
-
-def _write_summary(cfg: OfflineConfig, algo: str, run_dir: Path, spec: DataSpec, position: dict[str, int],
-                   complete: bool, facts: dict[str, Any], evaluation: dict | None) -> dict:
-    metrics_path = run_dir / "metrics.jsonl"
-    rows = read_jsonl(metrics_path) if metrics_path.exists() else []
-    summary = {
-        "area": AREA, "algo": algo, "env": cfg.env, "dataset": spec.directory,
-        "dataset_transitions": spec.num_transitions, "features": cfg.features,
-        "complete": complete, "updates": position["step"], "num_seeds": cfg.num_seeds,
-        "transitions_per_seed": position["step"] * cfg.batch_size,
-        "epochs": next((r["perf/epoch"] for r in reversed(rows) if "perf/epoch" in r), 0.0), **facts,
-        "final": _tail_means(rows),
-        "eval": evaluation["summary"] if evaluation else None,
-    }
-    atomic_write_json(run_dir / "summary.json", summary)
-    if rows:
-        plot_learning_curve(metrics_path, run_dir / "learning_curve.png", key="loss/actor",
-                            title=f"{algo} on {cfg.env} ({Path(spec.directory).name})")
-    return summary

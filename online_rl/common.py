@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -24,7 +23,7 @@ from utils.evaluation import Policy
 from utils.config import RunConfig
 from utils.errors import UserError
 from utils import training
-from utils.training import HostLoop, init_per_seed
+from utils.training import ChunkOutput, HostLoop, init_per_seed
 
 
 @dataclasses.dataclass
@@ -246,32 +245,26 @@ def run_training(cfg: PPOFamilyConfig, area: str, algo: str,
 
     run_chunk = jax.jit(jax.vmap(lambda c: algorithm.train_chunk(c, length)))
     run_eval = jax.jit(jax.vmap(make_evaluate(cfg, algorithm.policy)))
-    eval_key = jax.random.PRNGKey(cfg.seed + 10_000)
 
-    def maybe_evaluate(update: int, final: bool) -> dict:
-        if not final and not (cfg.eval_every and update % cfg.eval_every == 0):
-            return {}
-        keys = jax.random.split(jax.random.fold_in(eval_key, update), cfg.num_seeds)
-        return loop.eval_metrics(jax.device_get(run_eval(carry.params, keys)))
-
-    update = loop.start_update
-    while update < total_updates:
-        if stop_after_updates is not None and update >= stop_after_updates:
-            break
-        start = time.perf_counter()
+    def train_chunk(carry, _length: int) -> ChunkOutput:
         carry, (stats, losses), rollout = run_chunk(carry)
         stats, losses = jax.device_get((stats, losses))
-        update += length
-        if writer is not None and update % cfg.save_every == 0:
-            writer.write_rollout_async(**rollout_for_writer(rollout, update - 1))
-        evals = maybe_evaluate(update, final=update >= total_updates)
-        loop.after_chunk(update, stats, losses, evals, seconds=time.perf_counter() - start)
-        loop.maybe_checkpoint(update, carry, final=update >= total_updates)
+        return ChunkOutput(carry, stats, losses, saved=rollout)
 
-    if writer is not None:
-        writer.close()
-    summary = loop.finish(update, carry, final=update >= total_updates)
-    return {"summary": summary, "carry": carry, "run_dir": loop.run_dir}
+    def save_rollout(update: int, output: ChunkOutput) -> None:
+        if writer is not None and update % cfg.save_every == 0:
+            writer.write_rollout_async(**rollout_for_writer(output.saved, update - 1))
+
+    def evaluate(carry, key) -> dict:
+        keys = jax.random.split(key, cfg.num_seeds)
+        return loop.eval_metrics(jax.device_get(run_eval(carry.params, keys)))
+
+    try:
+        return loop.run(carry, train_chunk, updates_per_chunk=length, evaluate=evaluate, eval_every=cfg.eval_every,
+                        after_chunk=save_rollout, stop_after_updates=stop_after_updates)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def run_main(config_cls: type, area: str, algo: str, train: Callable, argv: list[str] | None) -> dict:

@@ -106,8 +106,8 @@ def projection_features(dim: int = 6, seed: int = 1):
 def config(cls, tmp_path: Path, dataset: Path, name: str = "run", **overrides):
     algo = "awr" if cls is AWRConfig else "bc"
     cfg = apply_presets(cls(), ["debug"], load_presets("offline_rl", algo), "debug")
-    return dataclasses.replace(cfg, dataset=str(dataset), run_dir=str(tmp_path / name), progress=False,
-                               eval_episodes=0, **overrides)
+    return dataclasses.replace(cfg, **{"dataset": str(dataset), "run_dir": str(tmp_path / name),
+                                       "progress": False, "eval_episodes": 0, **overrides})
 
 
 def greedy_actions(model, obs: np.ndarray) -> np.ndarray:
@@ -367,7 +367,8 @@ def test_filtered_bc_clones_only_the_best_episodes(tmp_path):
 def test_checkpoint_is_self_describing_and_a_killed_run_resumes_exactly(tmp_path):
     scripted_dataset(tmp_path / "data", rows=1024)
     add_labels(tmp_path / "data", projection_features())
-    kwargs = dict(features="hidden_state", num_seeds=2, total_steps=40, log_every=10, checkpoint_every=10)
+    # killed at 25, between checkpoints 20 and 30: the resumed run redoes 5 updates from checkpoint 20
+    kwargs = dict(features="hidden_state", num_seeds=2, total_steps=40, log_every=5, checkpoint_every=10)
     full = train(cfg := config(AWRConfig, tmp_path, tmp_path / "data", "full", **kwargs), AWR(cfg))
     killed_cfg = config(AWRConfig, tmp_path, tmp_path / "data", "killed", **kwargs)
     partial = train(killed_cfg, AWR(killed_cfg), stop_after_updates=25)
@@ -455,6 +456,21 @@ def test_evaluate_runs_a_checkpoint_in_the_game_and_writes_eval_json_and_gif(tmp
 
     frames = imageio.mimread(tmp_path / "episode.gif")
     assert len(frames) >= 2 and frames[0].shape[-1] in (3, 4) and frames[0].shape[0] > 100
+
+
+def test_training_ends_with_one_evaluation_in_the_game_that_a_rerun_keeps(tmp_path, classic_rollout):
+    classic_dataset(tmp_path / "data", classic_rollout)
+    kwargs = dict(num_seeds=2, eval_episodes=2, eval_max_steps=30)
+    first = train(cfg := config(BCConfig, tmp_path, tmp_path / "data", **kwargs), BC(cfg))
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert first["summary"]["eval"] == saved["summary"] and saved["summary"]["episodes_per_seed"] == 2
+    last = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert last["step"] == cfg.total_steps and len(last["eval/return"]) == 2, "eval rides on the final row"
+    assert "env_steps_per_seed" not in first["summary"] and first["summary"]["transitions_per_seed"] > 0
+    (tmp_path / "run" / "eval.json").write_text(json.dumps({**saved, "summary": {**saved["summary"], "mark": 1}}))
+    again = train(cfg, BC(cfg))
+    assert again["summary"]["eval"]["mark"] == 1, "a finished run is not evaluated again"
+    assert again["summary"]["final"] == first["summary"]["final"]
 
 
 def test_policy_with_llm_features_is_evaluated_with_live_features_from_the_labelling_path(

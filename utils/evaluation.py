@@ -5,14 +5,54 @@ and its own recurrent state (``()`` for memoryless agents), and how that state r
 episode ended. The result holds, per env, whether its episode finished within ``max_steps`` and the
 episode's return, length, achievements and env-specific metrics; ``HostLoop.eval_metrics`` turns it
 into ``eval/...`` metrics.
+
+Agents whose evaluation cannot be one compiled loop (PPO-LLM refreshes features on the host between
+segments; offline policies act in PyTorch) keep the same bookkeeping through :class:`FirstEpisodes`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class FirstEpisodes:
+    """Each env's first episode, recorded at its first ``done``; later episodes of that env are ignored.
+
+    Evaluation runs one episode per env, but envs that finish early keep stepping (the batch steps
+    together), so only the first episode of each may count. Works inside ``jit`` and on the host alike.
+    """
+
+    finished: jax.Array  # [n] bool
+    ret: jax.Array
+    length: jax.Array
+    achievements: jax.Array  # [n, A]
+    metrics: dict  # name -> [n]
+
+    @classmethod
+    def start(cls, num_envs: int, num_achievements: int, metric_names: Sequence[str]) -> "FirstEpisodes":
+        zeros = jnp.zeros(num_envs)
+        return cls(jnp.zeros(num_envs, bool), zeros, zeros, jnp.zeros((num_envs, num_achievements)),
+                   {k: zeros for k in metric_names})
+
+    def record(self, done: jax.Array, info: dict) -> "FirstEpisodes":
+        first = done & ~self.finished
+        keep = lambda new, old: jnp.where(first.reshape(first.shape + (1,) * (old.ndim - 1)), new, old)
+        return FirstEpisodes(
+            finished=self.finished | done, ret=keep(info["episode_return"], self.ret),
+            length=keep(info["episode_length"], self.length),
+            achievements=keep(info["achievements"], self.achievements),
+            metrics={k: keep(info["episode_metrics"][k], v) for k, v in self.metrics.items()},
+        )
+
+    def result(self) -> dict:
+        """The layout ``HostLoop.eval_metrics`` reads."""
+        return {"finished": self.finished, "return": self.ret, "length": self.length,
+                "achievements": self.achievements, "episode_metrics": self.metrics}
 
 
 class Policy(NamedTuple):
@@ -33,29 +73,18 @@ def make_evaluate(env_name: str, num_envs: int, policy: Policy, *, max_steps: in
         key, reset_key = jax.random.split(key)
         obs, state = env.reset(reset_key)
         init = dict(key=key, obs=obs, state=state, policy=policy.initial_state(n), t=jnp.int32(0),
-                    finished=jnp.zeros(n, bool), ret=jnp.zeros(n), length=jnp.zeros(n),
-                    achievements=jnp.zeros((n, len(env.achievement_names))),
-                    metrics={k: jnp.zeros(n) for k in metric_names})
+                    episodes=FirstEpisodes.start(n, len(env.achievement_names), metric_names))
 
         def running(c):
-            return (~c["finished"].all()) & (c["t"] < max_steps)
+            return (~c["episodes"].finished.all()) & (c["t"] < max_steps)
 
         def step(c):
             key, action_key, step_key = jax.random.split(c["key"], 3)
             action, policy_state = policy.act(params, c["obs"], c["policy"], action_key)
             obs, state, _, done, info = env.step(step_key, c["state"], action)
-            first = done & ~c["finished"]
-            keep = lambda new, old: jnp.where(first.reshape(first.shape + (1,) * (old.ndim - 1)), new, old)
-            return dict(
-                key=key, obs=obs, state=state, policy=policy.on_done(policy_state, done), t=c["t"] + 1,
-                finished=c["finished"] | done, ret=keep(info["episode_return"], c["ret"]),
-                length=keep(info["episode_length"], c["length"]),
-                achievements=keep(info["achievements"], c["achievements"]),
-                metrics={k: keep(info["episode_metrics"][k], v) for k, v in c["metrics"].items()},
-            )
+            return dict(key=key, obs=obs, state=state, policy=policy.on_done(policy_state, done), t=c["t"] + 1,
+                        episodes=c["episodes"].record(done, info))
 
-        c = jax.lax.while_loop(running, step, init)
-        return {"finished": c["finished"], "return": c["ret"], "length": c["length"],
-                "achievements": c["achievements"], "episode_metrics": c["metrics"]}
+        return jax.lax.while_loop(running, step, init)["episodes"].result()
 
     return evaluate

@@ -1,9 +1,10 @@
-"""What every compiled training loop shares: episode statistics and the host loop between chunks.
+"""What every training entry point shares: episode statistics and the one host loop between chunks.
 
-Algorithms run their updates as compiled chunks; between chunks this host loop turns the chunk's
-summed statistics into per-seed metrics, logs them, moves the progress bar, checkpoints, and at the
-end writes ``summary.json`` and the learning curve. Resume is handled here once: the run folder, the
-checkpoint, the metrics file and a trajectory dataset are all rolled back to the same update.
+Every algorithm (PPO family, Dreamer, PPO-LLM, offline AWR/BC) hands :meth:`HostLoop.run` a function
+that trains one chunk of updates; the loop owns everything between chunks: per-seed metrics, the
+progress bar, the evaluation cadence, checkpoints, early stop, and at the end ``summary.json`` and the
+learning curve. Resume is handled here once: the run folder, the checkpoint, the metrics file and a
+trajectory dataset are all rolled back to the same update.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,12 @@ def episode_metrics(stats: EpisodeStats, achievement_names: Sequence[str]) -> di
     return metrics
 
 
+def per_seed_mean(values) -> np.ndarray:
+    """``[seeds, updates]`` -> ``[seeds]`` (mean over the chunk); ``[seeds]`` stays as it is."""
+    values = np.asarray(values)
+    return values.mean(1) if values.ndim > 1 else values
+
+
 def metric_key(name: str) -> str:
     """Logged name of an env-specific episode metric: plain names (Tetris ``lines``) go under
     ``episode/``; names that carry their own group (full Craftax's ``floors/...``) keep it."""
@@ -109,22 +116,46 @@ def weighted_final(rows: list[dict], fraction: float = 0.1) -> dict[str, Any]:
     return result
 
 
+class ChunkOutput(NamedTuple):
+    """What one chunk of training hands back to :meth:`HostLoop.run` (host arrays, per seed).
+
+    ``stats``: episode sums ``[seeds, updates]`` (None for algorithms without episodes: offline RL).
+    ``losses``: ``[seeds, updates]`` (averaged over the chunk) or ``[seeds]``. ``metrics``: anything
+    else for the row as logged (``perf/...`` figures only the algorithm can measure); it wins over the
+    loop's own figures of the same name. ``saved``: what the chunk kept for ``after_chunk`` (the last
+    rollout, for trajectory datasets).
+    """
+
+    carry: Any
+    stats: EpisodeStats | None
+    losses: dict
+    metrics: dict = {}
+    saved: Any = None
+
+
 class HostLoop:
-    """Run-folder, logging, progress, checkpoint and resume logic around compiled chunks."""
+    """Run-folder, logging, progress, evaluation, checkpoint and resume logic around chunks of updates.
+
+    ``steps_per_update``: env steps one update takes per seed (the ``step`` of a metrics row counts
+    them); offline RL takes none and passes 1 with ``env_steps=False``, so rows count updates.
+    ``checkpointer``: builds the checkpoint store from the run's ``checkpoints/`` folder (default: the
+    Orbax :class:`Checkpointer`; anything with ``latest_step``, ``restore``, ``save`` and ``close``).
+    ``curve_key``/``curve_title``: what ``learning_curve.png`` shows.
+    """
 
     def __init__(self, cfg: Any, area: str, algo: str, *, steps_per_update: int, total_updates: int,
-                 achievement_names: Sequence[str]):
-        from utils import envs
-
-        if cfg.env not in envs.ENV_NAMES:
-            raise envs.UnknownEnvError(f"unknown env {cfg.env!r}; valid names: {', '.join(envs.ENV_NAMES)}")
+                 achievement_names: Sequence[str], env_steps: bool = True,
+                 checkpointer: Callable[[Path], Any] = Checkpointer, curve_key: str = "episode/return",
+                 curve_title: str | None = None):
         self.cfg, self.area, self.algo = cfg, area, algo
+        self.curve_key, self.curve_title = curve_key, curve_title or f"{algo} on {cfg.env}"
         self.steps_per_update = steps_per_update
+        self.env_steps = env_steps
         self.total_updates = total_updates
         self.achievement_names = tuple(achievement_names)
         self.run_dir = resolve_run_dir(cfg, area, algo)
         open_run_dir(cfg, self.run_dir)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints")
+        self.checkpointer = checkpointer(self.run_dir / "checkpoints")
         latest = self.checkpointer.latest_step()
         self.start_update = int(latest) if latest is not None else 0
         self.resuming = latest is not None
@@ -141,12 +172,51 @@ class HostLoop:
         self._progress = self._open_progress()
         self.last_eval: dict = {}
 
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self, carry: Any, train_chunk: Callable[[Any, int], ChunkOutput], *, updates_per_chunk: int,
+            evaluate: Callable[[Any, jax.Array], dict] | None = None, eval_every: int = 0,
+            after_chunk: Callable[[int, ChunkOutput], None] | None = None,
+            summary_fields: Callable[[], dict] | None = None,
+            stop_after_updates: int | None = None) -> dict:
+        """Train from ``carry`` (already restored) to ``total_updates``; returns summary, carry and folder.
+
+        ``train_chunk(carry, length)`` runs ``length`` updates (``updates_per_chunk`` except for a last
+        partial chunk, which compiled algorithms avoid by rounding ``total_updates`` up).
+        ``evaluate(carry, key) -> eval metrics`` runs every ``eval_every`` updates and after the last
+        (its key depends only on the seed and the update, so a resumed run evaluates identically).
+        ``after_chunk(update, output)`` sees each chunk before it is logged (saving trajectories).
+        ``summary_fields()`` adds to (or overrides) ``summary.json``'s fields; it runs after the metrics
+        file is closed. ``stop_after_updates`` ends the loop early as if the process had been killed
+        there (for tests; at the first chunk boundary at or past it).
+        """
+        eval_key = jax.random.PRNGKey(self.cfg.seed + 10_000)
+        update = self.start_update
+        while update < self.total_updates:
+            if stop_after_updates is not None and update >= stop_after_updates:
+                break
+            length = min(updates_per_chunk - update % updates_per_chunk, self.total_updates - update)
+            start = time.perf_counter()
+            output = train_chunk(carry, length)
+            carry = output.carry
+            update += length
+            final = update >= self.total_updates
+            if after_chunk is not None:
+                after_chunk(update, output)
+            evals = {}
+            if evaluate is not None and (final or (eval_every and update % eval_every == 0)):
+                evals = evaluate(carry, jax.random.fold_in(eval_key, update))
+            self.after_chunk(update, output.stats, output.losses, {**evals, **output.metrics},
+                             seconds=time.perf_counter() - start, chunk_updates=length)
+            self.maybe_checkpoint(update, carry, final=final)
+        summary = self.finish(update, carry, final=update >= self.total_updates, extra=summary_fields)
+        return {"summary": summary, "carry": carry, "run_dir": self.run_dir}
+
     # -- resume -----------------------------------------------------------------------------------
     def restore(self, carry: Any) -> Any:
         if not self.resuming:
             return carry
         carry, _ = self.checkpointer.restore(self.start_update, carry)
-        self._write(f"resuming {self.run_dir} from update {self.start_update}")
+        self.say(f"resuming {self.run_dir} from update {self.start_update}")
         return carry
 
     def open_trajectory_writer(self, env, directory: str | None, num_streams: int):
@@ -172,17 +242,19 @@ class HostLoop:
         )
 
     # -- between chunks ---------------------------------------------------------------------------
-    def after_chunk(self, update: int, stats: EpisodeStats, losses: dict, evals: dict, seconds: float) -> dict:
-        """Log one row for the chunk that just finished at ``update``."""
-        chunk_updates = np.asarray(stats.count).shape[1]
-        stats = jax.tree.map(lambda x: np.asarray(x).sum(1), stats)  # [seeds, chunk] -> [seeds]
-        metrics = episode_metrics(stats, self.achievement_names)
-        metrics.update({k: np.asarray(v).mean(1) for k, v in losses.items()})
+    def after_chunk(self, update: int, stats: EpisodeStats | None, losses: dict, extra: dict, seconds: float,
+                    chunk_updates: int) -> dict:
+        """Log one row for the chunk of ``chunk_updates`` updates that just finished at ``update``."""
+        metrics = {}
+        if stats is not None:
+            stats = jax.tree.map(lambda x: np.asarray(x).sum(1), stats)  # [seeds, chunk] -> [seeds]
+            metrics.update(episode_metrics(stats, self.achievement_names))
+        metrics.update({k: per_seed_mean(v) for k, v in losses.items()})
         steps = self.cfg.num_seeds * chunk_updates * self.steps_per_update
         metrics["perf/sps"] = steps / max(seconds, 1e-9)
         metrics["perf/update"] = update
         metrics["perf/wall_seconds"] = time.perf_counter() - self._started
-        metrics.update(evals)
+        metrics.update(extra)
         row = self.logger.log(update * self.steps_per_update, metrics)
         self._advance_progress(update, row)
         return row
@@ -212,7 +284,7 @@ class HostLoop:
             self._last_checkpoint = update
 
     # -- the end ----------------------------------------------------------------------------------
-    def finish(self, update: int, carry: Any, final: bool) -> dict:
+    def finish(self, update: int, carry: Any, final: bool, extra: Callable[[], dict] | None = None) -> dict:
         self.checkpointer.close()
         self.logger.close()
         if self._progress is not None:
@@ -228,16 +300,17 @@ class HostLoop:
             "env": self.cfg.env,
             "complete": bool(final),
             "updates": update,
-            "env_steps_per_seed": update * self.steps_per_update,
+            **({"env_steps_per_seed": update * self.steps_per_update} if self.env_steps else {}),
             "num_seeds": self.cfg.num_seeds,
             "median_sps": float(np.median(sps)) if sps else None,
             "final": weighted_final(rows),
             "eval": self.last_eval,
+            **(extra() if extra is not None else {}),
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
         if rows:
-            plot_learning_curve(self.logger.path, self.run_dir / "learning_curve.png",
-                                title=f"{self.algo} on {self.cfg.env}")
+            plot_learning_curve(self.logger.path, self.run_dir / "learning_curve.png", key=self.curve_key,
+                                title=self.curve_title)
         return summary
 
     # -- progress -----------------------------------------------------------------------------------
@@ -249,7 +322,7 @@ class HostLoop:
         return tqdm(
             total=self.total_updates * self.steps_per_update,
             initial=self.start_update * self.steps_per_update,
-            unit="step",
+            unit="step" if self.env_steps else "update",
             unit_scale=True,
             dynamic_ncols=True,
             desc=f"{self.algo} {self.cfg.env}",
@@ -264,7 +337,8 @@ class HostLoop:
         if finite:
             self._progress.set_postfix(ret=f"{np.mean(finite):.2f}", refresh=False)
 
-    def _write(self, message: str) -> None:
+    def say(self, message: str) -> None:
+        """Print a line without breaking the progress bar."""
         if self._progress is not None:
             self._progress.write(message)
         else:
