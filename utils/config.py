@@ -7,7 +7,11 @@ preset name to field overrides, so ``--preset debug`` is a readable file, not co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -73,11 +77,11 @@ def apply_presets(config: C, names: Sequence[str], presets: dict[str, dict[str, 
     field_names = {f.name for f in dataclasses.fields(config)}
     for name in names:
         if name not in presets:
-            raise UserError(f"unknown preset {name!r} in {source}; available: {', '.join(sorted(presets))}")
+            raise UserError(f"--preset: unknown preset {name!r} in {source}; available: {', '.join(sorted(presets))}")
         overrides = presets[name] or {}
         unknown = sorted(set(overrides) - field_names)
         if unknown:
-            raise UserError(f"preset {name!r} in {source} sets unknown fields: {', '.join(unknown)}")
+            raise UserError(f"--preset: preset {name!r} in {source} sets unknown fields: {', '.join(unknown)}")
         overrides = {
             k: tuple(v) if isinstance(getattr(config, k), tuple) and isinstance(v, list) else v
             for k, v in overrides.items()
@@ -122,15 +126,122 @@ def parse_config(config_cls: type[C], area: str, algo: str, argv: Sequence[str] 
     """Defaults, then presets (left to right), then the remaining flags; ``--help`` lists every field.
 
     ``default`` replaces ``config_cls()`` as the starting point (e.g. Dreamer starts from the
-    preset of the version named on the command line)."""
-    import tyro
-
+    preset of the version named on the command line). The result has passed ``check_config``, so a
+    bad number or output path stops here, before any env is built or program compiled."""
     argv = list(sys.argv[1:] if argv is None else argv)
     names = _preset_names(argv)
     presets = load_presets(area, algo)
     start = config_cls() if default is None else default
     base = apply_presets(start, names, presets, f"configs/{area}/{algo}.yaml")
-    return tyro.cli(config_cls, default=base, args=_strip_presets(argv), description=config_cls.__doc__)
+    return cli(config_cls, _strip_presets(argv), default=base)
+
+
+def cli(config_cls: type[C], argv: Sequence[str] | None = None, default: C | None = None) -> C:
+    """``tyro.cli`` with one-line errors, then ``check_config``: the parser for entry points without presets.
+
+    tyro reports a bad flag in a several-line box; it is turned into a ``UserError`` (one ``error:``
+    line, exit 2 through ``exit_on_user_error``) that names the flag. ``--help`` is unchanged."""
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            config = tyro.cli(config_cls, default=default, args=argv, description=config_cls.__doc__)
+    except SystemExit as stop:
+        if stop.code in (0, None):
+            sys.stderr.write(captured.getvalue())
+            raise
+        raise UserError(_one_line(captured.getvalue())) from None
+    sys.stderr.write(captured.getvalue())  # warnings, if any
+    return check_config(config)
+
+
+def _one_line(box: str) -> str:
+    """The gist of one of tyro's error boxes, e.g. 'unknown flag --foo (did you mean --food?); see --help'."""
+    lines = [line.strip(" \u2502\u256d\u256e\u2570\u256f\u2500-") for line in box.splitlines()]
+    lines = [line for line in lines if line]
+    text = " ".join(lines)
+    match = re.search(r"Unrecognized options: (.*?)(?: Perhaps you meant:| For full helptext|$)", text)
+    if match:
+        tokens = [t for t in match.group(1).replace(",", " ").split()]
+        flags = [t.split("=", 1)[0] for t in tokens if t.startswith("-")]
+        hint = re.search(r"Perhaps you meant: (--[\w-]+)", text)
+        suggestion = f" (did you mean {hint.group(1)}?)" if hint and len(flags) == 1 else ""
+        if flags:
+            return f"unknown flag{'s' if len(flags) > 1 else ''} {', '.join(flags)}{suggestion}; see --help"
+        return f"unexpected argument{'s' if len(tokens) > 1 else ''} {' '.join(tokens)}; see --help"
+    match = re.search(r"Error parsing (\S+?): (.*?)(?: Argument helptext:| For full helptext|$)", text)
+    if match:
+        return f"{match.group(1)}: {match.group(2)}; see --help"
+    match = re.search(r"Missing value for argument '(\S+)'", text)
+    if match:
+        return f"{match.group(1)} needs a value; see --help"
+    match = re.search(r"Required options: (.*?)(?: Argument helptext:| For full helptext|$)", text)
+    if match:
+        return f"missing {match.group(1).split(' ')[0]}; see --help"
+    body = re.split(r" For full helptext", text)[0]
+    return f"{body}; see --help" if body else "bad command line; see --help"
+
+
+#: Integer fields whose names say they count or size something: zero or less is a typo, and would
+#: otherwise train nothing (and write ``complete: true``) or crash deep inside a compiled program.
+_COUNT_NAME = re.compile(
+    r"^(num|total|max|eval|report|render|rnd|icm|llm|feature|value)_|"
+    r"_(steps|size|envs|every|episodes|width|length|chunk|epochs|batch|fps|frames|attempts|jobs|"
+    r"horizon|ratio|count|chars|queue|after|n|seeds|context|sequences)$|"
+    r"^(episodes|deter|hidden|stoch|classes|units|layers|cnn_depth|cnn_stages|bins|fps|shards_in_memory)$"
+)
+#: Count-like integers whose docs give 0 a meaning ("0: only at the end", "0: in this process").
+ZERO_ALLOWED = frozenset({"eval_every", "num_workers", "few_shot_count", "prefill"})
+#: Integers where a negative value means something (a layer counted from the last, any seed).
+SIGNED = frozenset({"seed", "layer", "llm_layer"})
+#: Fields that name something a command writes: a folder, or (``out``, ``json``, ``gif``) a file.
+OUTPUT_DIRS = frozenset({"save_trajectories", "record"})
+OUTPUT_FILES = frozenset({"json", "gif"})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_config(config: C) -> C:
+    """Refuse numbers and output paths that cannot work, naming the flag; return ``config`` unchanged.
+
+    One central check rather than one per entry point: every count must be positive, every other
+    integer non-negative (except seeds and layer indices), rates positive, discounts in [0, 1],
+    durations non-negative; output folders and files must be creatable (``utils.io.check_output_path``),
+    and a reused run folder must hold a readable config (``utils.run_dir.check_run_dir``)."""
+    from utils.io import check_output_path
+
+    for field in dataclasses.fields(config):
+        name, value = field.name, getattr(config, field.name)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int) and name not in SIGNED:
+            positive = bool(_COUNT_NAME.search(name)) and name not in ZERO_ALLOWED
+            if value < (1 if positive else 0):
+                raise UserError(f"{_flag(name)} must be {'positive' if positive else 'zero or more'}, got {value}")
+        elif isinstance(value, float):
+            if math.isnan(value):
+                raise UserError(f"{_flag(name)} must be a number, got nan")
+            if (name == "lr" or name.endswith("_lr")) and value <= 0:
+                raise UserError(f"{_flag(name)} must be positive, got {value}")
+            if name in ("gamma", "int_gamma", "gae_lambda", "lam") and not 0 <= value <= 1:
+                raise UserError(f"{_flag(name)} must be between 0 and 1, got {value}")
+            if (name.endswith("_s") or name.endswith("_ms") or name.endswith("_mb")) and value < 0:
+                raise UserError(f"{_flag(name)} must be zero or more, got {value}")
+        elif isinstance(value, str) and value:
+            if name in OUTPUT_DIRS:
+                check_output_path(value, _flag(name), "dir")
+            elif name in OUTPUT_FILES:
+                check_output_path(value, _flag(name), "file")
+    names = {field.name for field in dataclasses.fields(config)}
+    if "run_name" in names and getattr(config, "run_dir", None):  # a run folder this command writes
+        from utils.run_dir import check_run_dir
+
+        check_run_dir(Path(config.run_dir), "--run-dir")
+    return config
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from utils.errors import UserError
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` so that readers see either the old file or the whole new one, never half."""
@@ -49,10 +51,49 @@ def _json_default(value: Any):
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    rows = []
+    """Rows of a JSON-lines file. A last line that is not valid JSON is dropped: it is what a process
+    killed mid-write leaves (appends are not atomic), and everything before it is intact. A bad line
+    anywhere else means the file was damaged some other way, a ``UserError`` naming the line."""
     with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
+        lines = [(number, line.strip()) for number, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if index == len(lines) - 1:
+                break
+            raise UserError(f"{path}, line {number}: not JSON ({error.msg}); fix or delete that line") from None
     return rows
+
+
+def output_path_problem(path: str | Path, kind: str = "file") -> str | None:
+    """Why ``path`` cannot be written as a ``kind`` ("file" or "dir"), or None if it can.
+
+    Checked before any work starts, so a typo in an output flag costs a second, not a training run:
+    the path must not be the other kind, no folder above it may be a file, and the nearest folder
+    that exists must be writable (the rest is created)."""
+    path = Path(path)
+    if path.exists():
+        if kind == "dir" and not path.is_dir():
+            return f"{path} is a file, not a folder"
+        if kind == "file" and path.is_dir():
+            return f"{path} is a folder, not a file"
+        return None if os.access(path, os.W_OK) else f"{path} is not writable"
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                return f"{parent} is a file, so {path} cannot be created under it"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{parent} is not writable, so {path} cannot be created"
+            return None
+    return None
+
+
+def check_output_path(path: str | Path | None, flag: str, kind: str = "file") -> None:
+    """Raise a ``UserError`` naming ``flag`` if ``path`` cannot be written (see ``output_path_problem``)."""
+    if path is None or str(path) == "":
+        return
+    problem = output_path_problem(path, kind)
+    if problem:
+        raise UserError(f"{flag}: {problem}; pass a different {flag}")

@@ -13,7 +13,7 @@ import yaml
 
 from utils.config import differing_fields, to_dict
 from utils.errors import UserError
-from utils.io import atomic_write_yaml
+from utils.io import atomic_write_yaml, check_output_path
 
 
 def default_run_name(config: Any) -> str:
@@ -27,13 +27,38 @@ def resolve_run_dir(config: Any, area: str, algo: str, root: str | Path = "runs"
     return Path(root) / area / algo / config.env / (config.run_name or default_run_name(config))
 
 
+def read_saved_config(path: Path, flag: str = "--run-dir") -> dict[str, Any] | None:
+    """The config saved in run folder ``path``, None for a new folder; a ``UserError`` if it is unreadable
+    (a config.yaml edited by hand or cut short by a full disk must not be silently replaced)."""
+    config_path = path / "config.yaml"
+    if not config_path.is_file():
+        return None
+    try:
+        with open(config_path) as f:
+            saved = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        reason = str(error).splitlines()[0]
+        raise UserError(f"{flag}: {config_path} is not valid YAML ({reason}); fix it, or pass a new "
+                        f"{flag} to start a fresh run") from None
+    if saved is not None and not isinstance(saved, dict):
+        raise UserError(f"{flag}: {config_path} does not hold a config mapping; fix it, or pass a new {flag}")
+    return saved or {}
+
+
+def check_run_dir(path: Path, flag: str = "--run-dir") -> None:
+    """What can be checked before any work: the folder can be created, and a saved config is readable."""
+    check_output_path(path, flag, "dir")
+    read_saved_config(path, flag)
+
+
 def open_run_dir(config: Any, path: Path) -> bool:
     """Create or reopen ``path`` for ``config``; True if the folder already held this run."""
     config_path = path / "config.yaml"
     current = to_dict(config)
-    if config_path.exists():
-        with open(config_path) as f:
-            saved = yaml.safe_load(f) or {}
+    flag = "--run-dir" if getattr(config, "run_dir", None) else "--run-name"
+    check_output_path(path, flag, "dir")
+    saved = read_saved_config(path, flag)
+    if saved is not None:
         differences = differing_fields(saved, current)
         if differences:
             raise UserError(
