@@ -26,6 +26,7 @@ from offline_rl.checkpoint import find_checkpoint, load_checkpoint, policies_fro
 from offline_rl.networks import resolve_device
 from utils.errors import UserError, exit_on_user_error
 from utils.io import atomic_write_json
+from utils.evaluation import FirstEpisodes, eval_metrics
 from utils.media import first_env_renderer, write_gif
 
 AREA, NAME = "offline_rl", "evaluate"
@@ -134,10 +135,8 @@ def evaluate_payload(payload: dict[str, Any], *, episodes: int, max_steps: int, 
     obs, state = jax.jit(env.reset)(reset_key)
     step_env = jax.jit(env.step)
     generator = torch.Generator().manual_seed(seed)
+    episodes_seen = FirstEpisodes.start(total, len(env.achievement_names), env.episode_metric_names)
     finished = np.zeros(total, dtype=bool)
-    returns, lengths = np.zeros(total), np.zeros(total)
-    achievements = np.zeros((total, len(env.achievement_names)))
-    episode_metrics: dict[str, np.ndarray] = {}
     frames: list[np.ndarray] = []
     bar = _progress_bar(progress, max_steps)
     steps = 0
@@ -153,14 +152,8 @@ def evaluate_payload(payload: dict[str, Any], *, episodes: int, max_steps: int, 
         actions = _act(policies, obs_np, feats, episodes, greedy, generator, torch_device)
         key, step_key = jax.random.split(key)
         obs, state, _, done, info = step_env(step_key, state, jax.numpy.asarray(actions))
-        done, info = np.asarray(done), jax.device_get(info)
-        first = done & ~finished
-        returns[first] = info["episode_return"][first]
-        lengths[first] = info["episode_length"][first]
-        achievements[first] = info["achievements"][first]
-        for name, values in info["episode_metrics"].items():
-            episode_metrics.setdefault(name, np.zeros(total))[first] = np.asarray(values)[first]
-        finished |= done
+        episodes_seen = episodes_seen.record(done, info)
+        finished = np.asarray(episodes_seen.finished)
         steps += 1
         if bar is not None:
             bar.update(1)
@@ -169,10 +162,9 @@ def evaluate_payload(payload: dict[str, Any], *, episodes: int, max_steps: int, 
         bar.close()
     if gif:
         write_gif(gif, frames)
-    result = _results(payload, env.achievement_names, finished.reshape(seeds, episodes),
-                      returns.reshape(seeds, episodes), lengths.reshape(seeds, episodes),
-                      achievements.reshape(seeds, episodes, -1),
-                      {k: v.reshape(seeds, episodes) for k, v in episode_metrics.items()})
+    per_seed = jax.tree.map(lambda x: np.asarray(x).reshape((seeds, episodes) + x.shape[1:]),
+                            episodes_seen.result())
+    result = _results(payload, env.achievement_names, per_seed)
     result["summary"].update({"episodes_per_seed": episodes, "max_steps": max_steps, "steps_run": steps,
                               "greedy": greedy, "seed": seed, "gif": str(gif) if gif else None})
     return result
@@ -196,20 +188,11 @@ def _act(policies, obs: np.ndarray, feats: np.ndarray | None, per_seed: int, gre
     return torch.cat(actions).numpy().astype(np.int32)
 
 
-def _results(payload, achievement_names, finished, returns, lengths, achievements, episode_metrics):
+def _results(payload, achievement_names, result: dict) -> dict[str, Any]:
     """Per-seed means over the finished episodes (NaN for a seed with none), named as docs/design.md says."""
+    metrics = eval_metrics(result, achievement_names)
+    finished, returns = result["finished"], result["return"]
     count = finished.sum(1)
-
-    def mean(values):
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 0, (values * finished).sum(1) / count, np.nan)
-
-    metrics = {"eval/return": mean(returns), "eval/length": mean(lengths),
-               "eval/finished_fraction": finished.mean(1)}
-    for i, name in enumerate(achievement_names):
-        metrics[f"eval/achievements/{name}"] = 100.0 * mean(achievements[..., i])
-    for name, values in episode_metrics.items():
-        metrics[f"eval/{name}"] = mean(values)
     finished_returns = returns[finished]
     summary = {
         "checkpoint": payload.get("path"), "algo": payload.get("algo"), "env": payload["env_name"],

@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 
@@ -59,6 +60,25 @@ class Policy(NamedTuple):
     act: Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]  # (params, obs, state, key)
     initial_state: Callable[[int], Any]  # number of envs -> state
     on_done: Callable[[Any, jax.Array], Any]  # (state, done) -> state for the next step
+
+
+def eval_metrics(result: dict, achievement_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """``eval/...`` metrics from a result of ``[seeds, envs]`` arrays (:meth:`FirstEpisodes.result`):
+    per-seed means over the episodes that finished, NaN for a seed with none."""
+    finished = np.asarray(result["finished"], dtype=np.float64)
+    count = finished.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = lambda x: np.where(count > 0, (np.asarray(x) * finished).sum(1) / count, np.nan)
+        metrics = {
+            "eval/return": mean(result["return"]),
+            "eval/length": mean(result["length"]),
+            "eval/finished_fraction": finished.mean(1),
+        }
+        for i, name in enumerate(achievement_names):
+            metrics[f"eval/achievements/{name}"] = 100.0 * mean(np.asarray(result["achievements"])[..., i])
+        for name, values in result.get("episode_metrics", {}).items():
+            metrics[f"eval/{name}"] = mean(values)
+    return metrics
 
 
 def make_evaluate(env_name: str, num_envs: int, policy: Policy, *, max_steps: int, reset_ratio: int):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from utils import evaluation
 from utils.checkpoint import Checkpointer
 from utils.config import to_dict
 from utils.errors import UserError
@@ -260,20 +261,8 @@ class HostLoop:
         return row
 
     def eval_metrics(self, result: dict) -> dict[str, np.ndarray]:
-        """Per-seed means over the evaluation episodes that finished."""
-        finished = np.asarray(result["finished"], dtype=np.float64)  # [seeds, envs]
-        count = finished.sum(1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = lambda x: np.where(count > 0, (np.asarray(x) * finished).sum(1) / count, np.nan)
-            metrics = {
-                "eval/return": mean(result["return"]),
-                "eval/length": mean(result["length"]),
-                "eval/finished_fraction": finished.mean(1),
-            }
-            for i, name in enumerate(self.achievement_names):
-                metrics[f"eval/achievements/{name}"] = 100.0 * mean(np.asarray(result["achievements"])[..., i])
-            for name, values in result.get("episode_metrics", {}).items():
-                metrics[f"eval/{name}"] = mean(values)
+        """Per-seed ``eval/...`` means over the evaluation episodes that finished; kept for the summary."""
+        metrics = evaluation.eval_metrics(result, self.achievement_names)
         self.last_eval = {k: [None if not np.isfinite(v) else float(v) for v in vals] for k, vals in metrics.items()}
         return metrics
 
