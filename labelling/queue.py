@@ -10,14 +10,22 @@ lost its job; here nothing leaves the queue until its output is on disk:
   script that also deletes the entry and logs the completion exactly once).
 * A working worker heartbeats its job (XCLAIM to itself with JUSTID: resets the idle time without
   counting a delivery). A job idle longer than ``claim_idle_s`` belongs to a dead worker and is
-  taken over with XAUTOCLAIM, which counts one more delivery.
-* Deliveries are attempts. A failing job is recorded (``errors``) and released for an immediate
-  retry; at ``max_attempts`` deliveries it moves to the dead-letter stream with its last error.
+  taken over (a *reclaim*). Every step that changes a delivered job (heartbeat, acknowledge, fail,
+  hand back, dead-letter) is one Lua script that first checks the caller still holds it, so a
+  worker that lost its job cannot take it back, acknowledge it or fail it.
+* Failures and reclaims are counted apart (``docs/labelling.md`` has the table). A failed job is
+  handed back: any other worker may take it at once, the worker that failed it only after a
+  backoff (doubling per failure), so one broken worker cannot burn a job's attempts. At
+  ``max_attempts`` failures it moves to the dead-letter stream with its last error; an error that
+  retrying cannot fix (a corrupt shard) goes there at once (``max_attempts=1``). A reclaim charges
+  no failure: the next takeover of the same job waits a backoff longer, and only a job whose
+  holders vanished more than ``max_reclaims`` times is dead-lettered (by the worker).
   ``python -m labelling.status --requeue-dead`` puts dead letters back.
 
 Keys (``labelling:<queue>:...``): ``jobs`` (stream; group ``workers``), ``dead`` (stream),
 ``done`` (stream: one entry per completed job, for status and throughput), ``queued`` (set of
-job keys not yet done, dead letters included), ``errors`` (hash: message id -> last error),
+job keys not yet done, dead letters included), ``state`` (hash: ``<id>:failures``,
+``<id>:reclaims``, ``<id>:error``, ``<id>:released``, ``<id>:avoid`` per pending job),
 ``outputs`` (set of output folders, for status). Acknowledged and dead-lettered entries are
 deleted from ``jobs``, so ``XLEN jobs`` = waiting + in flight.
 
@@ -48,9 +56,9 @@ from utils.llm import LLMSpec
 GROUP = "workers"
 _FAR_PAST_MS = 86_400_000  # idle time given to a released job: stale for every worker at once
 _DONE_LOG_MAXLEN = 1_000_000
-_MIN_SERVER = (6, 2)  # XAUTOCLAIM
+_MIN_SERVER = (6, 2)  # XPENDING ... IDLE
 _JOB_FIELDS = ("key", "source", "out", "shard", "rows", "spec")
-_DEAD_FIELDS = ("error", "attempts", "worker", "failed_at")
+_DEAD_FIELDS = ("error", "attempts", "failures", "reclaims", "worker", "failed_at")
 
 
 class QueueError(UserError):
@@ -172,8 +180,8 @@ def connect(cfg: QueueConfig):
         raise QueueError(f"cannot reach {where} ({type(exc).__name__}: {exc}); check the server is "
                          "running and the URL, or omit --redis-url to use the embedded one") from exc
     if tuple(int(p) for p in version.split(".")[:2]) < _MIN_SERVER:
-        raise QueueError(f"Redis {version} at {redact_url(cfg.redis_url or '')} is too old: the queue needs XAUTOCLAIM "
-                         "(Redis 6.2 or newer)")
+        raise QueueError(f"Redis {version} at {redact_url(cfg.redis_url or '')} is too old: the queue needs XPENDING "
+                         "with IDLE (Redis 6.2 or newer)")
     return client
 
 
@@ -195,11 +203,17 @@ def one_line(exc: BaseException, limit: int = 500) -> str:
 
 @dataclasses.dataclass
 class Job:
-    """A delivered job: its stream id, its fields and how often it has been delivered."""
+    """A delivered job: its stream id and fields, and its history so far.
+
+    ``kind`` says how it was delivered: ``new`` (first read), ``retry`` (handed back after a
+    failure or a clean stop) or ``reclaim`` (taken over from a holder that went silent)."""
 
     msg_id: str
     fields: dict[str, str]
     deliveries: int
+    failures: int = 0
+    reclaims: int = 0
+    kind: str = "new"
 
     @property
     def key(self) -> str:
@@ -234,21 +248,134 @@ def job_fields(source: str, out: str, shard: str, rows: int, spec: LLMSpec) -> d
             "rows": str(rows), "spec": json.dumps(dataclasses.asdict(spec), sort_keys=True)}
 
 
+# Every script that changes a delivered job first checks, in the same script, that the caller still
+# holds it: the pending list names it and it has not been handed back. A worker that lost its job
+# (taken over, or handed back by its own deadline) can then neither heartbeat it back to itself,
+# nor acknowledge, fail or dead-letter it. Per-job state lives in one hash (``state``), in fields
+# "<id>:<name>": failures, reclaims, error (last one), released (handed back, claimable at once),
+# avoid (JSON: consumer -> time in ms before which that consumer may not take the job again).
+_LIB = """
+local function owned(jobs, state, group, id, consumer)
+  local p = redis.call('XPENDING', jobs, group, id, id, 1)
+  if #p == 0 or p[1][2] ~= consumer then return false end
+  return redis.call('HGET', state, id .. ':released') ~= '1'
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function backoff_ms(base, cap, n)
+  return math.min(cap, base * 2 ^ (n - 1))
+end
+local function count(state, id, name)
+  return tonumber(redis.call('HGET', state, id .. ':' .. name) or '0')
+end
+local function hand_back(jobs, state, group, id, consumer, retrycount)
+  if retrycount == '' then
+    redis.call('XCLAIM', jobs, group, consumer, 0, id, 'IDLE', %(far_past)d, 'JUSTID')
+  else
+    redis.call('XCLAIM', jobs, group, consumer, 0, id, 'IDLE', %(far_past)d, 'RETRYCOUNT', retrycount, 'JUSTID')
+  end
+  redis.call('HSET', state, id .. ':released', '1')
+end
+-- acknowledge, drop from the stream and the state, log (with the job's counts) to ``log``
+local function finish(jobs, queued, log, state, group, id, key, keep_queued, fields)
+  redis.call('XACK', jobs, group, id)
+  redis.call('XDEL', jobs, id)
+  if keep_queued == '0' then redis.call('SREM', queued, key) end
+  table.insert(fields, 'failures'); table.insert(fields, tostring(count(state, id, 'failures')))
+  table.insert(fields, 'reclaims'); table.insert(fields, tostring(count(state, id, 'reclaims')))
+  redis.call('HDEL', state, id .. ':failures', id .. ':reclaims', id .. ':error', id .. ':released',
+             id .. ':avoid')
+  redis.call('XADD', log, 'MAXLEN', '~', %(maxlen)d, '*', unpack(fields))
+end
+"""
 _ADD = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return false end
 redis.call('SADD', KEYS[3], ARGV[2])
 return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
 """
-# KEYS: jobs, queued, log (done or dead), errors. ARGV: group, id, job key, keep-in-queued flag,
-# log fields... Returns 0 when another worker already acknowledged the job.
-_FINISH = """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('XDEL', KEYS[1], ARGV[2])
-if ARGV[4] == '0' then redis.call('SREM', KEYS[2], ARGV[3]) end
-redis.call('HDEL', KEYS[4], ARGV[2])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', '%d', '*', unpack(ARGV, 5))
+# KEYS: jobs, state. ARGV: group, id, consumer. 1 if the caller holds the job (and beat it), else 0.
+_OWNS = "return owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) and 1 or 0"
+_HEARTBEAT = """
+if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
 return 1
-""" % _DONE_LOG_MAXLEN
+"""
+# KEYS: jobs, state. ARGV: group, id, consumer, retry count ('' keeps the delivery count).
+_RELEASE = """
+if not owned(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
+hand_back(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return 1
+"""
+# KEYS: jobs, queued, log (done or dead), state. ARGV: group, id, consumer, job key,
+# keep-in-queued flag, log fields... 0 when the caller no longer holds the job.
+_FINISH = """
+if not owned(KEYS[1], KEYS[4], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
+finish(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[4], ARGV[5], {unpack(ARGV, 6)})
+return 1
+"""
+# KEYS: jobs, queued, dead, state. ARGV: group, id, consumer, job key, error, max failures,
+# backoff ms, max backoff ms, dead-letter fields... Returns 'dead', 'retry' or 'lost'.
+_FAIL = """
+local group, id, consumer = ARGV[1], ARGV[2], ARGV[3]
+if not owned(KEYS[1], KEYS[4], group, id, consumer) then return 'lost' end
+local failures = redis.call('HINCRBY', KEYS[4], id .. ':failures', 1)
+if failures >= tonumber(ARGV[6]) then
+  local fields = {unpack(ARGV, 9)}
+  table.insert(fields, 'error'); table.insert(fields, ARGV[5])
+  finish(KEYS[1], KEYS[2], KEYS[3], KEYS[4], group, id, ARGV[4], '1', fields)
+  return 'dead'
+end
+redis.call('HSET', KEYS[4], id .. ':error', ARGV[5])
+local avoid = cjson.decode(redis.call('HGET', KEYS[4], id .. ':avoid') or '{}')
+avoid[consumer] = now_ms() + backoff_ms(tonumber(ARGV[7]), tonumber(ARGV[8]), failures)
+redis.call('HSET', KEYS[4], id .. ':avoid', cjson.encode(avoid))
+hand_back(KEYS[1], KEYS[4], group, id, consumer, '')
+return 'retry'
+"""
+# KEYS: jobs, state. ARGV: group, consumer, min idle ms, backoff ms, max backoff ms.
+# The oldest pending job this consumer may take: handed back (and not failed by this consumer
+# within its backoff), or silent for min idle + the backoff its earlier reclaims earned.
+# Returns {id, {fields}, deliveries, failures, reclaims, kind} or false.
+_CLAIM = """
+local jobs, state, group, consumer = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local min_idle, base, cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = now_ms()
+local start = '-'
+while true do
+  local page = redis.call('XPENDING', jobs, group, 'IDLE', min_idle, start, '+', 100)
+  for _, p in ipairs(page) do
+    local id, idle, deliveries = p[1], tonumber(p[3]), tonumber(p[4])
+    local released = redis.call('HGET', state, id .. ':released') == '1'
+    local reclaims = count(state, id, 'reclaims')
+    local ok = true
+    local avoid = redis.call('HGET', state, id .. ':avoid')
+    if avoid then
+      local until_ms = cjson.decode(avoid)[consumer]
+      if until_ms and now < until_ms then ok = false end
+    end
+    if ok and not released and reclaims > 0 and idle < min_idle + backoff_ms(base, cap, reclaims) then
+      ok = false
+    end
+    if ok then
+      local claimed = redis.call('XCLAIM', jobs, group, consumer, 0, id)
+      if claimed[1] then
+        local kind = 'retry'
+        if released then
+          redis.call('HDEL', state, id .. ':released')
+        else
+          kind = 'reclaim'
+          reclaims = redis.call('HINCRBY', state, id .. ':reclaims', 1)
+        end
+        return {id, claimed[1][2], deliveries + 1, count(state, id, 'failures'), reclaims, kind}
+      end
+    end
+  end
+  if #page < 100 then return false end
+  start = '(' .. page[#page][1]
+end
+"""
 _REQUEUE = """
 if redis.call('XDEL', KEYS[2], ARGV[1]) == 0 then return false end
 return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
@@ -260,23 +387,32 @@ def _flatten(fields: dict[str, Any]) -> list[str]:
 
 
 class JobQueue:
-    """One named queue on a Redis server (see the module docstring for the keys)."""
+    """One named queue on a Redis server (see the module docstring for the keys).
 
-    def __init__(self, client, name: str = "labelling"):
+    ``backoff_s`` and ``max_backoff_s`` set how long a worker waits before taking back a job it
+    failed (others may take it at once) and how much longer than ``claim_idle`` a job whose holders
+    keep vanishing waits before the next takeover: ``backoff_s * 2**(n-1)``, at most ``max_backoff_s``."""
+
+    def __init__(self, client, name: str = "labelling", *, backoff_s: float = 10.0,
+                 max_backoff_s: float = 600.0):
         import redis
 
         self.client = client
         self.name = name
+        self.backoff_ms, self.max_backoff_ms = int(backoff_s * 1000), int(max_backoff_s * 1000)
         prefix = f"labelling:{name}"
         self.jobs, self.dead, self.done = f"{prefix}:jobs", f"{prefix}:dead", f"{prefix}:done"
-        self.queued, self.errors, self.outputs = f"{prefix}:queued", f"{prefix}:errors", f"{prefix}:outputs"
+        self.queued, self.state, self.outputs = f"{prefix}:queued", f"{prefix}:state", f"{prefix}:outputs"
         try:
             client.xgroup_create(self.jobs, GROUP, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        lib = _LIB % {"far_past": _FAR_PAST_MS, "maxlen": _DONE_LOG_MAXLEN}
         self._add = client.register_script(_ADD)
-        self._finish = client.register_script(_FINISH)
+        self._owns, self._heartbeat, self._release, self._finish, self._fail, self._claim = (
+            client.register_script(lib + body)
+            for body in (_OWNS, _HEARTBEAT, _RELEASE, _FINISH, _FAIL, _CLAIM))
         self._requeue = client.register_script(_REQUEUE)
 
     # -- producing ------------------------------------------------------------------------------
@@ -294,21 +430,16 @@ class JobQueue:
 
     # -- consuming ------------------------------------------------------------------------------
 
-    def _deliveries(self, msg_id: str) -> int:
-        entry = self.client.xpending_range(self.jobs, GROUP, msg_id, msg_id, 1)
-        return int(entry[0]["times_delivered"]) if entry else 1
-
     def claim_stale(self, consumer: str, min_idle_ms: int) -> Job | None:
-        """Take over one job whose holder has been silent for ``min_idle_ms`` (a dead worker's)."""
-        cursor = "0-0"
-        while True:
-            reply = self.client.xautoclaim(self.jobs, GROUP, consumer, min_idle_ms, cursor, count=1)
-            cursor, claimed = reply[0], reply[1]  # Redis 7 adds a third item: deleted ids
-            for msg_id, fields in claimed:
-                if msg_id is not None and fields is not None:
-                    return Job(msg_id, fields, self._deliveries(msg_id))
-            if cursor == "0-0":
-                return None
+        """Take a job handed back for a retry, or one whose holder has been silent for
+        ``min_idle_ms`` (plus the backoff of earlier takeovers): atomically, in one script."""
+        reply = self._claim(keys=[self.jobs, self.state],
+                            args=[GROUP, consumer, min_idle_ms, self.backoff_ms, self.max_backoff_ms])
+        if not reply:
+            return None
+        msg_id, flat, deliveries, failures, reclaims, kind = reply
+        fields = dict(zip(flat[::2], flat[1::2]))
+        return Job(msg_id, fields, int(deliveries), int(failures), int(reclaims), kind)
 
     def read_new(self, consumer: str, block_ms: int) -> Job | None:
         reply = self.client.xreadgroup(GROUP, consumer, {self.jobs: ">"}, count=1,
@@ -319,56 +450,62 @@ class JobQueue:
         return None
 
     def next_job(self, consumer: str, min_idle_ms: int, block_ms: int) -> Job | None:
-        """A stale job first (it has waited longest), else a new one (waiting up to ``block_ms``)."""
+        """A retry or stale job first (it has waited longest), else a new one (waiting up to ``block_ms``)."""
         return self.claim_stale(consumer, min_idle_ms) or self.read_new(consumer, block_ms)
 
     def owner(self, job: Job) -> str | None:
         entry = self.client.xpending_range(self.jobs, GROUP, job.msg_id, job.msg_id, 1)
         return entry[0]["consumer"] if entry else None
 
-    def heartbeat(self, job: Job, consumer: str) -> bool:
-        """Reset the job's idle time; False if another worker has taken it over meanwhile."""
-        if self.owner(job) != consumer:
-            return False
-        self.client.xclaim(self.jobs, GROUP, consumer, 0, [job.msg_id], justid=True)
-        return True
+    def owns(self, job: Job, consumer: str) -> bool:
+        """Whether ``consumer`` still holds the job (not taken over, not handed back)."""
+        return bool(self._owns(keys=[self.jobs, self.state], args=[GROUP, job.msg_id, consumer]))
 
-    def release(self, job: Job, consumer: str, *, charge: bool) -> None:
-        """Make the job immediately claimable by any worker. ``charge=False`` (shutdown, model not
-        loadable here) also takes back the delivery this worker used."""
-        retry = None if charge else max(0, job.deliveries - 1)
-        self.client.xclaim(self.jobs, GROUP, consumer, 0, [job.msg_id], idle=_FAR_PAST_MS,
-                           retrycount=retry, justid=True)
+    def heartbeat(self, job: Job, consumer: str) -> bool:
+        """Reset the job's idle time if ``consumer`` still holds it (check and claim in one script);
+        False if it was taken over or handed back meanwhile."""
+        return bool(self._heartbeat(keys=[self.jobs, self.state], args=[GROUP, job.msg_id, consumer]))
+
+    def release(self, job: Job, consumer: str, *, charge: bool) -> bool:
+        """Hand the job back, claimable by any worker at once, without recording a failure.
+        ``charge=False`` (shutdown, a broken worker) also takes back the delivery this worker used.
+        False if the caller no longer held it."""
+        retry = "" if charge else str(max(0, job.deliveries - 1))
+        return bool(self._release(keys=[self.jobs, self.state],
+                                  args=[GROUP, job.msg_id, consumer, retry]))
 
     def last_error(self, job: Job) -> str | None:
-        return self.client.hget(self.errors, job.msg_id)
+        return self.client.hget(self.state, f"{job.msg_id}:error")
 
     def complete(self, job: Job, consumer: str, **info: Any) -> bool:
-        """Acknowledge and log a finished job; False if it had already been acknowledged."""
+        """Acknowledge and log a finished job; False if the caller no longer held it."""
         log = {"key": job.key, "out": job.out, "shard": job.shard, "rows": job.rows,
                "worker": consumer, "deliveries": job.deliveries, **info}
-        return bool(self._finish(keys=[self.jobs, self.queued, self.done, self.errors],
-                                 args=[GROUP, job.msg_id, job.key, "0", *_flatten(log)]))
+        return bool(self._finish(keys=[self.jobs, self.queued, self.done, self.state],
+                                 args=[GROUP, job.msg_id, consumer, job.key, "0", *_flatten(log)]))
+
+    def _dead_entry(self, job: Job, consumer: str) -> dict[str, Any]:
+        return {**{k: job.fields[k] for k in _JOB_FIELDS if k in job.fields},
+                "attempts": job.deliveries, "worker": consumer, "failed_at": f"{time.time():.3f}"}
 
     def dead_letter(self, job: Job, consumer: str, error: str) -> bool:
-        """Move the job to the dead-letter stream with its error (its key stays known)."""
-        entry = {**{k: job.fields[k] for k in _JOB_FIELDS if k in job.fields}, "error": error,
-                 "attempts": job.deliveries, "worker": consumer, "failed_at": f"{time.time():.3f}"}
-        return bool(self._finish(keys=[self.jobs, self.queued, self.dead, self.errors],
-                                 args=[GROUP, job.msg_id, job.key, "1", *_flatten(entry)]))
+        """Move the job to the dead-letter stream with its error (its key stays known); False if
+        the caller no longer held it."""
+        entry = {**self._dead_entry(job, consumer), "error": error}
+        return bool(self._finish(keys=[self.jobs, self.queued, self.dead, self.state],
+                                 args=[GROUP, job.msg_id, consumer, job.key, "1", *_flatten(entry)]))
 
     def fail(self, job: Job, consumer: str, error: str, max_attempts: int) -> str:
-        """Record a failed attempt: 'dead' after ``max_attempts`` deliveries, else 'retry' (released
-        for an immediate retry by any worker)."""
-        if job.deliveries >= max_attempts:
-            self.dead_letter(job, consumer, error)
-            return "dead"
-        self.client.hset(self.errors, job.msg_id, error)
-        self.release(job, consumer, charge=True)
-        return "retry"
+        """Record a failed attempt, atomically: 'dead' once the job has failed ``max_attempts``
+        times (1: dead-letter now), else 'retry' (handed back: any other worker may take it at
+        once, this one after its backoff); 'lost' if the caller no longer held it."""
+        return self._fail(keys=[self.jobs, self.queued, self.dead, self.state],
+                          args=[GROUP, job.msg_id, consumer, job.key, error, max_attempts,
+                                self.backoff_ms, self.max_backoff_ms,
+                                *_flatten(self._dead_entry(job, consumer))])
 
     def requeue_dead(self) -> int:
-        """Put every dead letter back in the queue with a fresh delivery count."""
+        """Put every dead letter back in the queue with fresh counts."""
         count = 0
         for msg_id, fields in self.client.xrange(self.dead):
             job = {k: v for k, v in fields.items() if k not in _DEAD_FIELDS}
@@ -402,14 +539,17 @@ class JobQueue:
         now = time.time() if now is None else now
         entries = {msg_id: fields for msg_id, fields in self.client.xrange(self.jobs)}
         pending = self.client.xpending_range(self.jobs, GROUP, "-", "+", max(1, len(entries)))
-        in_flight = [{"id": p["message_id"], "worker": p["consumer"],
-                      "idle_s": p["time_since_delivered"] / 1000,
-                      "deliveries": p["times_delivered"],
-                      "shard": entries.get(p["message_id"], {}).get("shard"),
-                      "out": entries.get(p["message_id"], {}).get("out"),
-                      "rows": int(entries.get(p["message_id"], {}).get("rows", 0))} for p in pending]
-        pending_ids = {p["id"] for p in in_flight}
-        waiting_rows = sum(int(f.get("rows", 0)) for i, f in entries.items() if i not in pending_ids)
+        counts = self._counts([p["message_id"] for p in pending])
+        held = [{"id": p["message_id"], "worker": p["consumer"],
+                 "idle_s": p["time_since_delivered"] / 1000,
+                 "deliveries": p["times_delivered"],
+                 **counts[p["message_id"]],
+                 "shard": entries.get(p["message_id"], {}).get("shard"),
+                 "out": entries.get(p["message_id"], {}).get("out"),
+                 "rows": int(entries.get(p["message_id"], {}).get("rows", 0))} for p in pending]
+        in_flight = [job for job in held if not job["handed_back"]]
+        in_flight_ids = {job["id"] for job in in_flight}
+        waiting_rows = sum(int(f.get("rows", 0)) for i, f in entries.items() if i not in in_flight_ids)
         recent = self.client.xrange(self.done, min=str(int((now - window_s) * 1000)), max="+")
         rows = sum(int(f.get("rows", 0)) for _, f in recent)
         starts = [int(i.split("-")[0]) / 1000 - float(f.get("seconds", 0)) for i, f in recent]
@@ -420,6 +560,7 @@ class JobQueue:
         return {
             "queue": self.name,
             "waiting": len(entries) - len(in_flight),
+            "retrying": len(held) - len(in_flight),
             "in_flight": len(in_flight),
             "done": int(self.client.xlen(self.done)),
             "dead": len(dead),
@@ -432,6 +573,17 @@ class JobQueue:
             "eta_s": remaining_rows / rows_per_s if rows_per_s > 0 else None,
             "outputs": sorted(self.client.smembers(self.outputs)),
         }
+
+    def _counts(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Failures, reclaims and handed-back flag of pending jobs (one round trip)."""
+        names = ("failures", "reclaims", "released")
+        values = self.client.hmget(self.state, [f"{i}:{n}" for i in ids for n in names]) if ids else []
+        out = {}
+        for k, msg_id in enumerate(ids):
+            failures, reclaims, released = values[3 * k:3 * k + 3]
+            out[msg_id] = {"failures": int(failures or 0), "reclaims": int(reclaims or 0),
+                           "handed_back": released == "1"}
+        return out
 
     def done_log(self) -> list[dict[str, str]]:
         """Every logged completion (oldest first), e.g. to check that each shard was done once."""
