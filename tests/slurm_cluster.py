@@ -26,6 +26,10 @@ CPU_JOB = ["--gres=none", "--cpus-per-task=1", "--mem=3G"]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
 
+#: Reasons a pending job gives when it can never run on this cluster (too many CPUs, a failed dependency).
+NEVER_STARTS = {"PartitionConfig", "BadConstraints", "PartitionNodeLimit", "DependencyNeverSatisfied",
+                "InvalidAccount", "InvalidQOS"}
+
 
 def _run(*command: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -73,9 +77,10 @@ def site_checkout(path: Path) -> Path:
 
 def job_env(**extra: str) -> dict[str, str]:
     """This process's environment without Slurm's, the scripts' or the labelling variables (a test
-    run inside a Slurm job must not pass its own job's values on), plus ``extra``."""
+    run inside a Slurm job must not pass its own job's values on), plus ``extra``. SBATCH_* stay:
+    a site's SBATCH_PARTITION or SBATCH_ACCOUNT apply as they would to a user's submission."""
     clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("SLURM_", "SBATCH_", "CRAFTAX_", "LABELLING_", "HIDDEN_STATE_"))}
+             if not k.startswith(("SLURM_", "CRAFTAX_", "LABELLING_", "HIDDEN_STATE_"))}
     return {**clean, "CRAFTAX_PYTHON": sys.executable, **extra}
 
 
@@ -118,6 +123,11 @@ def wait(job_id: str, timeout: float = 900, poll_s: float = 2) -> list[Task]:
         pending_array = any(t.array_task and not re.fullmatch(r"\d+", t.array_task) for t in current)
         if current and not pending_array and all(t.state in FINAL_STATES for t in current):
             return current
+        stuck = [t for t in current if t.state == "PENDING" and t.fields.get("Reason") in NEVER_STARTS]
+        if stuck:
+            _run("scancel", job_id)
+            raise AssertionError(f"job {job_id} can never start here: {stuck[0].fields['Reason']} "
+                                 f"(it asks for {stuck[0].fields.get('TRES', '?')})")
         if time.monotonic() > deadline:
             _run("scancel", job_id)
             raise AssertionError(f"job {job_id} did not end within {timeout:.0f} s: "
