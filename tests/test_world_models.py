@@ -3,6 +3,7 @@ the replay, the world-model loss and the actor-critic gradients. End-to-end runs
 test_dreamer_smoke.py."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import pytest
 from utils.errors import UserError
 from utils.returns import lambda_returns
 from world_models.common import dists, replay as replay_lib
+from world_models.common.config import AgentConfig, WorldModelConfig, pick
 from world_models.common.dists import LatentSpec
 from world_models.common.rssm import RSSM, features, init_params, initial_state, observe
 from world_models.dreamer import grad_steps_per_update, make_config, parse_dreamer_config
@@ -267,7 +269,7 @@ def test_world_model_loss_falls_on_a_fixed_batch(version, obs_shape):
     from world_models.common.world_model import WorldModel
 
     cfg = tiny_config(version, cnn_stages=2)
-    wm = WorldModel(cfg, obs_shape, 5)
+    wm = WorldModel(pick(WorldModelConfig, cfg), obs_shape, 5)
     batch = fixed_batch(obs_shape)
     params = wm.init(jax.random.PRNGKey(0))
     opt = optax.adam(3e-3)
@@ -298,7 +300,7 @@ def test_actor_gradients_go_through_dynamics_only_in_v1():
     grads_by_version = {}
     for version in (1, 3):
         cfg = tiny_config(version, actor_entropy=0.0)
-        agent = Agent(cfg, (12,), 5)
+        agent = Agent(AgentConfig.from_fields(cfg), (12,), 5)
         state = jax.jit(agent.init)(jax.random.PRNGKey(0))
         start = agent.wm.initial_state((6,))
         start = start._replace(deter=jax.random.normal(jax.random.PRNGKey(1), start.deter.shape))
@@ -358,7 +360,8 @@ def test_help_documents_every_field(capsys):
         parse_dreamer_config(["--help"])
     out = capsys.readouterr().out
     for field in ("--version", "--train-ratio", "--free-nats", "--kl-balance", "--imag-horizon", "--num-seeds",
-                  "--fast-compile", "--preset"):
+                  "--fast-compile", "--preset", "--latent", "--recon", "--reward-head", "--critic-head", "--kl",
+                  "--actor-grad", "--return-norm", "--slow-critic", "--slow-critic-returns", "--symlog-inputs"):
         assert field in out
 
 
@@ -451,3 +454,74 @@ def test_openloop_errors_leave_out_steps_after_a_new_episode_starts(tmp_path):
     assert metrics["eval/openloop_reward_mae"] == pytest.approx(1.0)
     assert metrics["eval/openloop_obs_mse"] == pytest.approx(4.0)
     assert (tmp_path / "imagined_rewards.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Named settings: the presets v1..v3 set them, any mix runs, and the presets compute what the
+# version switches did
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_version_presets_set_the_named_settings_of_each_paper():
+    names = ("latent", "symlog_inputs", "recon", "reward_head", "critic_head", "kl", "actor_grad", "return_norm",
+             "slow_critic", "slow_critic_returns", "unimix", "slow_critic_reg", "actor_init_scale")
+    got = {v: tuple(getattr(make_config(v), n) for n in names) for v in (1, 2, 3)}
+    assert got[1] == ("gaussian", False, "gaussian", "gaussian", "gaussian", "free_nats", "dynamics", "none", "none",
+                      False, 0.0, 0.0, 1.0)
+    assert got[2] == ("categorical", False, "gaussian", "gaussian", "gaussian", "balanced", "reinforce", "none",
+                      "copy", True, 0.0, 0.0, 1.0)
+    assert got[3] == ("categorical", True, "symlog_mse", "symlog_twohot", "symlog_twohot", "free_bits", "reinforce",
+                      "percentile", "ema", False, 0.01, 1.0, 0.01)
+    assert parse_dreamer_config(["--version", "3", "--latent", "gaussian"]).latent == "gaussian", "flags win"
+    assert make_config(3).version == 3 and make_config(2, ["debug"]).return_norm == "none"
+
+
+def test_common_modules_switch_on_named_settings_not_versions():
+    from pathlib import Path
+
+    import world_models.common
+
+    for path in Path(world_models.common.__file__).parent.glob("*.py"):
+        assert not re.search(r"\bversion\s*[=!<>]=|\.version\b", path.read_text()), path.name
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("latent", "gauss", "--latent must be one of gaussian, categorical, got 'gauss'"),
+    ("actor_grad", "backprop", "--actor-grad must be one of dynamics, reinforce, mix"),
+    ("actor_grad_mix", 1.5, "--actor-grad-mix must be in"),
+    ("slow_critic", "none", "--slow-critic-returns and --slow-critic-reg need --slow-critic copy or ema"),
+])
+def test_named_settings_outside_their_choices_are_user_errors(field, value, message):
+    from world_models.dreamer import validate
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate(tiny_config(3, **{field: value}))
+
+
+@pytest.mark.parametrize("version,settings", [
+    (3, dict(latent="gaussian")),
+    (2, dict(return_norm="percentile", actor_grad="mix", critic_head="symlog_twohot", slow_critic="ema",
+             slow_critic_returns=False, slow_critic_reg=1.0)),
+], ids=["v3-gaussian-latent", "v2-return-norm-mixed-gradient-two-hot-critic"])
+def test_mixed_settings_train_a_chunk(version, settings):
+    """Ablations are flags on top of a version's preset: the whole program compiles and trains."""
+    from utils.envs import VecEnv
+    from world_models.dreamer import init_seeds, make_train
+
+    env = VecEnv(CountingEnv(), name="Counting", num_envs=2, reset_ratio=1, achievement_names=("a",),
+                 achievements_fn=lambda state: jnp.zeros(1))
+    cfg = tiny_config(version, num_envs=2, collect_steps=4, train_ratio=4.0, prefill=8, replay_size=64, batch_size=2,
+                      batch_length=4, symbolic_storage="float32", **settings)
+    program = make_train(cfg, env)
+    carry = init_seeds(program, env, jax.random.PRNGKey(0)[None])
+    carry, (_, metrics) = jax.jit(lambda c: program.train_chunk(c, 4))(carry)
+    trained = np.asarray(metrics["perf/grad_steps"])[0] > 0
+    assert trained[-1] and int(carry.agent.grad_steps[0]) > 0
+    for key in ("loss/model", "loss/kl", "loss/actor", "loss/critic", "loss/imag_return"):
+        assert np.all(np.isfinite(np.asarray(metrics[key])[0][trained])), key
+    latent = carry.collector.policy_state[0]
+    if settings.get("latent") == "gaussian":
+        assert latent.stats.shape[-1] == 2 and latent.stoch.shape[-1] == cfg.stoch, "mean and std per dimension"
+    if settings.get("return_norm") == "percentile":
+        assert np.all(np.asarray(metrics["loss/return_scale"])[0][trained] >= 1.0)
+        assert program.agent.ac.bins is not None and program.agent.wm.bins is None, "two-hot critic, V2 reward"

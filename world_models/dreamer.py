@@ -1,6 +1,6 @@
 """Dreamer V1, V2 and V3 on batched Craftax envs, trained end to end in compiled chunks.
 
-Read top to bottom: the config (the version picks the paper's defaults from the ``v<k>`` preset),
+Read top to bottom: the config (named settings; ``--version K`` applies the preset ``vK`` of that paper),
 ``make_train`` (pure and jittable: act in the envs with the posterior state, store rows in the
 device replay, train at the configured ratio; vmapped over seeds), the host loop (logging, progress,
 evaluation with open-loop reports, checkpoints and resume, through :class:`utils.training.HostLoop`)
@@ -34,6 +34,7 @@ from utils.evaluation import Policy, make_evaluate
 from utils.training import EpisodeStats, HostLoop
 from world_models.common import replay as replay_lib
 from world_models.common.agent import Agent, AgentState
+from world_models.common.config import AgentConfig
 from world_models.common.report import make_openloop, write_report
 
 AREA, PRESETS = "world_models", "dreamer"
@@ -47,7 +48,8 @@ class DreamerConfig(RunConfig):
     """Dreamer V1/V2/V3 (defaults: the chosen version's paper settings; see --preset debug / xs..xl / cpu)."""
 
     version: int = 3
-    """Dreamer version 1, 2 or 3; its paper defaults (preset v<k>) are applied before other presets."""
+    """Dreamer version 1, 2 or 3: shorthand for the preset v<k> (that paper's named settings and sizes,
+    applied before other presets); also names the run folder dreamer_v<k>."""
     # -- collection and replay
     num_envs: int = 16
     """Parallel envs per seed (each is one replay stream)."""
@@ -90,11 +92,43 @@ class DreamerConfig(RunConfig):
     norm: bool = True
     """LayerNorm after every hidden layer (V2/V3)."""
     unimix: float = 0.01
-    """V3: uniform mix into latent and actor categoricals."""
+    """Uniform mix into the categorical latents and the actor's categorical (V3: 0.01; V1/V2: 0)."""
     min_std: float = 0.1
     """V1: minimum std of the Gaussian latent."""
     bins: int = 255
-    """V3: two-hot bins of the reward and critic heads."""
+    """Bins of symlog_twohot reward and critic heads (V3: 255)."""
+    # -- named settings: the presets v1, v2, v3 set each paper's values; any mix of them runs
+    latent: str = "categorical"
+    """Stochastic latent: gaussian (V1, Hafner et al. 2020: stoch dims) or categorical (V2 2021, V3 2023:
+    stoch one-hots of classes classes, straight-through)."""
+    symlog_inputs: bool = True
+    """Symlog a symbolic observation before the encoder (V3; V1/V2: no)."""
+    recon: str = "symlog_mse"
+    """Reconstruction loss: gaussian (1/2 squared error, V1/V2) or symlog_mse (V3: squared error on
+    symlog(obs) for vector observations, on the pixels for images)."""
+    reward_head: str = "symlog_twohot"
+    """Reward head: gaussian (1/2 squared error, V1/V2) or symlog_twohot (V3: cross-entropy over bins
+    symlog-spaced bins, zero-initialised)."""
+    critic_head: str = "symlog_twohot"
+    """Critic head: gaussian (1/2 squared error, V1/V2) or symlog_twohot (V3)."""
+    kl: str = "free_bits"
+    """KL regulariser: free_nats (V1: max(mean KL, free_nats)), balanced (V2: kl_balance, kl_scale,
+    free_nats per side) or free_bits (V3: dyn_scale and rep_scale, free_nats per step)."""
+    actor_grad: str = "reinforce"
+    """Actor gradient: dynamics (V1: returns backpropagated through the imagined dynamics), reinforce
+    (V2/V3: log-prob times advantage) or mix (DreamerV2 for continuous control; see actor_grad_mix)."""
+    actor_grad_mix: float = 0.1
+    """With --actor-grad mix: the dynamics term's weight, the rest REINFORCE (DreamerV2's actor_grad_mix)."""
+    actor_init_scale: float = 0.01
+    """Scale of the actor's output-layer initialisation (V3: 0.01, a near-uniform first policy; V1/V2: 1)."""
+    return_norm: str = "percentile"
+    """Advantage normalisation: none (V1/V2) or percentile (V3: divided by max(1, EMA of the returns'
+    95th - 5th percentile))."""
+    slow_critic: str = "ema"
+    """Slow critic: none (V1), copy (V2's target network, every target_update_every steps) or ema (V3,
+    rate slow_critic_rate)."""
+    slow_critic_returns: bool = False
+    """Lambda-returns bootstrap from the slow critic (V2) instead of the critic (V1/V3)."""
     # -- world-model losses
     free_nats: float = 1.0
     """V1: free nats on the mean KL; V2: on each balanced term; V3: free bits per step."""
@@ -131,13 +165,13 @@ class DreamerConfig(RunConfig):
     actor_entropy: float = 3e-4
     """Entropy bonus of the actor."""
     target_update_every: int = 100
-    """V2: copy the critic into its target every this many gradient steps."""
+    """slow_critic copy (V2): copy the critic into the slow critic every this many gradient steps."""
     slow_critic_rate: float = 0.02
-    """V3: EMA rate of the slow critic."""
+    """slow_critic ema (V3): EMA rate of the slow critic."""
     slow_critic_reg: float = 1.0
-    """V3: weight of the critic's regulariser towards the slow critic."""
+    """Weight of the critic's loss towards the slow critic's values (V3: 1; V1/V2: 0)."""
     retnorm_decay: float = 0.99
-    """V3: EMA decay of the return percentiles."""
+    """return_norm percentile (V3): EMA decay of the return percentiles."""
     # -- the host loop
     updates_per_chunk: int = 25
     """Updates per compiled chunk; the host logs and checkpoints between chunks."""
@@ -226,6 +260,7 @@ def validate(cfg: DreamerConfig) -> None:
     if cfg.act not in ("silu", "elu", "relu"):
         raise UserError(f"--act must be silu, elu or relu, got {cfg.act!r}")
     grad_steps_per_update(cfg)
+    AgentConfig.from_fields(cfg)  # the named settings' choices
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,7 +324,7 @@ class Program(NamedTuple):
 
 
 def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
-    agent = Agent(cfg, env.obs_shape, env.num_actions)
+    agent = Agent(AgentConfig.from_fields(cfg), env.obs_shape, env.num_actions)
     store = make_store(cfg, env)
     grad_steps = grad_steps_per_update(cfg)
     capacity = cfg.replay_size // cfg.num_envs

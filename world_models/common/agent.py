@@ -1,14 +1,13 @@
 """One Dreamer agent: parameters, optimisers and the gradient step that trains all of it.
 
 A gradient step trains the world model on a replay batch, then the actor from every posterior state
-of that batch in imagination, then the critic on the imagined rollout, then moves the V2 target
-critic (hard copy every ``target_update_every`` steps) or the V3 slow critic (EMA). Acting is a
-posterior step on the new observation followed by a sample from the actor.
+of that batch in imagination, then the critic on the imagined rollout, then moves the slow critic
+(``slow_critic``: ``copy`` every ``target_update_every`` steps, V2's target network; ``ema`` at
+``slow_critic_rate``, V3; ``none``, V1). Acting is a posterior step on the new observation followed
+by a sample from the actor.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +15,14 @@ import optax
 from flax import struct
 
 from world_models.common.behavior import ActorCritic, ReturnNorm
+from world_models.common.config import AgentConfig
 from world_models.common.rssm import RSSMState, features, obs_step
 from world_models.common.world_model import WorldModel
 
 
 @struct.dataclass
 class AgentState:
-    params: dict  # wm, actor, critic, slow_critic (V2 target / V3 EMA; unused by V1)
+    params: dict  # wm, actor, critic, slow_critic (copied or EMA; untouched with slow_critic none)
     opt_state: dict  # wm, actor, critic
     retnorm: ReturnNorm
     grad_steps: jax.Array  # int32
@@ -35,10 +35,10 @@ def optimizer(lr: float, eps: float, clip: float) -> optax.GradientTransformatio
 class Agent:
     """Static parts (networks, optimisers) of a Dreamer agent for one env's shapes."""
 
-    def __init__(self, cfg: Any, obs_shape: tuple[int, ...], num_actions: int):
+    def __init__(self, cfg: AgentConfig, obs_shape: tuple[int, ...], num_actions: int):
         self.cfg = cfg
-        self.wm = WorldModel(cfg, obs_shape, num_actions)
-        self.ac = ActorCritic(cfg, self.wm.feat_size, num_actions)
+        self.wm = WorldModel(cfg.wm, obs_shape, num_actions)
+        self.ac = ActorCritic(cfg.ac, self.wm.feat_size, num_actions)
         self.num_actions = num_actions
         self.optimizers = {
             "wm": optimizer(cfg.model_lr, cfg.model_eps, cfg.model_grad_clip),
@@ -93,11 +93,11 @@ class Agent:
         params["critic"], opt_state["critic"] = self._apply("critic", grads, params["critic"], opt_state["critic"])
 
         grad_steps = state.grad_steps + 1
-        if cfg.version == 2:
+        if cfg.slow_critic == "copy":
             copy = grad_steps % cfg.target_update_every == 0
             params["slow_critic"] = jax.tree.map(lambda new, old: jnp.where(copy, new, old),
                                                  params["critic"], params["slow_critic"])
-        elif cfg.version == 3:
+        elif cfg.slow_critic == "ema":
             rate = cfg.slow_critic_rate
             params["slow_critic"] = jax.tree.map(lambda new, old: rate * new + (1 - rate) * old,
                                                  params["critic"], params["slow_critic"])

@@ -1,16 +1,20 @@
-"""Actor-critic learning in imagination, for the three versions.
+"""Actor-critic learning in imagination, by named settings (:class:`~world_models.common.config.ActorCriticConfig`).
 
 From every posterior state of a replay batch the actor imagines ``horizon`` steps with the world
 model's prior; predicted rewards, continue probabilities and critic values give lambda-returns.
 
-* V1 backpropagates the returns through the imagined dynamics into the actor (value gradients,
-  straight-through one-hot actions); the critic regresses the returns.
-* V2 uses REINFORCE with the advantage against a target critic (copied every
-  ``target_update_every`` steps) and an entropy bonus.
-* V3 also uses REINFORCE, but divides advantages by the EMA of the returns' 5th-95th percentile
-  range (at least 1), so rewards of any scale give similar gradients without drowning the entropy
-  bonus; its critic predicts a symlog two-hot distribution and is regularised towards a slow EMA
-  copy of itself.
+* ``actor_grad``: ``dynamics`` (V1) backpropagates the returns through the imagined dynamics into
+  the actor (value gradients, straight-through one-hot actions); ``reinforce`` (V2, V3) uses the
+  log-probability of the action times its advantage; ``mix`` weighs the two (DreamerV2's
+  ``actor_grad_mix``, the dynamics term's weight).
+* ``slow_critic_returns`` (V2): the returns bootstrap from the slow critic (a target network,
+  copied every ``target_update_every`` steps) instead of the critic itself (V1, V3).
+* ``return_norm``: ``percentile`` (V3) divides advantages by the EMA of the returns' 5th-95th
+  percentile range (at least 1), so rewards of any scale give similar gradients without drowning
+  the entropy bonus; ``none`` (V1, V2) leaves them as they are.
+* ``critic_head``: ``gaussian`` (V1, V2) regresses the returns with a squared error;
+  ``symlog_twohot`` (V3) predicts a symlog two-hot distribution (zero-initialised output).
+  ``slow_critic_reg`` (V3: 1) adds the same loss towards the slow critic's values (an EMA copy in V3).
 
 Steps are time-major: states ``0..H``, actions ``0..H-1``; the return of step ``t`` looks at the
 rewards of states ``t+1..``. Each step is weighted by the probability that the imagined episode
@@ -19,13 +23,14 @@ is still going (cumulative discounted continue), so the actor never learns from 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from utils.returns import lambda_returns
 from world_models.common import dists
+from world_models.common.config import ActorCriticConfig
 from world_models.common.networks import Head
 from world_models.common.rssm import RSSMState, features, img_step
 from world_models.common.world_model import WorldModel
@@ -60,15 +65,14 @@ class Imagined(NamedTuple):
 class ActorCritic:
     """The actor (categorical over actions) and critic heads on world-model features."""
 
-    def __init__(self, cfg: Any, feat_size: int, num_actions: int):
+    def __init__(self, cfg: ActorCriticConfig, feat_size: int, num_actions: int):
         self.cfg = cfg
-        self.version = cfg.version
         self.num_actions = num_actions
         self.feat_size = feat_size
         style = dict(act=cfg.act, norm=cfg.norm)
-        two_hot = self.version == 3
+        two_hot = cfg.critic_head == "symlog_twohot"
         self.bins = dists.twohot_bins(cfg.bins) if two_hot else None
-        self.actor = Head(num_actions, cfg.units, cfg.layers, out_scale=0.01 if two_hot else 1.0, **style)
+        self.actor = Head(num_actions, cfg.units, cfg.layers, out_scale=cfg.actor_init_scale, **style)
         self.critic = Head(cfg.bins if two_hot else 1, cfg.units, cfg.layers, out_scale=0.0 if two_hot else 1.0,
                            **style)
 
@@ -78,8 +82,7 @@ class ActorCritic:
         return self.actor.init(actor_key, feat), self.critic.init(critic_key, feat)
 
     def logits(self, actor_params, feat: jax.Array) -> jax.Array:
-        unimix = self.cfg.unimix if self.version == 3 else 0.0
-        return dists.unimix_logits(self.actor.apply(actor_params, feat), unimix)
+        return dists.unimix_logits(self.actor.apply(actor_params, feat), self.cfg.unimix)
 
     def value(self, critic_params, feat: jax.Array) -> jax.Array:
         out = self.critic.apply(critic_params, feat)
@@ -89,10 +92,11 @@ class ActorCritic:
     def imagine(self, wm: WorldModel, wm_params: dict, actor_params, start: RSSMState, key: jax.Array) -> Imagined:
         """Roll the actor out in the world model for ``imag_horizon`` steps from ``start`` ``[N]``.
 
-        V1 keeps gradients through features and straight-through actions (value gradients); V2 and
-        V3 stop them, so the actor learns only through the log-probabilities of its actions.
+        With value gradients (``actor_grad`` dynamics or mix) gradients flow through features and
+        straight-through actions; with REINFORCE alone they stop, so the actor learns only through
+        the log-probabilities of its actions.
         """
-        value_gradients = self.version == 1
+        value_gradients = self.cfg.value_gradients
 
         def step(state, key):
             action_key, state_key = jax.random.split(key)
@@ -120,7 +124,7 @@ class ActorCritic:
         reward = wm.reward(wm_params, feat[1:])
         cont = jnp.concatenate([start_cont[None], wm.cont(wm_params, feat[1:])], 0)
         discount = cfg.gamma * cont
-        value_params = target_params if self.version == 2 else critic_params
+        value_params = target_params if cfg.slow_critic_returns else critic_params
         values = self.value(value_params, feat)
         returns = lambda_returns(reward, discount[1:], values[1:], cfg.lam)  # [H, N]
         weight = sg(jnp.cumprod(jnp.concatenate([cont[:1], discount[1:-1]], 0), 0))  # [H, N]
@@ -128,16 +132,19 @@ class ActorCritic:
         log_probs = jax.nn.log_softmax(traj.logits, -1)
         entropy = -(jnp.exp(log_probs) * log_probs).sum(-1)
         metrics = {}
-        if self.version == 1:
-            objective = returns
+        if cfg.return_norm == "percentile":
+            retnorm = retnorm.update(sg(returns), cfg.retnorm_decay)
+            metrics["loss/return_scale"] = retnorm.scale()
+        normalise = (lambda x: x / retnorm.scale()) if cfg.return_norm == "percentile" else (lambda x: x)
+        # Value gradients: the returns themselves (a baseline sg(values) would not change the gradient).
+        dynamics = lambda: normalise(returns)
+        reinforce = lambda: (log_probs * sg(traj.actions)).sum(-1) * sg(normalise(returns - values[:-1]))
+        if cfg.actor_grad == "dynamics":
+            objective = dynamics()
+        elif cfg.actor_grad == "reinforce":
+            objective = reinforce()
         else:
-            advantage = returns - values[:-1]
-            if self.version == 3:
-                retnorm = retnorm.update(sg(returns), cfg.retnorm_decay)
-                advantage = advantage / retnorm.scale()
-                metrics["loss/return_scale"] = retnorm.scale()
-            log_prob = (log_probs * sg(traj.actions)).sum(-1)
-            objective = log_prob * sg(advantage)
+            objective = cfg.actor_grad_mix * dynamics() + (1 - cfg.actor_grad_mix) * reinforce()
         loss = -(weight * (objective + cfg.actor_entropy * entropy)).mean()
         metrics.update({
             "loss/actor": loss,
@@ -152,11 +159,14 @@ class ActorCritic:
     def critic_loss(self, critic_params, slow_params, traj: Imagined, returns: jax.Array, weight: jax.Array):
         feat = features(traj.states)[:-1]
         out = self.critic.apply(critic_params, feat)
-        if self.bins is None:
-            loss = 0.5 * (out[..., 0] - returns) ** 2
-        else:
-            slow_target = self.value(slow_params, feat)
-            loss = (dists.symlog_twohot_loss(out, returns, self.bins)
-                    + self.cfg.slow_critic_reg * dists.symlog_twohot_loss(out, slow_target, self.bins))
+        loss = self._head_loss(out, returns)
+        if self.cfg.slow_critic_reg:
+            loss = loss + self.cfg.slow_critic_reg * self._head_loss(out, self.value(slow_params, feat))
         loss = (weight * loss).mean()
         return loss, {"loss/critic": loss}
+
+    def _head_loss(self, out: jax.Array, target: jax.Array) -> jax.Array:
+        """Per-step loss of the critic's output against ``target``: 1/2 squared error or two-hot cross-entropy."""
+        if self.bins is None:
+            return 0.5 * (out[..., 0] - target) ** 2
+        return dists.symlog_twohot_loss(out, target, self.bins)

@@ -176,7 +176,7 @@ def gaussian_kl(mean_p, std_p, mean_q, std_q) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------------
-# KL regularisers of the three versions (each returns (loss, raw KL) with loss a scalar)
+# KL regularisers, the setting ``kl`` (each returns (loss, raw KL) with loss a scalar)
 # ---------------------------------------------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@
 Sizes and styles come from the config so one set of modules serves every version: V1 uses plain
 ELU layers, V2 ELU with LayerNorm, V3 SiLU with LayerNorm. Pixel observations go through a
 stride-2 CNN (any height and width: the decoder upsamples past the frame and crops); symbolic ones
-through an MLP, with symlog on the input for V3.
+through an MLP, with symlog on the input if ``symlog_inputs`` (V3).
 """
 
 from __future__ import annotations

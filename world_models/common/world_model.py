@@ -1,11 +1,14 @@
-"""The world model: encoder, RSSM, decoder, reward and continue heads, and its loss per version.
+"""The world model: encoder, RSSM, decoder, reward and continue heads, and its loss.
 
-| | V1 | V2 | V3 |
+Its named settings (:class:`~world_models.common.config.WorldModelConfig`) and the papers' values:
+
+| setting | V1 | V2 | V3 |
 |---|---|---|---|
-| latent | Gaussian | 32x32 categorical | 32x32 categorical, 1% unimix |
-| reconstruction | Gaussian NLL (1/2 squared error) | same | squared error on symlog(obs) (symbolic) |
-| reward | Gaussian NLL | Gaussian NLL | symlog two-hot, 255 bins |
-| KL | free nats on the batch mean | balancing 0.8, scale | free bits per step, dyn 0.5 + rep 0.1 |
+| ``latent`` | gaussian | categorical (32x32) | categorical, ``unimix`` 1% |
+| ``symlog_inputs`` (symbolic encoder) | no | no | yes |
+| ``recon`` | gaussian (1/2 squared error) | gaussian | symlog_mse (squared error on symlog(obs) for vectors) |
+| ``reward_head`` | gaussian (1/2 squared error) | gaussian | symlog_twohot, 255 bins |
+| ``kl`` | free_nats on the batch mean | balanced 0.8, scaled | free_bits per step, dyn 0.5 + rep 0.1 |
 
 Observations arrive as stored in replay (uint8 pixels, low-precision floats for symbolic vectors);
 :meth:`WorldModel.preprocess` turns them into the float inputs every network sees, for training
@@ -15,43 +18,36 @@ and for acting alike.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from world_models.common import dists
-from world_models.common.dists import LatentSpec, symlog, symexp
+from world_models.common.config import WorldModelConfig
+from world_models.common.dists import symlog, symexp
 from world_models.common.networks import CNNDecoder, CNNEncoder, Head, MLPDecoder, MLPEncoder, is_pixels
 from world_models.common.rssm import RSSM, RSSMState, features, init_params, initial_state, observe
-
-
-def latent_spec(cfg) -> LatentSpec:
-    if cfg.version == 1:
-        return LatentSpec(discrete=False, stoch=cfg.stoch, min_std=cfg.min_std)
-    return LatentSpec(discrete=True, stoch=cfg.stoch, classes=cfg.classes,
-                      unimix=cfg.unimix if cfg.version == 3 else 0.0)
 
 
 class WorldModel:
     """Static description (modules and shapes); parameters travel separately as a dict."""
 
-    def __init__(self, cfg: Any, obs_shape: tuple[int, ...], num_actions: int):
+    def __init__(self, cfg: WorldModelConfig, obs_shape: tuple[int, ...], num_actions: int):
         self.cfg = cfg
-        self.version = cfg.version
         self.obs_shape = tuple(obs_shape)
         self.pixels = is_pixels(obs_shape)
         self.num_actions = num_actions
-        self.spec = latent_spec(cfg)
+        self.spec = cfg.latent_spec
+        self.symlog_obs = cfg.recon == "symlog_mse" and not self.pixels
         style = dict(act=cfg.act, norm=cfg.norm)
         if self.pixels:
             self.encoder = CNNEncoder(cfg.cnn_depth, cfg.cnn_stages, **style)
             self.decoder = CNNDecoder(self.obs_shape, cfg.cnn_depth, cfg.cnn_stages, **style)
         else:
-            self.encoder = MLPEncoder(cfg.units, cfg.layers, symlog_inputs=self.version == 3, **style)
+            self.encoder = MLPEncoder(cfg.units, cfg.layers, symlog_inputs=cfg.symlog_inputs, **style)
             self.decoder = MLPDecoder(math.prod(self.obs_shape), cfg.units, cfg.layers, **style)
         self.rssm = RSSM(self.spec, cfg.deter, cfg.hidden, **style)
-        two_hot = self.version == 3
+        two_hot = cfg.reward_head == "symlog_twohot"
         self.bins = dists.twohot_bins(cfg.bins) if two_hot else None
         self.reward_head = Head(cfg.bins if two_hot else 1, cfg.units, cfg.layers, out_scale=0.0 if two_hot else 1.0,
                                 **style)
@@ -100,7 +96,7 @@ class WorldModel:
         if self.pixels:
             return out
         out = out.reshape(out.shape[:-1] + self.obs_shape)
-        return symexp(out) if self.version == 3 else out
+        return symexp(out) if self.symlog_obs else out
 
     # -- the loss -------------------------------------------------------------------------------------
     def loss(self, params: dict, batch: dict, key: jax.Array) -> tuple[jax.Array, tuple[RSSMState, dict]]:
@@ -123,10 +119,10 @@ class WorldModel:
         if self.pixels:
             squared = (recon - obs) ** 2
         else:
-            target = symlog(obs) if self.version == 3 else obs
+            target = symlog(obs) if self.symlog_obs else obs
             squared = (recon - target.reshape(recon.shape)) ** 2
             obs_axes = (2,)
-        recon_loss = squared.sum(obs_axes) * (1.0 if self.version == 3 else 0.5)
+        recon_loss = squared.sum(obs_axes) * (1.0 if cfg.recon == "symlog_mse" else 0.5)
 
         reward_out = self.reward_head.apply(params["reward"], feat)
         if self.bins is not None:
@@ -139,9 +135,9 @@ class WorldModel:
         cont_loss = dists.bernoulli_nll(self.cont_head.apply(params["cont"], feat)[..., 0], cont_target)
 
         metrics = {}
-        if self.version == 1:
+        if cfg.kl == "free_nats":
             kl_loss, kl = dists.kl_free_nats(self.spec, post.stats, prior, cfg.free_nats)
-        elif self.version == 2:
+        elif cfg.kl == "balanced":
             kl_loss, kl = dists.kl_balanced(self.spec, post.stats, prior, cfg.kl_balance, cfg.free_nats)
             kl_loss = cfg.kl_scale * kl_loss
         else:
