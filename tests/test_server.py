@@ -15,15 +15,19 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 import pytest
 
 from benchmarks.text_obs_speed import synthetic_observations
+from servers import wire
 from servers.hidden_state_server import create_app, main, serve_in_background, validation_error_answer
+from servers.limits import Limits
 from servers.schemas import HealthResponse, HiddenStatesResponse
 from utils.hidden_state_client import HiddenStateClient
+from utils.errors import UserError
 from utils.llm import LLMError, LLMSpec, make_backend, observation_features
 from utils.text_obs import TEXT_ENV_NAMES
 
@@ -73,12 +77,13 @@ def http(url):
 
 @pytest.fixture(scope="module")
 def client(url):
-    with HiddenStateClient(url) as c:
+    with HiddenStateClient(url, wire="f32") as c:  # exact, so comparisons can be tight
         yield c
 
 
 class RecordingBackend:
-    """Wraps a backend: records every model call's texts, can be slow, can fail on a marker."""
+    """Wraps a backend: records every model call's texts, can be slow, can fail on a marker;
+    ``probe()``, when set, is called at each model call and its results kept in ``probed``."""
 
     def __init__(self, inner, delay_s: float = 0.0, fail_marker: str | None = None,
                  failure: Exception | None = None):
@@ -86,10 +91,13 @@ class RecordingBackend:
         self.spec, self.hidden_size, self.num_layers = inner.spec, inner.hidden_size, inner.num_layers
         self.calls: list[list[str]] = []
         self.threads: set[str] = set()
+        self.probe, self.probed = None, []
 
     def hidden_states(self, texts):
         self.calls.append(list(texts))
         self.threads.add(threading.current_thread().name)
+        if self.probe is not None:
+            self.probed.append(self.probe())
         time.sleep(self.delay_s)
         if self.fail_marker is not None and any(self.fail_marker in t for t in texts):
             raise self.failure
@@ -263,6 +271,14 @@ BAD_REQUESTS = [
     ("NaN in observation", lambda: {"env": CLASSIC, "observations": [[math.nan] + classic_obs()[0][1:]]},
      422, r"NaN or infinite"),
     ("return_texts not bool", {"texts": ["a"], "return_texts": "maybe"}, 422, r"return_texts"),
+    # json.dumps writes a lone surrogate as the escape \ud800, valid JSON that no tokeniser can encode
+    ("lone surrogate in a text", {"texts": ["ok", "a\ud800"]}, 422,
+     r"text 1 is not valid Unicode: lone surrogate '\\ud800' at character 1"),
+    ("lone surrogate in a field name", {"texts": ["a"], "\udc00": 1}, 422, r"valid string|Extra inputs"),
+    ("lone surrogate as env", {"env": "\ud800", "observations": [[0.0]]}, 422, r"env"),
+    ("text over max chars", {"texts": ["a", "b" * 40_000]}, 413,
+     r"text 1 has 40,000 characters, more than this server's limit of 32,768 \(--max-text-chars\)"),
+    ("deeply nested JSON", b"[" * 100_000 + b"]" * 100_000, 400, r"parsing the body"),
 ]
 
 
@@ -276,6 +292,17 @@ def test_bad_input_gets_a_4xx_with_a_clear_message(url, name, body, status, patt
     assert isinstance(detail, str) and "\n" not in detail
     assert re.search(pattern, detail), detail
     assert len(answer.content) < 4000  # inputs are not echoed back
+
+
+def test_format_and_timeout_mistakes_are_4xx(http):
+    answer = http.post(URL_PATH + "?format=f64", json={"texts": ["a"]})
+    assert answer.status_code == 422 and "format" in answer.json()["detail"], answer.text
+    answer = http.post(URL_PATH + "?format=f16", json={"texts": ["a"], "return_texts": True})
+    assert answer.status_code == 422 and "return_texts needs the JSON answer" in answer.json()["detail"]
+    for bad in ("soon", "-1", "0", "nan", "inf"):
+        answer = http.post(URL_PATH, json={"texts": ["a"]}, headers={"X-Timeout-S": bad})
+        assert answer.status_code == 400 and "X-Timeout-S must be a positive number" in answer.json()[
+            "detail"], (bad, answer.text)
 
 
 def test_unknown_routes_and_methods_are_4xx(http):
@@ -303,15 +330,16 @@ def _random_value(rng: random.Random, depth: int = 0):
     if kind == "float":
         return rng.choice([0.5, -1e30, 1e308, rng.random()])
     if kind == "str":
-        return rng.choice(["", "a", CLASSIC, FULL, "Craftax-Pixels-v1", "\u00e9\u2603" * rng.randint(0, 3)])
+        return rng.choice(["", "a", CLASSIC, FULL, "Craftax-Pixels-v1", "\u00e9\u2603" * rng.randint(0, 3),
+                           "\ud800", "a\udfff b"])
     if kind == "list":
         return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
     if kind == "dict":
-        return {rng.choice(["texts", "env", "x"]): _random_value(rng, depth + 1)}
+        return {rng.choice(["texts", "env", "x", "\ud83d"]): _random_value(rng, depth + 1)}
     if kind == "obs":
         length = rng.choice([0, 1, 1345, 1346, 8268])
         return [[rng.choice([0.0, 1.0, 0.5])] * length for _ in range(rng.randint(0, 2))]
-    return [rng.choice(["a", "Health 9.", ""]) for _ in range(rng.randint(0, 10))]
+    return [rng.choice(["a", "Health 9.", "", "\ud800", "\ud83d\ude00"]) for _ in range(rng.randint(0, 10))]
 
 
 def _fuzzed_body(rng: random.Random, valid: list[dict]) -> dict:
@@ -338,8 +366,9 @@ def test_fuzzed_requests_never_get_a_5xx(url):
     seen: dict[int, int] = {}
     with httpx.Client(base_url=url, timeout=30) as c:
         for _ in range(150):
-            body = _fuzzed_body(rng, valid)
-            answer = c.post(URL_PATH, json=body)
+            body = _fuzzed_body(rng, valid)  # json.dumps escapes lone surrogates; httpx would refuse them
+            answer = c.post(URL_PATH, content=json.dumps(body).encode(),
+                            headers={"content-type": "application/json"})
             seen[answer.status_code] = seen.get(answer.status_code, 0) + 1
             assert answer.status_code in (200, 400, 413, 422), (body, answer.text)
             if answer.status_code == 200:
@@ -413,11 +442,12 @@ def test_client_splits_big_batches_to_the_servers_max_batch(backend, spec):
     texts = [f"text number {i}" for i in range(10)]
     obs = synthetic_observations(CLASSIC, 9, seed=3)
     with serve_in_background(create_app(recording, spec, max_batch=4, max_wait_ms=0)) as base:
-        with HiddenStateClient(base) as c:
+        with HiddenStateClient(base, wire="f32") as c:
             states = c.hidden_states(texts)
             assert httpx.get(base + "/v1/stats").json()["requests"] == 3  # 4 + 4 + 2
             obs_states = c.observation_hidden_states(obs, CLASSIC)
-    assert [len(call) for call in recording.calls] == [4, 4, 2, 4, 4, 1]
+    assert sorted(len(call) for call in recording.calls[:3]) == [2, 4, 4]  # sent concurrently
+    assert sorted(len(call) for call in recording.calls[3:]) == [1, 4, 4]
     np.testing.assert_allclose(states, backend.hidden_states(texts), atol=ATOL, rtol=0)
     np.testing.assert_allclose(obs_states, observation_features(backend, obs, CLASSIC), atol=ATOL, rtol=0)
 
@@ -486,7 +516,8 @@ def test_help_lists_the_flags(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--model", "--layer", "--pooling", "--host", "--port", "--max-batch",
-                 "--max-wait-ms", "--device", "--preset"):
+                 "--max-wait-ms", "--device", "--preset", "--max-body-mb", "--max-text-chars",
+                 "--max-queue", "--request-timeout-s", "--unhealthy-after"):
         assert flag in text
     assert "127.0.0.1" in text
 
@@ -494,8 +525,10 @@ def test_help_lists_the_flags(capsys):
 def test_cli_user_errors_exit_2_with_one_line(tmp_path, tiny_llm_path, capsys):
     for argv, message in [
         (["--model", str(tmp_path / "missing")], "does not exist"),
-        (["--model", tiny_llm_path, "--max-batch", "0"], "--max-batch must be at least 1"),
+        (["--model", tiny_llm_path, "--max-batch", "0"], "--max-batch must be"),  # at least 1 / positive
         (["--model", tiny_llm_path, "--layer", "7"], "layer 7 is out of range"),
+        (["--model", tiny_llm_path, "--max-queue", "0"], "--max-queue must be"),
+        (["--model", tiny_llm_path, "--request-timeout-s", "0"], "--request-timeout-s must be more than 0"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv + ["--port", "0"])
@@ -535,3 +568,271 @@ def test_one_command_starts_a_working_server(tiny_llm_path, backend):
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says why it stopped.
     assert process.returncode in (0, -signal.SIGTERM), rest
     assert "Traceback" not in rest, rest
+
+
+# ----------------------------------------------------------------------------------------------
+# Abuse: oversized bodies and texts, a full queue, deadlines, clients that leave, a broken model
+# ----------------------------------------------------------------------------------------------
+
+FAST_S = 1.0  # a refusal must come within a second, not after parsing or tokenising the input
+MB = 1_000_000
+
+
+def raw_post(base: str, chunks, *, length: int | None = None) -> tuple[int, dict, bytes, float]:
+    """POST ``chunks`` on a raw socket, with ``Content-Length: length`` or (None) chunked, sent
+    from a thread while the answer is read: (status, headers, body, seconds to the answer). A
+    server that refuses a body early closes the connection; the sender then just stops."""
+    parts = urlsplit(base)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+    framing = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
+    start = time.perf_counter()
+    sock.sendall(f"POST {URL_PATH} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: "
+                 f"application/json\r\n{framing}\r\n\r\n".encode())
+
+    def pump():
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk if length is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            if length is None:
+                sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass
+
+    sender = threading.Thread(target=pump, daemon=True)
+    sender.start()
+    data = b""
+    try:
+        while True:
+            head, _, rest = data.partition(b"\r\n\r\n")
+            found = re.search(rb"(?im)^content-length:\s*(\d+)", head) if _ else None
+            if found and len(rest) >= int(found.group(1)):
+                break
+            more = sock.recv(65536)
+            if not more:
+                break
+            data += more
+    finally:
+        seconds = time.perf_counter() - start
+        sock.close()
+        sender.join(10)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers, rest, seconds
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1)) / 1024
+
+
+@pytest.fixture(scope="module")
+def cli_server(tiny_llm_path):
+    """The real command line in its own process, default limits: (url, pid) for RSS readings."""
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen(
+        [sys.executable, "-m", "servers.hidden_state_server", "--model", tiny_llm_path,
+         "--preset", "debug", "--port", "0", "--log-level", "warning"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        base = next((m.group(1) for line in process.stdout
+                     if (m := re.search(r"serving on (http://\S+)", line))), None)
+        assert base, "the server never said where it listens"
+        yield base, process.pid
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+def test_huge_bodies_and_texts_are_refused_fast_and_memory_comes_back(cli_server):
+    """Before the limits a 10 MB text took 36 s (tokenised in full) and +480 MB, and a 50 MB body
+    cost +3 GB that was never returned. Now each is a 413 within a second, and RSS stays near
+    its baseline."""
+    base, pid = cli_server
+    assert post_json(base, {"texts": TEXTS}).status_code == 200  # warm: first-request allocations
+    baseline = rss_mb(pid)
+    fifty = [b" " * MB] * 50
+    status, headers, body, seconds = raw_post(base, fifty, length=50 * MB)  # declared: refused unread
+    assert status == 413 and seconds < FAST_S, (status, body, seconds)
+    assert b"over this server's limit of 32,000,000 bytes (--max-body-mb)" in body
+    assert headers["connection"] == "close"
+    status, _, body, seconds = raw_post(base, fifty)  # chunked: counted while it arrives
+    assert status == 413 and b"sent chunked" in body and seconds < FAST_S, (status, body, seconds)
+    ten_mb_text = json.dumps({"texts": ["x" * (10 * MB)]}).encode()
+    for _ in range(2):
+        status, _, body, seconds = raw_post(base, [ten_mb_text], length=len(ten_mb_text))
+        assert status == 413 and b"10,000,000 characters" in body and seconds < FAST_S, (body, seconds)
+    grown = rss_mb(pid) - baseline
+    assert grown < 100, f"RSS grew by {grown:.0f} MB over a baseline of {baseline:.0f} MB"
+    assert post_json(base, {"texts": TEXTS}).status_code == 200  # still serving
+    assert httpx.get(base + "/health").json()["status"] == "ok"
+
+
+def test_surrogate_and_malformed_input_are_refused_within_a_second(cli_server):
+    base, _ = cli_server
+    for raw, status in [(b'{"texts": ["\\ud800"]}', 422), (b'{"texts": [', 400), (b'{"texts": []}', 422),
+                        (b'{"texts": 5}', 422), (json.dumps({"texts": ["a"] * 17}).encode(), 413)]:
+        start = time.perf_counter()
+        answer = httpx.post(base + URL_PATH, content=raw, headers={"content-type": "application/json"})
+        assert answer.status_code == status and time.perf_counter() - start < FAST_S, (raw[:40], answer.text)
+
+
+def test_a_small_body_limit_applies_to_declared_and_chunked_bodies(backend, spec):
+    with serve_in_background(create_app(backend, spec, limits=Limits(max_body_bytes=1000))) as base:
+        small = json.dumps({"texts": ["a" * 900]}).encode()
+        assert raw_post(base, [small], length=len(small))[0] == 200
+        assert raw_post(base, [small[:500], small[500:]])[0] == 200  # chunked, under the limit
+        big = json.dumps({"texts": ["a" * 1000]}).encode()
+        assert raw_post(base, [big], length=len(big))[0] == 413
+        assert raw_post(base, [big[:600], big[600:]])[0] == 413
+    with pytest.raises(UserError, match="--max-queue must be at least 1"):
+        create_app(backend, spec, limits=Limits(max_queue=0))
+
+
+def _busy(recording: RecordingBackend, base: str, pool: ThreadPoolExecutor, text: str = "warm"):
+    """Start a request and return its future once the model is computing it."""
+    calls = len(recording.calls)
+    future = pool.submit(post_json, base, {"texts": [text]})
+    while len(recording.calls) == calls:
+        time.sleep(0.005)
+    return future
+
+
+def test_a_full_queue_answers_429_with_retry_after(backend, spec):
+    recording = RecordingBackend(backend, delay_s=0.5)
+    app = create_app(recording, spec, max_batch=1, max_wait_ms=0, limits=Limits(max_queue=2))
+    with serve_in_background(app) as base, ThreadPoolExecutor(4) as pool:
+        first = _busy(recording, base, pool)  # computing: no longer queued
+        queued = [pool.submit(post_json, base, {"texts": [f"q{i}"]}) for i in range(2)]
+        while app.state.batcher.stats().queued < 2:
+            time.sleep(0.005)
+        start = time.perf_counter()
+        refused = post_json(base, {"texts": ["one too many"]})
+        assert refused.status_code == 429 and time.perf_counter() - start < FAST_S, refused.text
+        assert "2 texts are already waiting for the model (limit 2)" in refused.json()["detail"]
+        assert int(refused.headers["retry-after"]) >= 1
+        assert [f.result().status_code for f in [first, *queued]] == [200] * 3
+        stats = httpx.get(base + "/v1/stats").json()
+    assert stats["rejected"] == 1 and stats["queued"] == 0
+    assert ["one too many"] not in recording.calls
+
+
+def test_client_retries_after_429(backend, spec):
+    recording = RecordingBackend(backend, delay_s=0.3)
+    app = create_app(recording, spec, max_batch=1, max_wait_ms=0, limits=Limits(max_queue=1))
+    with serve_in_background(app) as base, ThreadPoolExecutor(2) as pool:
+        first = _busy(recording, base, pool)
+        second = pool.submit(post_json, base, {"texts": ["queued"]})
+        while app.state.batcher.stats().queued < 1:
+            time.sleep(0.005)
+        with HiddenStateClient(base, wire="f32", retries=3) as c:  # 429 first, then room
+            states = c.hidden_states(["patient"])
+        assert first.result().status_code == second.result().status_code == 200
+        assert httpx.get(base + "/v1/stats").json()["rejected"] >= 1
+    np.testing.assert_allclose(states, backend.hidden_states(["patient"]), atol=ATOL, rtol=0)
+
+
+def test_a_request_past_its_deadline_gets_504_and_is_never_computed(backend, spec):
+    recording = RecordingBackend(backend, delay_s=0.8)
+    app = create_app(recording, spec, max_batch=1, max_wait_ms=0, limits=Limits(request_timeout_s=30))
+    with serve_in_background(app) as base, ThreadPoolExecutor(1) as pool:
+        first = _busy(recording, base, pool)
+        start = time.perf_counter()
+        late = httpx.post(base + URL_PATH, json={"texts": ["late"]}, headers={"X-Timeout-S": "0.2"},
+                          timeout=30)
+        assert late.status_code == 504 and time.perf_counter() - start < FAST_S, late.text
+        assert "not computed within 0.2 s" in late.json()["detail"]
+        assert first.result().status_code == 200
+        time.sleep(0.2)  # the worker has moved on past where "late" would have been
+        stats = httpx.get(base + "/v1/stats").json()
+    assert ["late"] not in recording.calls and stats["dropped"] == 1 and stats["queued"] == 0
+
+
+def test_requests_of_disconnected_clients_are_dropped(backend, spec):
+    recording = RecordingBackend(backend, delay_s=0.8)
+    app = create_app(recording, spec, max_batch=1, max_wait_ms=0)
+    with serve_in_background(app) as base, ThreadPoolExecutor(1) as pool:
+        first = _busy(recording, base, pool)
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(base + URL_PATH, json={"texts": ["abandoned"]}, timeout=0.2)
+        deadline = time.monotonic() + 5
+        while app.state.batcher.stats().dropped < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert app.state.batcher.stats().dropped == 1 and app.state.batcher.stats().queued == 0
+        assert first.result().status_code == 200
+        assert post_json(base, {"texts": ["after"]}).status_code == 200
+    assert ["abandoned"] not in recording.calls and ["after"] in recording.calls
+
+
+def test_health_turns_503_while_the_model_keeps_failing(backend, spec):
+    failing = RecordingBackend(backend, fail_marker="boom", failure=RuntimeError("CUDA out of memory"))
+    app = create_app(failing, spec, limits=Limits(unhealthy_after=2))
+    with serve_in_background(app) as base:
+        assert httpx.get(base + "/health").status_code == 200
+        assert post_json(base, {"texts": ["boom 1"]}).status_code == 500
+        assert httpx.get(base + "/health").status_code == 200  # one failure is not yet a pattern
+        assert post_json(base, {"texts": ["boom 2"]}).status_code == 500
+        health = httpx.get(base + "/health")
+        assert health.status_code == 503, health.text
+        body = HealthResponse.model_validate(health.json())
+        assert body.status == "failing" and "last 2 model calls failed" in body.detail
+        assert "RuntimeError: CUDA out of memory" in body.detail
+        with pytest.raises(LLMError, match="HTTP 503: the last 2 model calls failed"):
+            HiddenStateClient(base, retries=0).info()
+        assert post_json(base, {"texts": ["fine"]}).status_code == 200  # it recovered
+        assert httpx.get(base + "/health").json()["status"] == "ok"
+
+
+# ----------------------------------------------------------------------------------------------
+# Binary answers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_binary_answers_equal_the_json_one(http):
+    as_json = np.array(http.post(URL_PATH, json={"texts": TEXTS}).json()["vectors"], np.float32)
+    f32 = http.post(URL_PATH + "?format=f32", json={"texts": TEXTS})
+    assert f32.headers["content-type"] == wire.BINARY_MEDIA_TYPE
+    assert f32.headers["x-shape"] == f"{len(TEXTS)},{as_json.shape[1]}" and f32.headers["x-dtype"] == "float32"
+    np.testing.assert_array_equal(wire.decode(f32.content, f32.headers), as_json)
+    for f16 in (http.post(URL_PATH + "?format=f16", json={"texts": TEXTS}),
+                http.post(URL_PATH, json={"texts": TEXTS}, headers={"accept": wire.BINARY_MEDIA_TYPE})):
+        assert f16.headers["x-dtype"] == "float16" and len(f16.content) == as_json.size * 2
+        np.testing.assert_array_equal(wire.decode(f16.content, f16.headers),
+                                      as_json.astype(np.float16).astype(np.float32))
+
+
+def test_wire_format_falls_back_to_float32_and_checks_lengths():
+    states = np.array([[1.0, -2.5], [70000.0, 0.0]], np.float32)  # 70000 overflows float16
+    body, headers = wire.encode(states, "f16")
+    assert headers == {wire.SHAPE_HEADER: "2,2", wire.DTYPE_HEADER: "float32"}
+    np.testing.assert_array_equal(wire.decode(body, headers), states)
+    body, headers = wire.encode(states[:1], "f16")
+    assert headers[wire.DTYPE_HEADER] == "float16" and len(body) == 4
+    with pytest.raises(wire.WireError, match="truncated"):
+        wire.decode(body[:-1], headers)
+    with pytest.raises(wire.WireError, match="X-Shape"):
+        wire.decode(body, {})
+
+
+def test_client_wire_formats_agree_and_batches_go_concurrently(backend, spec):
+    recording = RecordingBackend(backend, delay_s=0.1)
+    texts = [f"text number {i}" for i in range(12)]
+    app = create_app(recording, spec, max_batch=4, max_wait_ms=0)
+    recording.probe = lambda: app.state.batcher.stats().queued  # texts waiting at each model call
+    with serve_in_background(app) as base:
+        answers = {}
+        for fmt in ("json", "f32", "f16"):
+            with HiddenStateClient(base, wire=fmt, concurrency=1) as c:
+                answers[fmt] = c.hidden_states(texts)
+        assert max(recording.probed) == 0  # one request at a time: nothing ever waits
+        recording.probed.clear()
+        with HiddenStateClient(base, concurrency=3) as c:
+            concurrent = c.hidden_states(texts)
+    assert max(recording.probed) > 0  # requests waited for the model: they were in flight together
+    np.testing.assert_array_equal(answers["f32"], answers["json"])
+    np.testing.assert_array_equal(answers["f16"], answers["json"].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(concurrent, answers["f16"])
+    with pytest.raises(LLMError, match="wire must be one of"):
+        HiddenStateClient(base, wire="f64")

@@ -8,8 +8,14 @@
 It has ``hidden_states(texts)``, ``hidden_size``, ``num_layers`` and ``spec`` like a local backend
 (``utils.llm.LLMBackend``), so code that computes features can take either, e.g.
 ``utils.llm.observation_features(client, obs, env)``. Big batches are split into requests of the
-server's ``max_batch`` (sent one after another on one keep-alive connection; the server gathers
-concurrent clients' requests into shared model calls).
+server's ``max_batch``, ``concurrency`` of them in flight at once (the server gathers them, and
+other clients' requests, into shared model calls).
+
+Answers come as raw float16 by default (``wire="f16"``, ``servers/wire.py``): formatting and
+parsing a JSON float list cost more than the model on large batches, and float16 is what labelled
+datasets store. ``wire="f32"`` is exact; ``wire="json"`` is the readable fallback. A request the
+server refuses for load (429 queue full, 503) is retried after its ``Retry-After``, a few times.
+The client's ``timeout`` travels as ``X-Timeout-S``, so the server drops work the client gave up on.
 
 Every failure raises ``utils.llm.LLMError`` with the server's one-line reason: an unreachable
 server, a 4xx for bad input, a 5xx, or an answer of the wrong shape. The predecessor turned a failed
@@ -18,11 +24,14 @@ request into zero vectors, which trained policies on garbage without a word; thi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from servers import wire
 from utils.llm import LLMError, LLMSpec
 
 __all__ = ["HiddenStateClient"]
@@ -30,19 +39,29 @@ __all__ = ["HiddenStateClient"]
 HIDDEN_STATES_PATH = "/v1/hidden_states"
 HEALTH_PATH = "/health"
 _START_HINT = "start one with: python -m servers.hidden_state_server --model MODEL"
+_RETRY_STATUSES = (429, 503)  # the server is busy or restarting: worth waiting for
+_MAX_RETRY_WAIT_S = 30.0
 
 
 class HiddenStateClient:
-    """Hidden states from a running server, over one keep-alive HTTP connection."""
+    """Hidden states from a running server, over a few keep-alive HTTP connections."""
 
-    def __init__(self, url: str, timeout: float = 60.0):
+    def __init__(self, url: str, timeout: float = 60.0, wire: str = "f16", concurrency: int = 4,
+                 retries: int = 3):
         import httpx
 
         if not url.startswith(("http://", "https://")):
             raise LLMError(f"hidden-state server URL {url!r} must start with http:// or https://")
+        if wire not in _WIRE_FORMATS:
+            raise LLMError(f"wire must be one of {', '.join(_WIRE_FORMATS)}, got {wire!r}")
+        if concurrency < 1 or retries < 0:
+            raise LLMError(f"concurrency must be >= 1 and retries >= 0, got {concurrency}, {retries}")
         self.url = url.rstrip("/")
+        self.wire, self.concurrency, self.retries, self.timeout = wire, concurrency, retries, timeout
         self._httpx = httpx
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        self._http = httpx.Client(base_url=self.url, timeout=timeout,
+                                  limits=httpx.Limits(max_connections=max(concurrency, 10)))
+        self._pool: ThreadPoolExecutor | None = None
         self._info: dict[str, Any] | None = None
 
     # -- what the server computes ----------------------------------------------------------------
@@ -89,19 +108,47 @@ class HiddenStateClient:
         return self._batched(len(rows), lambda lo, hi: {"env": env_name,
                                                         "observations": rows[lo:hi].tolist()})
 
-    def _batched(self, count: int, payload) -> np.ndarray:
+    def _batched(self, count: int, payload: Callable[[int, int], dict]) -> np.ndarray:
+        """Requests of at most the server's max_batch items, ``concurrency`` in flight."""
         dim = self.hidden_size
         out = np.empty((count, dim), dtype=np.float32)
         step = int(self.info()["max_batch"])
-        for lo in range(0, count, step):
-            hi = min(lo + step, count)
-            answer = self._request("POST", HIDDEN_STATES_PATH, json=payload(lo, hi))
-            out[lo:hi] = self._vectors(answer, hi - lo, dim)
+        spans = [(lo, min(lo + step, count)) for lo in range(0, count, step)]
+
+        def fetch(span: tuple[int, int]) -> None:
+            lo, hi = span
+            out[lo:hi] = self._vectors(self._post(payload(lo, hi)), hi - lo, dim)
+
+        if len(spans) <= 1 or self.concurrency == 1:
+            for span in spans:
+                fetch(span)
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="hidden-states")
+            for _ in self._pool.map(fetch, spans):  # re-raises the first request's error
+                pass
         return out
 
-    def _vectors(self, answer: dict[str, Any], rows: int, dim: int) -> np.ndarray:
+    def _post(self, body: dict) -> Any:
+        """One request's answer: the decoded binary array, or the JSON body."""
+        params = {} if self.wire == "json" else {"format": self.wire}
+        response = self._send("POST", HIDDEN_STATES_PATH, json=body, params=params,
+                              headers={"X-Timeout-S": f"{self.timeout:g}"})
+        if self.wire == "json":
+            return self._json(response, HIDDEN_STATES_PATH)
+        if response.headers.get("content-type") != wire.BINARY_MEDIA_TYPE:
+            raise LLMError(f"hidden-state server at {self.url} sent "
+                           f"{response.headers.get('content-type')!r} instead of a binary answer; "
+                           "an older server? use HiddenStateClient(..., wire='json')")
         try:
-            vectors = np.asarray(answer["vectors"], dtype=np.float32)
+            return wire.decode(response.content, response.headers)
+        except wire.WireError as error:
+            raise LLMError(f"hidden-state server at {self.url}: {error}") from None
+
+    def _vectors(self, answer: Any, rows: int, dim: int) -> np.ndarray:
+        try:
+            vectors = answer if isinstance(answer, np.ndarray) else np.asarray(answer["vectors"],
+                                                                               dtype=np.float32)
         except (KeyError, TypeError, ValueError) as error:
             raise LLMError(f"hidden-state server at {self.url} sent an answer without proper "
                            f"'vectors' ({error})") from None
@@ -116,19 +163,32 @@ class HiddenStateClient:
     # -- HTTP ------------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        return self._json(self._send(method, path, **kwargs), path)
+
+    def _send(self, method: str, path: str, **kwargs: Any):
+        """The response to a request, retried after Retry-After while the server is busy (429,
+        503); an LLMError for anything else that is not a success."""
         httpx = self._httpx
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException:
-            raise LLMError(f"hidden-state server at {self.url} did not answer {path} within "
-                           f"{self._http.timeout.read} s; raise the client's timeout or check the "
-                           "server's load") from None
-        except httpx.TransportError as error:
-            raise LLMError(f"cannot reach the hidden-state server at {self.url} "
-                           f"({type(error).__name__}: {error}); is it running? {_START_HINT}") from None
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TimeoutException:
+                raise LLMError(f"hidden-state server at {self.url} did not answer {path} within "
+                               f"{self._http.timeout.read} s; raise the client's timeout or check "
+                               "the server's load") from None
+            except httpx.TransportError as error:
+                raise LLMError(f"cannot reach the hidden-state server at {self.url} "
+                               f"({type(error).__name__}: {error}); is it running? {_START_HINT}"
+                               ) from None
+            if response.status_code not in _RETRY_STATUSES or attempt == self.retries:
+                break
+            time.sleep(_retry_after_s(response))
         if response.status_code >= 400:
             raise LLMError(f"hidden-state server at {self.url} answered {path} with HTTP "
                            f"{response.status_code}: {_detail(response)}")
+        return response
+
+    def _json(self, response, path: str) -> dict[str, Any]:
         try:
             return response.json()
         except ValueError:
@@ -136,6 +196,9 @@ class HiddenStateClient:
                            "is not JSON; is the URL right?") from None
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._http.close()
 
     def __enter__(self) -> "HiddenStateClient":
@@ -143,6 +206,18 @@ class HiddenStateClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_WIRE_FORMATS = wire.FORMATS
+
+
+def _retry_after_s(response) -> float:
+    """The server's Retry-After in seconds (1 when absent or not a number), capped."""
+    try:
+        seconds = float(response.headers.get("retry-after", "1"))
+    except ValueError:
+        seconds = 1.0
+    return min(max(seconds, 0.0), _MAX_RETRY_WAIT_S)
 
 
 def _detail(response) -> str:
