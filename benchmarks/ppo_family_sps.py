@@ -18,7 +18,7 @@ import time
 import jax
 
 from benchmarks.common import machine_description
-from online_rl import ppo, ppo_rnd, ppo_rnn
+from online_rl import ppo, ppo_rnn
 from utils import envs
 from utils.config import parse_config
 from utils.jax_setup import enable_compilation_cache
@@ -26,9 +26,9 @@ from utils.jax_setup import enable_compilation_cache
 METHODS = {  # name -> (module, config class, options)
     "ppo": (ppo, ppo.PPOConfig, {}),
     "ppo_rnn": (ppo_rnn, ppo_rnn.PPORNNConfig, {}),
-    "ppo_rnd": (ppo_rnd, ppo_rnd.PPORNDConfig, {}),
-    "ppo_icm": (ppo, ppo.PPOConfig, {"icm": True}),
-    "ppo_e3b": (ppo, ppo.PPOConfig, {"e3b": True}),
+    "ppo_rnd": (ppo, ppo.PPOConfig, {"bonus": "rnd"}),
+    "ppo_icm": (ppo, ppo.PPOConfig, {"bonus": "icm"}),
+    "ppo_e3b": (ppo, ppo.PPOConfig, {"bonus": "e3b"}),
 }
 
 

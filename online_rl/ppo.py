@@ -1,16 +1,18 @@
-"""PPO on Craftax (MLP for symbolic, CNN for pixel observations), optionally with ICM or E3B bonuses.
+"""PPO on Craftax (MLP for symbolic, CNN for pixel observations), with an optional exploration bonus.
 
-Read top to bottom: the config, the exploration networks (ICM) and the E3B bonus, ``make_train``
-(pure and jittable: one call runs a chunk of PPO updates for one seed, vmapped over seeds by the
-host loop in :mod:`online_rl.common`), and ``main``.
+Read top to bottom: the config, ``make_train`` (pure and jittable: one call runs a chunk of PPO
+updates for one seed, vmapped over seeds by the host loop in :mod:`online_rl.common`), and ``main``.
+The bonuses (ICM, E3B, RND) are plug-ins from :mod:`online_rl.bonuses`; with one, the critic gets a
+second (intrinsic) value output and the policy's advantage mixes both returns.
 
     python -m online_rl.ppo --preset debug
     python -m online_rl.ppo --env Craftax-Symbolic-v1 --total-steps 1000000 --num-seeds 2
-    python -m online_rl.ppo --preset cpu --icm        # curiosity: ICM forward-model error
-    python -m online_rl.ppo --preset cpu --e3b        # elliptical episodic bonus on ICM embeddings
+    python -m online_rl.ppo --preset cpu --bonus icm    # curiosity: ICM forward-model error
+    python -m online_rl.ppo --preset cpu --bonus e3b    # elliptical episodic bonus on ICM embeddings
+    python -m online_rl.ppo --preset cpu --bonus rnd    # Random Network Distillation
 
-Runs with ``--icm``/``--e3b`` are filed under ``runs/online_rl/ppo_icm`` / ``ppo_e3b`` so they
-never share a run folder with plain PPO.
+Runs with a bonus are filed under ``runs/online_rl/ppo_<bonus>`` so they never share a run folder
+with plain PPO.
 """
 
 from __future__ import annotations
@@ -18,20 +20,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct
-from flax.linen.initializers import orthogonal
 
+from online_rl.bonuses import BonusBatch, ReturnScale, make_bonus
 from online_rl.common import (
-    Algorithm, PPOFamilyConfig, Transition, categorical_log_prob_entropy, clipped_value_loss, make_optimizer, memoryless_policy,
-    minibatch_epochs, next_obs_for_bonus, ppo_policy_loss, run_main, run_training, scan_updates,
+    Algorithm, PPOFamilyConfig, Transition, categorical_log_prob_entropy, clipped_value_loss, make_optimizer,
+    memoryless_policy, minibatch_epochs, next_obs_for_bonus, ppo_policy_loss, run_main, run_training, scan_updates,
 )
 from utils import envs
 from utils.errors import exit_on_user_error
-from utils.networks import MLP, ActorCritic, ConvTorso
+from utils.networks import ActorCritic, actor_critic
 from utils.returns import gae
 from utils.training import EpisodeStats
 
@@ -40,20 +40,20 @@ AREA, ALGO = "online_rl", "ppo"
 
 @dataclasses.dataclass
 class PPOConfig(PPOFamilyConfig):
-    """PPO with GAE, plus the optional ICM and E3B exploration bonuses (Craftax-baseline defaults)."""
+    """PPO with GAE and an optional exploration bonus (PPO: Craftax-baseline defaults)."""
 
-    icm: bool = False
-    """Add ICM's curiosity reward: the forward model's error in predicting the next embedding."""
-    e3b: bool = False
-    """Add E3B's elliptical episodic bonus over embeddings trained by ICM's inverse model."""
-    icm_reward_coef: float = 1.0
-    """Weight of the ICM reward (with --icm)."""
-    e3b_reward_coef: float = 1.0
-    """Weight of the E3B bonus (with --e3b)."""
-    e3b_lambda: float = 0.1
-    """E3B ridge: each episode's inverse covariance starts at I / lambda."""
+    bonus: str = "none"
+    """Exploration bonus: none, icm (curiosity), e3b (elliptical episodic) or rnd (random network distillation)."""
+    int_reward_coef: float = 1.0
+    """Scale of the bonus after dividing it by the running std of its discounted return."""
+    ext_adv_coef: float = 1.0
+    """Weight of the extrinsic advantage in the policy's advantage (with a bonus)."""
+    int_adv_coef: float = 0.1
+    """Weight of the intrinsic advantage in the policy's advantage (with a bonus)."""
+    int_gamma: float = 0.99
+    """Discount of the intrinsic return."""
     icm_latent_size: int = 32
-    """Size of the ICM embedding (E3B's feature size)."""
+    """Size of the ICM embedding (E3B's feature size); icm and e3b."""
     icm_layer_width: int = 256
     """Units per hidden layer of the ICM encoder, forward and inverse models."""
     icm_lr: float = 3e-4
@@ -62,79 +62,33 @@ class PPOConfig(PPOFamilyConfig):
     """Weight of the forward-model loss (trains the forward model only)."""
     icm_inverse_coef: float = 1.0
     """Weight of the inverse-model loss (trains the inverse model and the encoder)."""
+    e3b_lambda: float = 0.1
+    """E3B ridge: each episode's inverse covariance starts at I / lambda."""
+    rnd_layer_width: int = 256
+    """Units per hidden layer of RND's target and predictor networks."""
+    rnd_output_size: int = 512
+    """Size of the random target's output that the predictor regresses."""
+    rnd_lr: float = 3e-4
+    """Adam learning rate of RND's predictor."""
+    rnd_episodic: bool = False
+    """Cut RND's intrinsic return at episode ends (Burda et al. found non-episodic works better)."""
+    obs_clip: float = 5.0
+    """RND: normalised inputs of target and predictor are clipped to [-obs_clip, obs_clip]."""
 
 
 def algo_name(cfg: PPOConfig) -> str:
-    return ALGO + ("_icm" if cfg.icm else "") + ("_e3b" if cfg.e3b else "")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Exploration: ICM networks and the E3B bonus
-# ---------------------------------------------------------------------------------------------------
-
-
-class ICM(nn.Module):
-    """Intrinsic Curiosity Module: an encoder, a forward model f(z, a) -> z' and an inverse model
-    g(z, z') -> a. The encoder learns only from the inverse loss, so it keeps what the agent controls
-    and cannot collapse to make the forward model's job trivial."""
-
-    num_actions: int
-    latent_size: int
-    width: int
-    pixels: bool = False
-
-    def setup(self):
-        torso = ConvTorso(self.width) if self.pixels else MLP(self.width, 2, "relu")
-        self.encoder = nn.Sequential([torso, nn.Dense(self.latent_size, kernel_init=orthogonal(1.0))])
-        self.forward_model = nn.Sequential([MLP(self.width, 2, "relu"), nn.Dense(self.latent_size)])
-        self.inverse_model = nn.Sequential([MLP(self.width, 2, "relu"), nn.Dense(self.num_actions)])
-
-    def encode(self, obs):
-        return self.encoder(obs)
-
-    def predict_next(self, z, action):
-        return self.forward_model(jnp.concatenate([z, jax.nn.one_hot(action, self.num_actions)], -1))
-
-    def __call__(self, obs, next_obs, action):
-        """``(predicted next embedding, inverse-model logits, next embedding)``."""
-        z, z_next = self.encode(obs), self.encode(next_obs)
-        predicted = self.predict_next(jax.lax.stop_gradient(z), action)
-        return predicted, self.inverse_model(jnp.concatenate([z, z_next], -1)), z_next
-
-
-def icm_losses(icm: ICM, params, obs, next_obs, action) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(forward loss, inverse loss, per-transition forward error)``; the error is ICM's reward."""
-    predicted, inverse_logits, z_next = icm.apply(params, obs, next_obs, action)
-    error = 0.5 * jnp.mean((predicted - jax.lax.stop_gradient(z_next)) ** 2, -1)
-    inverse = optax.softmax_cross_entropy_with_integer_labels(inverse_logits, action.astype(jnp.int32))
-    return error.mean(), inverse.mean(), error
-
-
-def e3b_initial(num_envs: int, size: int, lam: float) -> jax.Array:
-    return jnp.broadcast_to(jnp.eye(size) / lam, (num_envs, size, size))
-
-
-def e3b_step(inverse_cov: jax.Array, z: jax.Array, done: jax.Array, lam: float) -> tuple[jax.Array, jax.Array]:
-    """E3B for one step of every env: bonus ``z^T C^-1 z`` of the current embedding, then the
-    Sherman-Morrison update of ``C^-1`` with it; envs whose episode just ended restart at I / lambda,
-    so the bonus measures novelty within the episode only."""
-    u = jnp.einsum("nij,nj->ni", inverse_cov, z)
-    bonus = jnp.einsum("ni,ni->n", z, u)
-    updated = inverse_cov - jnp.einsum("ni,nj->nij", u, u) / (1.0 + bonus)[:, None, None]
-    fresh = jnp.eye(z.shape[-1]) / lam
-    return bonus, jnp.where(done[:, None, None], fresh, updated)
-
-
-@struct.dataclass
-class ExploreState:
-    icm_params: Any
-    icm_opt_state: Any
-    inverse_cov: Any  # E3B's [num_envs, D, D], or None without --e3b
+    return ALGO if cfg.bonus == "none" else f"{ALGO}_{cfg.bonus}"
 
 
 # ---------------------------------------------------------------------------------------------------
 # The compiled program
 # ---------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class BonusCarry:
+    state: Any  # the bonus's own (networks, statistics)
+    scale: ReturnScale
 
 
 @struct.dataclass
@@ -147,112 +101,95 @@ class TrainCarry:
     obs: jax.Array
     key: jax.Array
     update: jax.Array  # completed updates
-    explore: Any  # ExploreState with --icm/--e3b, else None
+    bonus: Any  # BonusCarry with --bonus, else None
 
 
-def make_network(cfg: PPOConfig, env: envs.VecEnv) -> ActorCritic:
-    return ActorCritic(num_actions=env.num_actions, pixels=env.is_pixels, width=cfg.layer_width,
-                       depth=cfg.num_layers, activation=cfg.activation)
+def make_network(cfg: PPOConfig, env: envs.VecEnv, value_outputs: int = 1) -> ActorCritic:
+    return actor_critic(env.num_actions, env.is_pixels, cfg.layer_width, cfg.num_layers, cfg.activation,
+                        value_outputs=value_outputs)
 
 
-def make_icm(cfg: PPOConfig, env: envs.VecEnv) -> ICM:
-    return ICM(env.num_actions, cfg.icm_latent_size, cfg.icm_layer_width, pixels=env.is_pixels)
+def split_value(value: jax.Array, with_bonus: bool) -> tuple[jax.Array, jax.Array | None]:
+    """``(extrinsic, intrinsic or None)`` from the critic's output."""
+    return (value[..., 0], value[..., 1]) if with_bonus else (value, None)
 
 
 def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollout: bool) -> Algorithm:
     """One seed's ``init`` and ``train_chunk``; ``train_chunk`` returns the last rollout when saving."""
-    network = make_network(cfg, env)
+    bonus = make_bonus(cfg, env)
+    network = make_network(cfg, env, bonus.value_outputs if bonus else 1)
     optimizer = make_optimizer(cfg, total_updates)
-    explore = cfg.icm or cfg.e3b
-    icm = make_icm(cfg, env)
-    icm_optimizer = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.icm_lr, eps=1e-5))
 
     def init(key: jax.Array) -> TrainCarry:
-        key, init_key, reset_key, icm_key = jax.random.split(key, 4)
+        key, init_key, reset_key, bonus_key = jax.random.split(key, 4)
         obs, env_state = env.reset(reset_key)
         params = network.init(init_key, obs[:1])
-        explore_state = None
-        if explore:
-            icm_params = icm.init(icm_key, obs[:1], obs[:1], jnp.zeros(1, jnp.int32))
-            cov = e3b_initial(cfg.num_envs, cfg.icm_latent_size, cfg.e3b_lambda) if cfg.e3b else None
-            explore_state = ExploreState(icm_params, icm_optimizer.init(icm_params), cov)
-        return TrainCarry(params, optimizer.init(params), env_state, obs, key, jnp.int32(0), explore_state)
+        bonus_carry = BonusCarry(bonus.init(bonus_key, obs), ReturnScale.create(cfg.num_envs)) if bonus else None
+        return TrainCarry(params, optimizer.init(params), env_state, obs, key, jnp.int32(0), bonus_carry)
 
     def env_step(carry: TrainCarry, _):
         key, action_key, step_key = jax.random.split(carry.key, 3)
         logits, value = network.apply(carry.params, carry.obs)
+        value, value_int = split_value(value, bonus is not None)
         action = jax.random.categorical(action_key, logits)
-        log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], -1)[:, 0]
+        log_prob, _ = categorical_log_prob_entropy(logits, action)
         obs, env_state, reward, done, info = env.step(step_key, carry.env_state, action)
         transition = Transition(carry.obs, action, reward, done, log_prob, value,
                                 info["terminal_obs"] if save_rollout else None)
-        next_obs = next_obs_for_bonus(obs, done, info) if explore else None
+        intrinsic = (value_int, next_obs_for_bonus(obs, done, info)) if bonus else None
         stats = EpisodeStats.from_step(done, info)
-        return carry.replace(env_state=env_state, obs=obs, key=key), (transition, next_obs, stats)
+        return carry.replace(env_state=env_state, obs=obs, key=key), (transition, intrinsic, stats)
 
-    def intrinsic_rewards(state: ExploreState, rollout: Transition, next_obs):
-        """Bonus per transition [T, N] and E3B's covariance after the rollout."""
-        bonus, logs = jnp.zeros_like(rollout.reward), {}
-        if cfg.icm:
-            _, _, error = icm_losses(icm, state.icm_params, rollout.obs, next_obs, rollout.action)
-            bonus = bonus + cfg.icm_reward_coef * error
-            logs["explore/icm_reward"] = error.mean()
-        cov = state.inverse_cov
-        if cfg.e3b:
-            z = jax.lax.stop_gradient(icm.apply(state.icm_params, rollout.obs, method=ICM.encode))
-
-            def step(cov, inputs):
-                bonus, cov = e3b_step(cov, *inputs, cfg.e3b_lambda)
-                return cov, bonus
-
-            cov, e3b = jax.lax.scan(step, cov, (z, rollout.done))
-            bonus = bonus + cfg.e3b_reward_coef * e3b
-            logs["explore/e3b_bonus"] = e3b.mean()
-        return bonus, cov, logs
-
-    def learn_icm(state: ExploreState, key, rollout: Transition, next_obs):
-        flat = lambda x: x.reshape((-1,) + x.shape[2:])
-        data = (flat(rollout.obs), flat(next_obs), flat(rollout.action))
-
-        def loss_fn(params, batch):
-            forward, inverse, _ = icm_losses(icm, params, *batch)
-            total = cfg.icm_forward_coef * forward + cfg.icm_inverse_coef * inverse
-            return total, {"loss/icm_forward": forward, "loss/icm_inverse": inverse}
-
-        params, opt_state, key, aux = minibatch_epochs(loss_fn, icm_optimizer, state.icm_params,
-                                                       state.icm_opt_state, key, data, epochs=1,
-                                                       num_minibatches=cfg.num_minibatches)
-        return state.replace(icm_params=params, icm_opt_state=opt_state), key, aux
+    def intrinsic_advantages(carry: TrainCarry, rollout: Transition, value_int, next_obs, last_value_int):
+        """The bonus, in units of its return's running std, through its own GAE: ``(advantages,
+        targets, bonus inputs, carry, logs)``."""
+        batch = BonusBatch(rollout.obs, rollout.action, next_obs, rollout.done)
+        raw, state, logs = bonus.rewards(carry.bonus.state, batch)
+        reward_int, scale = carry.bonus.scale.normalise(raw, cfg.int_gamma)
+        reward_int = cfg.int_reward_coef * reward_int
+        done_int = rollout.done if bonus.episodic else jnp.zeros_like(rollout.done)
+        advantages, targets = gae(reward_int, value_int, done_int, last_value_int, cfg.int_gamma, cfg.gae_lambda)
+        logs = {**logs, "explore/intrinsic_reward": reward_int.mean(), "explore/intrinsic_return_std": scale.stats.std}
+        return advantages, targets, batch, carry.replace(bonus=BonusCarry(state, scale)), logs
 
     def loss_fn(params, batch):
-        transitions, advantages, targets = batch
+        transitions, advantages, targets, intrinsic = batch
         logits, value = network.apply(params, transitions.obs)
+        value, value_int = split_value(value, bonus is not None)
         log_prob, entropy = categorical_log_prob_entropy(logits, transitions.action)
         actor_loss, diagnostics = ppo_policy_loss(log_prob, entropy, transitions.log_prob, advantages, cfg.clip_eps)
         value_loss = clipped_value_loss(value, transitions.value, targets, cfg.clip_eps)
+        logs = {"loss/actor": actor_loss, "loss/value": value_loss, **diagnostics}
+        if bonus:
+            old_value_int, targets_int = intrinsic
+            logs["loss/value_int"] = clipped_value_loss(value_int, old_value_int, targets_int, cfg.clip_eps)
+            value_loss = value_loss + logs["loss/value_int"]
         total = actor_loss + cfg.vf_coef * value_loss - cfg.ent_coef * diagnostics["loss/entropy"]
-        return total, {"loss/total": total, "loss/actor": actor_loss, "loss/value": value_loss, **diagnostics}
+        return total, {"loss/total": total, **logs}
 
     def update(carry: TrainCarry, _):
-        carry, (rollout, next_obs, stats) = jax.lax.scan(env_step, carry, None, length=cfg.num_steps)
+        carry, (rollout, intrinsic, stats) = jax.lax.scan(env_step, carry, None, length=cfg.num_steps)
         _, last_value = network.apply(carry.params, carry.obs)
-        reward, logs = rollout.reward, {}
-        if explore:
-            bonus, cov, logs = intrinsic_rewards(carry.explore, rollout, next_obs)
-            reward = reward + bonus
-            carry = carry.replace(explore=carry.explore.replace(inverse_cov=cov))
-        advantages, targets = gae(reward, rollout.value, rollout.done, last_value, cfg.gamma, cfg.gae_lambda)
+        last_value, last_value_int = split_value(last_value, bonus is not None)
+        advantages, targets = gae(rollout.reward, rollout.value, rollout.done, last_value, cfg.gamma, cfg.gae_lambda)
+        logs, bonus_data = {}, None
+        if bonus:
+            value_int, next_obs = intrinsic
+            adv_int, targets_int, bonus_batch, carry, logs = intrinsic_advantages(carry, rollout, value_int, next_obs,
+                                                                                 last_value_int)
+            advantages = cfg.ext_adv_coef * advantages + cfg.int_adv_coef * adv_int
+            bonus_data = (value_int, targets_int)
 
         flat = lambda x: x.reshape((-1,) + x.shape[2:])
-        data = jax.tree.map(flat, (rollout._replace(terminal_obs=None), advantages, targets))
+        data = jax.tree.map(flat, (rollout._replace(terminal_obs=None), advantages, targets, bonus_data))
         params, opt_state, key, losses = minibatch_epochs(loss_fn, optimizer, carry.params, carry.opt_state,
                                                           carry.key, data, epochs=cfg.update_epochs,
                                                           num_minibatches=cfg.num_minibatches)
         carry = carry.replace(params=params, opt_state=opt_state, key=key, update=carry.update + 1)
-        if explore:
-            explore_state, key, icm_logs = learn_icm(carry.explore, carry.key, rollout, next_obs)
-            carry = carry.replace(explore=explore_state, key=key)
-            logs.update(icm_logs)
+        if bonus:
+            state, key, bonus_logs = bonus.learn(carry.bonus.state, carry.key, bonus_batch, cfg.num_minibatches)
+            carry = carry.replace(bonus=carry.bonus.replace(state=state), key=key)
+            logs.update(bonus_logs)
         saved = (rollout, last_value) if save_rollout else None
         return carry, (stats.sum(), {**losses, **logs}, saved)
 

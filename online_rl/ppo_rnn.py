@@ -16,9 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
-from flax.linen.initializers import constant, orthogonal
 
 from online_rl.common import (
     Algorithm, PPOFamilyConfig, Policy, Transition, categorical_log_prob_entropy, clipped_value_loss,
@@ -26,7 +24,7 @@ from online_rl.common import (
 )
 from utils import envs
 from utils.errors import exit_on_user_error
-from utils.networks import MLP, ConvTorso
+from utils.networks import ActorCritic, make_torso
 from utils.returns import gae
 from utils.training import EpisodeStats
 
@@ -62,7 +60,9 @@ class ResettingGRU(nn.Module):
 
 
 class RecurrentActorCritic(nn.Module):
-    """``(hidden, obs [T, N, ...], first [T, N]) -> (hidden, logits [T, N, A], value [T, N])``."""
+    """``(hidden, obs [T, N, ...], first [T, N]) -> (hidden, logits [T, N, A], value [T, N])``: the
+    observation torso (CNN, or one relu layer for symbolic observations), the GRU core, then the
+    shared actor-critic (separate MLP torsos, policy and value heads) on the GRU's output."""
 
     num_actions: int
     hidden_size: int
@@ -73,18 +73,12 @@ class RecurrentActorCritic(nn.Module):
 
     @nn.compact
     def __call__(self, hidden, obs, first):
-        if self.pixels:
-            x = ConvTorso(self.width)(obs)
-        else:
-            x = nn.Dense(self.width, kernel_init=orthogonal(np.sqrt(2)), bias_init=constant(0.0))(obs)
-            x = nn.relu(x)
+        x = make_torso(self.pixels, self.width, 1, "relu")()(obs)
         gru = nn.scan(ResettingGRU, variable_broadcast="params", split_rngs={"params": False})(self.hidden_size)
         hidden, out = gru(hidden, (x, first))
-        actor = MLP(self.width, self.depth, self.activation)(out)
-        critic = MLP(self.width, self.depth, self.activation)(out)
-        logits = nn.Dense(self.num_actions, kernel_init=orthogonal(0.01), bias_init=constant(0.0))(actor)
-        value = nn.Dense(1, kernel_init=orthogonal(1.0), bias_init=constant(0.0))(critic)
-        return hidden, logits, value[..., 0]
+        heads = ActorCritic(self.num_actions, torso=make_torso(False, self.width, self.depth, self.activation))
+        logits, value = heads(out)
+        return hidden, logits, value
 
 
 def make_network(cfg: PPORNNConfig, env: envs.VecEnv) -> RecurrentActorCritic:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -115,3 +116,64 @@ def test_ppo_trains_on_tetris_and_reports_lines(tmp_path):
     summary = train(cfg)["summary"]
     assert summary["complete"]
     assert "eval/lines" in summary["eval"] and "episode/lines" in summary["final"]
+
+
+# -- The composable network keeps plain PPO's parameters and initialisation --------------------------
+
+
+def _reference_actor_critic():
+    """The single-class ActorCritic that PPO used before torsos and heads became pieces (verbatim),
+    so the test below can show the composed network initialises and computes exactly as it did."""
+    import flax.linen as nn
+    from flax.linen.initializers import constant, orthogonal
+
+    from utils.networks import MLP, ConvTorso
+
+    class ActorCritic(nn.Module):
+        num_actions: int
+        pixels: bool = False
+        width: int = 512
+        depth: int = 3
+        activation: str = "tanh"
+
+        @nn.compact
+        def __call__(self, obs):
+            if self.pixels:
+                embedding = ConvTorso(self.width)(obs)
+                actor = MLP(self.width, 1, "relu")(embedding)
+                critic = MLP(self.width, 1, "relu")(embedding)
+            else:
+                actor = MLP(self.width, self.depth, self.activation)(obs)
+                critic = MLP(self.width, self.depth, self.activation)(obs)
+            logits = nn.Dense(self.num_actions, kernel_init=orthogonal(0.01), bias_init=constant(0.0))(actor)
+            value = nn.Dense(1, kernel_init=orthogonal(1.0), bias_init=constant(0.0))(critic)
+            return logits, value[..., 0]
+
+    return ActorCritic
+
+
+@pytest.mark.parametrize("pixels", [False, True])
+def test_composed_actor_critic_matches_the_previous_network_exactly(pixels):
+    from utils.networks import actor_critic
+
+    obs = jax.random.normal(jax.random.PRNGKey(0), (3, 16, 16, 3) if pixels else (3, 40))
+    old = _reference_actor_critic()(num_actions=7, pixels=pixels, width=32, depth=2)
+    new = actor_critic(7, pixels, 32, 2, "tanh")
+    key = jax.random.PRNGKey(1)
+    old_params, new_params = old.init(key, obs[:1]), new.init(key, obs[:1])
+    assert jax.tree_util.tree_structure(old_params) == jax.tree_util.tree_structure(new_params)
+    for a, b in zip(jax.tree.leaves(old_params), jax.tree.leaves(new_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(old.apply(old_params, obs), new.apply(new_params, obs)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_actor_critic_gives_one_value_per_requested_stream():
+    from utils.networks import actor_critic
+
+    obs = jnp.ones((5, 12))
+    net = actor_critic(4, False, 16, 1, "tanh", value_outputs=2)
+    logits, value = net.apply(net.init(jax.random.PRNGKey(0), obs), obs)
+    assert logits.shape == (5, 4) and value.shape == (5, 2)
+    single = actor_critic(4, False, 16, 1, "tanh")
+    assert single.apply(single.init(jax.random.PRNGKey(0), obs), obs)[1].shape == (5,)

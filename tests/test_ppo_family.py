@@ -1,4 +1,4 @@
-"""PPO-RNN, PPO-RND, ICM and E3B: the mechanisms each one depends on, then debug runs of each."""
+"""PPO-RNN and the bonuses (RND, ICM, E3B): the mechanisms each one depends on, then debug runs of each."""
 
 import dataclasses
 from types import SimpleNamespace
@@ -10,8 +10,12 @@ import optax
 import pytest
 
 from online_rl import ppo, ppo_rnd, ppo_rnn
+from online_rl.bonuses import BonusBatch, ReturnScale, make_bonus
+from online_rl.bonuses.e3b import e3b_initial, e3b_step
+from online_rl.bonuses.icm import ICM, icm_losses
 from utils import envs
 from utils.config import apply_presets, load_presets
+from utils.errors import UserError
 from utils.io import read_jsonl
 from utils.trajectories import TrajectoryDataset
 from utils.training import EpisodeStats, episode_metrics
@@ -71,17 +75,18 @@ def test_rnn_minibatch_replay_reproduces_the_rollout_log_probs(tmp_path):
 
 
 def test_rnd_reward_falls_on_repeatedly_seen_observations(tmp_path):
-    cfg = debug_config(ppo_rnd, ppo_rnd.PPORNDConfig, tmp_path, rnd_layer_width=64, rnd_output_size=32, rnd_lr=1e-3)
-    env = SimpleNamespace(is_pixels=False)
-    rnd = ppo_rnd.make_rnd(cfg, env)
+    cfg = debug_config(ppo, ppo.PPOConfig, tmp_path, bonus="rnd", rnd_layer_width=64, rnd_output_size=32, rnd_lr=1e-3)
+    rnd = make_bonus(cfg, SimpleNamespace(is_pixels=False, num_actions=4))
+    assert rnd.value_outputs == 2 and not rnd.episodic
     seen = jax.random.normal(jax.random.PRNGKey(0), (8, 64, 20))  # [T, N, D] observations visited again and again
     unseen = 3.0 * jax.random.normal(jax.random.PRNGKey(1), (8, 64, 20))
-    state = rnd.init(jax.random.PRNGKey(2), seen[0], 64)
+    batch = BonusBatch(seen, jnp.zeros((8, 64), jnp.int32), seen, jnp.zeros((8, 64), bool))
+    state = rnd.init(jax.random.PRNGKey(2), seen[0])
 
     @jax.jit
     def visit(state, key):
-        reward, raw, state = rnd.rewards(state, seen)
-        state, key, _ = rnd.learn(state, key, seen.reshape(-1, 20), num_minibatches=4)
+        raw, state, _ = rnd.rewards(state, batch)
+        state, key, _ = rnd.learn(state, key, batch, num_minibatches=4)
         return state, key, raw.mean()
 
     key, raws = jax.random.PRNGKey(3), []
@@ -91,8 +96,29 @@ def test_rnd_reward_falls_on_repeatedly_seen_observations(tmp_path):
     error = lambda obs: float(rnd.prediction_error(state, state.predictor_params, obs).mean())
     assert raws[-1] < 0.2 * raws[0]
     assert error(unseen) > 3 * error(seen)
-    # Rewards are scaled by the running std of the intrinsic return, which the visits have updated.
-    assert float(state.return_stats.count) > 60 * 8 * 64 * 0.99
+    # The predictor's inputs are normalised by statistics of every observation scored so far.
+    assert float(state.obs_stats.count) > 60 * 8 * 64 * 0.99
+
+
+# -- Bonus scaling -------------------------------------------------------------------------------------
+
+
+def test_normalised_bonus_does_not_depend_on_the_raw_bonus_scale():
+    # ICM's and E3B's raw bonuses grow tenfold as their embeddings train; PPO only ever sees them in
+    # units of the running std of their discounted return, so a scaled bonus is the same bonus.
+    raw = jnp.abs(jax.random.normal(jax.random.PRNGKey(0), (16, 8))) + 0.1
+    small, scale = ReturnScale.create(8).normalise(raw, 0.99)
+    large, _ = ReturnScale.create(8).normalise(1000.0 * raw, 0.99)
+    np.testing.assert_allclose(small, large, rtol=1e-4)
+    assert float(scale.stats.count) > 16 * 8 * 0.99 and np.asarray(scale.running).shape == (8,)
+    # The running return carries over from one rollout to the next (it is never cut at episode ends).
+    _, after = scale.normalise(raw, 0.99)
+    np.testing.assert_allclose(after.running, 0.99**16 * scale.running + scale.running, rtol=1e-5)
+
+
+def test_unknown_bonus_is_a_user_error():
+    with pytest.raises(UserError, match="--bonus must be one of none, icm, e3b, rnd"):
+        make_bonus(SimpleNamespace(bonus="count"), None)
 
 
 # -- ICM and E3B ---------------------------------------------------------------------------------------
@@ -100,12 +126,12 @@ def test_rnd_reward_falls_on_repeatedly_seen_observations(tmp_path):
 
 def test_e3b_bonus_falls_for_repeated_embeddings_and_resets_at_episode_start():
     lam, z = 0.1, jnp.array([[1.0, 0.5, -0.5], [1.0, 0.5, -0.5]])
-    cov = ppo.e3b_initial(2, 3, lam)
+    cov = e3b_initial(2, 3, lam)
     done_at = 2  # env 1's episode ends at step 2, env 0's never
     bonuses = []
     for t in range(5):
         done = jnp.array([False, t == done_at])
-        bonus, cov = ppo.e3b_step(cov, z, done, lam)
+        bonus, cov = e3b_step(cov, z, done, lam)
         bonuses.append(np.asarray(bonus))
     bonuses = np.array(bonuses)
     first_bonus = float(z[0] @ z[0]) / lam
@@ -124,13 +150,13 @@ def test_icm_forward_and_inverse_losses_fall_on_a_fixed_batch():
     action = jax.random.randint(jax.random.PRNGKey(1), (n,), 0, num_actions)
     # The next observation depends on the action, so both models have something to learn.
     next_obs = obs + jax.nn.one_hot(action, 16) * 2.0
-    icm = ppo.ICM(num_actions, latent_size=8, width=64)
+    icm = ICM(num_actions, latent_size=8, width=64)
     params = icm.init(jax.random.PRNGKey(2), obs[:1], next_obs[:1], action[:1])
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(params)
 
     def loss(params):
-        forward, inverse, _ = ppo.icm_losses(icm, params, obs, next_obs, action)
+        forward, inverse, _ = icm_losses(icm, params, obs, next_obs, action)
         return forward + inverse, (forward, inverse)
 
     @jax.jit
@@ -182,8 +208,8 @@ def test_full_craftax_reports_floors_and_classic_does_not():
 METHODS = {
     "ppo_rnn": (ppo_rnn, ppo_rnn.PPORNNConfig, {}),
     "ppo_rnd": (ppo_rnd, ppo_rnd.PPORNDConfig, {}),
-    "ppo_icm": (ppo, ppo.PPOConfig, {"icm": True}),
-    "ppo_e3b": (ppo, ppo.PPOConfig, {"e3b": True}),
+    "ppo_icm": (ppo, ppo.PPOConfig, {"bonus": "icm"}),
+    "ppo_e3b": (ppo, ppo.PPOConfig, {"bonus": "e3b"}),
 }
 
 
@@ -201,9 +227,9 @@ def test_debug_run_saves_trajectories_and_resumes_to_the_same_state(tmp_path, me
     assert full["summary"]["complete"] and [r["step"] for r in rows] == [128, 256, 384, 512]
     assert all(len(r["loss/total"]) == 2 and all(np.isfinite(r["loss/total"])) for r in rows), "per-seed losses"
     assert full["summary"]["algo"] == method  # ICM/E3B runs are filed apart from plain PPO
-    extra = {"ppo_rnd": "explore/rnd_reward", "ppo_icm": "explore/icm_reward", "ppo_e3b": "explore/e3b_bonus"}
-    if method in extra:
-        assert extra[method] in rows[-1]
+    extra = {"ppo_rnd": "explore/rnd_error", "ppo_icm": "explore/icm_reward", "ppo_e3b": "explore/e3b_bonus"}
+    if method in extra:  # a bonus: its raw value, the normalised reward and the intrinsic value loss
+        assert {extra[method], "explore/intrinsic_reward", "loss/value_int"} <= set(rows[-1])
     assert TrajectoryDataset(tmp_path / "full_data").num_transitions == 4 * 16 * 8 * 2
 
     run("killed", stop=2)

@@ -230,8 +230,8 @@ ARRAY = {"SLURM_ARRAY_TASK_ID": "3", "CRAFTAX_SEED": "10", "SLURM_JOB_ID": "77"}
 #: (script, arguments, environment, module it must launch, words the command must contain in order)
 DRY_RUNS = [
     ("sbatch/ppo_family.sbatch", ["ppo_icm", "--preset", "debug"], ARRAY, "online_rl.ppo",
-     ["--icm", "--seed", "13", "--no-progress", "--preset", "debug"]),
-    ("sbatch/ppo_family.sbatch", ["ppo_rnd"], ARRAY, "online_rl.ppo_rnd", ["--seed", "13"]),
+     ["--bonus", "icm", "--seed", "13", "--no-progress", "--preset", "debug"]),
+    ("sbatch/ppo_family.sbatch", ["ppo_rnd"], ARRAY, "online_rl.ppo", ["--bonus", "rnd", "--seed", "13"]),
     ("sbatch/ppo_family.sbatch", ["ppo_rnn"], {}, "online_rl.ppo_rnn", ["--seed", "0"]),
     ("sbatch/dreamer.sbatch", ["--version", "3"], ARRAY, "world_models.dreamer", ["--seed", "13", "--version", "3"]),
     ("sbatch/ppo_llm.sbatch", ["--llm-model", "MODEL"], ARRAY, "online_rl_llm.ppo_llm",
@@ -251,7 +251,7 @@ DRY_RUNS = [
      "labelling.worker", ["--preset", "cluster", "--redis-url", "redis://h:1/0", "--batch-size", "64"]),
     ("sbatch/labelling_coordinator.sbatch", ["--dataset", "DATA", "--model", "MODEL"], {}, "labelling.enqueue",
      ["--redis-url", "--dataset", "DATA"]),
-    ("shell/ppo_family.sh", ["ppo_e3b", "--preset", "debug"], {}, "online_rl.ppo", ["--e3b", "--preset"]),
+    ("shell/ppo_family.sh", ["ppo_e3b", "--preset", "debug"], {}, "online_rl.ppo", ["--bonus", "e3b", "--preset"]),
     ("shell/dreamer.sh", ["--version", "1"], {}, "world_models.dreamer", ["--version", "1"]),
     ("shell/ppo_llm.sh", ["--preset", "debug"], {}, "online_rl_llm.ppo_llm", ["--preset"]),
     ("shell/offline_train.sh", ["awr", "--dataset", "DATA"], {}, "offline_rl.awr", ["--dataset"]),

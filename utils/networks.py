@@ -1,17 +1,32 @@
-"""Policy/value networks shared by the PPO family: an MLP for symbolic and a CNN for pixel observations.
+"""Policy/value network pieces shared by the PPO family: torsos, heads and the actor-critic that joins them.
 
-The MLP follows the Craftax baselines (separate actor and critic stacks, tanh, orthogonal init with a
-small actor head), which matters for PPO's early exploration.
+Torsos map an observation to features: an MLP for symbolic and a CNN for pixel observations, chosen in
+one place (:func:`make_torso`). Heads map features to outputs: a categorical policy head (small
+orthogonal init, so the first policy is near uniform, which matters for PPO's early exploration) and a
+value head with one output per return stream. :class:`ActorCritic` joins them: an optional shared torso,
+then separate actor and critic torsos, then the heads (the Craftax baselines keep actor and critic
+apart; a shared MLP lets the value loss swamp the policy). Algorithms build theirs from these pieces:
+PPO-RNN puts a GRU core in front, PPO-LLM passes a torso that also reads a feature vector, bonuses
+with their own intrinsic value ask for two value outputs.
+
+Torsos are passed as factories (``functools.partial`` of a module class), called inside the
+actor-critic so that each call is a fresh module named by flax's counters (``MLP_0``, ``MLP_1``,
+``Dense_0``...): the parameter tree, and so the initialisation from a given key, is the one the
+single-class network of earlier versions had, and old checkpoints still load.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 from flax.linen.initializers import constant, orthogonal
+
+TorsoFactory = Callable[[], nn.Module]
+"""Builds one torso module (called once per branch that needs its own)."""
 
 
 def _activation(name: str):
@@ -49,29 +64,56 @@ class ConvTorso(nn.Module):
         return nn.relu(nn.Dense(self.width, kernel_init=orthogonal(np.sqrt(2)))(x))
 
 
-class ActorCritic(nn.Module):
-    """Returns ``(logits, value)``: a CNN torso for pixel observations, separate MLPs otherwise.
+def make_torso(pixels: bool, width: int, depth: int = 2, activation: str = "relu") -> TorsoFactory:
+    """The observation torso: a CNN (``width``-unit embedding) for pixel observations, else an MLP of
+    ``depth`` layers. Every network that reads raw observations picks its torso here."""
+    if pixels:
+        return functools.partial(ConvTorso, width)
+    return functools.partial(MLP, width, depth, activation)
 
-    ``value_heads`` > 1 gives ``value`` a last axis of that size, one linear head per return stream
-    on the shared critic trunk (RND learns extrinsic and intrinsic values this way).
+
+def policy_head(num_actions: int) -> nn.Dense:
+    """Categorical policy logits; orthogonal(0.01) keeps the initial policy close to uniform."""
+    return nn.Dense(num_actions, kernel_init=orthogonal(0.01), bias_init=constant(0.0))
+
+
+def value_head(outputs: int = 1) -> nn.Dense:
+    """One value per return stream (e.g. extrinsic and intrinsic)."""
+    return nn.Dense(outputs, kernel_init=orthogonal(1.0), bias_init=constant(0.0))
+
+
+class ActorCritic(nn.Module):
+    """``(*inputs) -> (logits, value)``: ``shared`` torso (if any) on the inputs, then one ``torso``
+    each for actor and critic, then the policy and value heads.
+
+    ``value`` has a last axis of ``value_outputs`` when that is above 1, one value per return stream;
+    with one output it is squeezed away. ``torso`` may take several inputs (PPO-LLM's observation and
+    feature); ``shared`` maps the inputs to the single feature array the torsos then read.
     """
 
     num_actions: int
-    pixels: bool = False
-    width: int = 512
-    depth: int = 3
-    activation: str = "tanh"
-    value_heads: int = 1
+    torso: TorsoFactory
+    shared: TorsoFactory | None = None
+    value_outputs: int = 1
 
     @nn.compact
-    def __call__(self, obs):
-        if self.pixels:
-            embedding = ConvTorso(self.width)(obs)
-            actor = MLP(self.width, 1, "relu")(embedding)
-            critic = MLP(self.width, 1, "relu")(embedding)
-        else:
-            actor = MLP(self.width, self.depth, self.activation)(obs)
-            critic = MLP(self.width, self.depth, self.activation)(obs)
-        logits = nn.Dense(self.num_actions, kernel_init=orthogonal(0.01), bias_init=constant(0.0))(actor)
-        value = nn.Dense(self.value_heads, kernel_init=orthogonal(1.0), bias_init=constant(0.0))(critic)
-        return logits, jnp.squeeze(value, -1) if self.value_heads == 1 else value
+    def __call__(self, *inputs):
+        if self.shared is not None:
+            inputs = (self.shared()(*inputs),)
+        actor = self.torso()(*inputs)
+        critic = self.torso()(*inputs)
+        logits = policy_head(self.num_actions)(actor)
+        value = value_head(self.value_outputs)(critic)
+        return logits, jnp.squeeze(value, -1) if self.value_outputs == 1 else value
+
+
+def actor_critic(num_actions: int, pixels: bool, width: int, depth: int, activation: str,
+                 value_outputs: int = 1) -> ActorCritic:
+    """The feed-forward Craftax-baseline actor-critic: separate ``depth``-layer MLPs for symbolic
+    observations; for pixels one CNN shared by both (running it twice would double the cost of the
+    largest part) with one relu layer each on top."""
+    torso = make_torso(pixels, width, depth, activation)
+    if pixels:
+        return ActorCritic(num_actions, torso=make_torso(False, width, 1, "relu"), shared=torso,
+                           value_outputs=value_outputs)
+    return ActorCritic(num_actions, torso=torso, value_outputs=value_outputs)

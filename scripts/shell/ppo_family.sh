@@ -1,6 +1,6 @@
 #!/bin/bash
 # Train one PPO-family method on this machine. METHOD: ppo, ppo_rnn, ppo_rnd, ppo_icm or ppo_e3b
-# (the last two are online_rl.ppo with --icm / --e3b). Other arguments go to the trainer.
+# (ppo_rnd, ppo_icm, ppo_e3b are online_rl.ppo with --bonus rnd / icm / e3b). Other arguments go to the trainer.
 #
 #   scripts/shell/ppo_family.sh ppo --preset cpu --num-seeds 2
 #   scripts/shell/ppo_family.sh ppo_rnd --env Craftax-Symbolic-v1 --total-steps 1000000
@@ -13,9 +13,7 @@ METHOD="${1:-}"
 [[ $# -gt 0 ]] && shift
 case "$METHOD" in
     ppo) craftax_run "$PYTHON" -m online_rl.ppo "$@" ;;
-    ppo_icm) craftax_run "$PYTHON" -m online_rl.ppo --icm "$@" ;;
-    ppo_e3b) craftax_run "$PYTHON" -m online_rl.ppo --e3b "$@" ;;
+    ppo_rnd | ppo_icm | ppo_e3b) craftax_run "$PYTHON" -m online_rl.ppo --bonus "${METHOD#ppo_}" "$@" ;;
     ppo_rnn) craftax_run "$PYTHON" -m online_rl.ppo_rnn "$@" ;;
-    ppo_rnd) craftax_run "$PYTHON" -m online_rl.ppo_rnd "$@" ;;
     *) craftax_die "usage: $(basename "$0") METHOD [trainer flags]; METHOD is ppo, ppo_rnn, ppo_rnd, ppo_icm or ppo_e3b (got '$METHOD')" ;;
 esac
