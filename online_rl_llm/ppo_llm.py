@@ -21,6 +21,7 @@ segments (:class:`Runner`), and ``main``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -32,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from flax.linen.initializers import constant, orthogonal
 
 from online_rl.common import (
     PPOFamilyConfig, Transition, categorical_log_prob_entropy, chunk_length, clipped_value_loss, make_optimizer,
@@ -47,7 +47,7 @@ from utils.envs.vec_env import strong_types
 from utils.errors import UserError, exit_on_user_error
 from utils.io import atomic_write_json
 from utils.llm import LLMSpec
-from utils.networks import MLP
+from utils.networks import MLP, ActorCritic
 from utils.returns import gae
 from utils.run_dir import resolve_run_dir
 from utils.training import EpisodeStats, HostLoop, init_per_seed
@@ -135,27 +135,11 @@ class FeatureTorso(nn.Module):
         return MLP(self.width, self.depth, self.activation)(jnp.concatenate([obs, feature], -1))
 
 
-class FeatureActorCritic(nn.Module):
-    """``(obs, feature) -> (logits, value)`` with separate actor and critic torsos, as in
-    ``utils.networks.ActorCritic`` (a shared torso lets the value loss swamp the policy)."""
-
-    num_actions: int
-    width: int
-    depth: int
-    activation: str
-    feature_width: int
-
-    @nn.compact
-    def __call__(self, obs, feature):
-        actor = FeatureTorso(self.width, self.depth, self.activation, self.feature_width)(obs, feature)
-        critic = FeatureTorso(self.width, self.depth, self.activation, self.feature_width)(obs, feature)
-        logits = nn.Dense(self.num_actions, kernel_init=orthogonal(0.01), bias_init=constant(0.0))(actor)
-        value = nn.Dense(1, kernel_init=orthogonal(1.0), bias_init=constant(0.0))(critic)
-        return logits, value[..., 0]
-
-
-def make_network(cfg: PPOLLMConfig, env: envs.VecEnv) -> FeatureActorCritic:
-    return FeatureActorCritic(env.num_actions, cfg.layer_width, cfg.num_layers, cfg.activation, cfg.feature_width)
+def make_network(cfg: PPOLLMConfig, env: envs.VecEnv) -> ActorCritic:
+    """``(obs, feature) -> (logits, value)``: utils.networks' actor-critic with a :class:`FeatureTorso`
+    for each of actor and critic (a shared torso lets the value loss swamp the policy)."""
+    torso = functools.partial(FeatureTorso, cfg.layer_width, cfg.num_layers, cfg.activation, cfg.feature_width)
+    return ActorCritic(env.num_actions, torso=torso)
 
 
 # ---------------------------------------------------------------------------------------------------
