@@ -535,7 +535,10 @@ class JobQueue:
     # -- status ---------------------------------------------------------------------------------
 
     def stats(self, window_s: float = 300.0, now: float | None = None) -> dict[str, Any]:
-        """Waiting, in-flight, done and dead jobs, per-worker state and recent throughput."""
+        """Waiting, in-flight, done and dead jobs, per-worker state and recent throughput.
+
+        Jobs handed back for a retry count as waiting; ``retrying``/``retrying_jobs`` list them
+        (with their failures and backoff holder) apart from those a worker holds now."""
         now = time.time() if now is None else now
         entries = {msg_id: fields for msg_id, fields in self.client.xrange(self.jobs)}
         pending = self.client.xpending_range(self.jobs, GROUP, "-", "+", max(1, len(entries)))
@@ -548,6 +551,7 @@ class JobQueue:
                  "out": entries.get(p["message_id"], {}).get("out"),
                  "rows": int(entries.get(p["message_id"], {}).get("rows", 0))} for p in pending]
         in_flight = [job for job in held if not job["handed_back"]]
+        retrying = [job for job in held if job["handed_back"]]
         in_flight_ids = {job["id"] for job in in_flight}
         waiting_rows = sum(int(f.get("rows", 0)) for i, f in entries.items() if i not in in_flight_ids)
         recent = self.client.xrange(self.done, min=str(int((now - window_s) * 1000)), max="+")
@@ -560,11 +564,12 @@ class JobQueue:
         return {
             "queue": self.name,
             "waiting": len(entries) - len(in_flight),
-            "retrying": len(held) - len(in_flight),
+            "retrying": len(retrying),
             "in_flight": len(in_flight),
             "done": int(self.client.xlen(self.done)),
             "dead": len(dead),
             "in_flight_jobs": in_flight,
+            "retrying_jobs": retrying,
             "dead_letters": dead,
             "recent": {"window_s": window_s, "jobs": len(recent), "rows": rows,
                        "rows_per_s": rows_per_s,

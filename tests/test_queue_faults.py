@@ -75,17 +75,9 @@ class SlowBackend(ConstantBackend):
 
 
 def pending(queue: JobQueue) -> dict[str, dict]:
-    """Pending jobs by shard, with their holder, failures, reclaims and handed-back flag."""
-    return {job["shard"]: job for job in queue.stats()["in_flight_jobs"] + _handed_back(queue)}
-
-
-def _handed_back(queue: JobQueue) -> list[dict]:
-    entries = dict(queue.client.xrange(queue.jobs))
-    rows = queue.client.xpending_range(queue.jobs, GROUP, "-", "+", 1000)
-    counts = queue._counts([p["message_id"] for p in rows])
-    return [{"id": p["message_id"], "shard": entries[p["message_id"]]["shard"], "worker": p["consumer"],
-             "deliveries": p["times_delivered"], **counts[p["message_id"]]}
-            for p in rows if counts[p["message_id"]]["handed_back"]]
+    """Pending jobs by shard (held or handed back), with holder, failures, reclaims, handed_back."""
+    stats = queue.stats()
+    return {job["shard"]: job for job in stats["in_flight_jobs"] + stats["retrying_jobs"]}
 
 
 def done_by_shard(queue: JobQueue) -> dict[str, dict]:
