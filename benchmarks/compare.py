@@ -42,7 +42,7 @@ import numpy as np
 import yaml
 
 from utils.errors import UserError, exit_on_user_error
-from utils.io import atomic_write_json, atomic_write_text, read_jsonl
+from utils.io import atomic_write_json, atomic_write_text, check_output_path, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
@@ -154,6 +154,12 @@ def load_suite(name_or_path: str, *, budget: int | None = None, seeds: int | Non
         overrides += [a for env in suite_envs for a in ("--env", env)]
     if not suite_envs:
         raise UserError(f"{path}: 'envs' must list at least one env")
+    from utils.envs import ENV_NAMES
+
+    for env in suite_envs:
+        if env not in ENV_NAMES:  # found now, not after the first methods of a suite have trained
+            where = "--env" if envs else f"{path}: envs"
+            raise UserError(f"{where}: unknown env {env!r}; valid names: {', '.join(ENV_NAMES)}")
     if budget is not None:
         overrides += ["--budget", str(budget)]
     if seeds is not None:
@@ -162,7 +168,8 @@ def load_suite(name_or_path: str, *, budget: int | None = None, seeds: int | Non
               "seeds": seeds if seeds is not None else raw.get("seeds", 1), "first_seed": raw.get("first_seed", 0)}
     for key, value in values.items():
         if not isinstance(value, int) or value < (0 if key == "first_seed" else 1):
-            raise UserError(f"{path}: '{key}' must be a {'non-negative' if key == 'first_seed' else 'positive'} "
+            where = f"--{key}" if {"budget": budget, "seeds": seeds}.get(key) is not None else f"{path}: '{key}'"
+            raise UserError(f"{where} must be a {'non-negative' if key == 'first_seed' else 'positive'} "
                             f"integer, got {value!r}")
     slurm = raw.get("slurm") or {}
     _unknown_keys(slurm, _SLURM_KEYS, f"{path}: slurm")
@@ -706,8 +713,16 @@ def submit_slurm(suite: Suite, runs_root: str | Path, opts: SlurmOptions) -> tup
 # ---------------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one ``error:`` line (a ``UserError``), not usage + error."""
+
+    def error(self, message: str):
+        message = re.sub(r"^unrecognized arguments: (.*)", r"unknown flag \1", message)
+        raise UserError(f"{message}; see --help")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", help="suite name (benchmarks/suites/NAME.yaml) or path to a suite YAML file")
     parser.add_argument("--budget", type=int, help="env steps per seed (default: the suite's)")
     parser.add_argument("--seeds", type=int, help="number of seeds (default: the suite's)")
@@ -750,6 +765,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_output_path(args.runs_root, "--runs-root", "dir")
+    check_output_path(args.results_md, "--results-md", "file")
     suite = load_suite(args.suite, budget=args.budget, seeds=args.seeds, envs=args.env,
                        methods=args.methods.split(",") if args.methods else None)
     tasks = suite_tasks(suite)

@@ -20,6 +20,7 @@ from labelling.labels import labels_block, update_manifest
 from labelling.queue import JobQueue, QueueConfig, connect, job_fields, redact_url
 from utils.config import parse_config
 from utils.errors import UserError, exit_on_user_error
+from utils.io import check_output_path
 from utils.llm import LLMSpec, check_spec
 from utils.text_obs import obs_layout
 from utils.trajectories import read_manifest
@@ -64,6 +65,7 @@ def enqueue(cfg: EnqueueConfig, client=None) -> EnqueueResult:
     manifest = read_manifest(source)
     obs_layout(manifest["env_name"])  # pixel datasets cannot be rendered to text: say so now
     out = cfg.out_dir()
+    check_output_path(out, "--out", "dir")
     if out.resolve() == source.resolve():
         raise UserError(f"--out {out} is the source dataset; labels go to a separate folder")
     spec = cfg.spec()

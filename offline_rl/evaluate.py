@@ -25,7 +25,7 @@ import torch
 from offline_rl.checkpoint import find_checkpoint, load_checkpoint, policies_from_checkpoint
 from offline_rl.networks import resolve_device
 from utils.errors import UserError, exit_on_user_error
-from utils.io import atomic_write_json
+from utils.io import atomic_write_json, check_output_path
 from utils.evaluation import FirstEpisodes, eval_metrics
 from utils.media import first_env_renderer, write_gif
 
@@ -274,6 +274,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     enable_compilation_cache()
     cfg = parse_config(EvalConfig, AREA, NAME, argv)
+    if cfg.run_dir and not Path(cfg.run_dir).is_dir():
+        raise UserError(f"--run-dir: {cfg.run_dir} is not a folder; pass a run folder of offline_rl.awr or offline_rl.bc")
+    check_output_path(cfg.out, "--out", "file")
     result = run(cfg)
     summary = result["summary"]
     line = f"return {summary['return']} over {summary['episodes_finished']} finished episodes"

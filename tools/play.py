@@ -33,7 +33,6 @@ import dataclasses
 import datetime
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -357,12 +356,11 @@ def _status(session, steps: int, target: str, last_unlocked: list[str], typing: 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    import tyro
-
+    from utils.config import cli
     from utils.jax_setup import enable_compilation_cache
 
+    cfg = cli(PlayConfig, argv)  # checks --env, --record and the numbers
     enable_compilation_cache()
-    cfg = tyro.cli(PlayConfig, args=sys.argv[1:] if argv is None else argv, description=PlayConfig.__doc__)
     if cfg.script and "SDL_VIDEODRIVER" not in os.environ and not os.environ.get("DISPLAY"):
         os.environ["SDL_VIDEODRIVER"] = "dummy"  # a scripted session needs no screen
     result = play(cfg)

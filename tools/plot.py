@@ -17,7 +17,6 @@ resumes (a resumed run restarts its clock).
 from __future__ import annotations
 
 import dataclasses
-import sys
 import warnings
 from pathlib import Path
 from typing import Literal, Sequence
@@ -25,8 +24,9 @@ from typing import Literal, Sequence
 import numpy as np
 import tyro
 
+from utils.config import cli
 from utils.errors import UserError, exit_on_user_error
-from utils.io import read_jsonl
+from utils.io import check_output_path, read_jsonl
 from utils.plotting import curve
 
 WALL_KEY = "perf/wall_seconds"
@@ -64,7 +64,7 @@ def run_curve(run_dir: str | Path, metric: str, x: str = "steps") -> tuple[np.nd
     """(x [T], values [T, seeds]) of one run folder's ``metric``."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise UserError(f"{run_dir}: no metrics.jsonl; is it a run folder?")
+        raise UserError(f"RUNS {run_dir}: no metrics.jsonl; is it a run folder?")
     rows = read_jsonl(path)
     steps, values = curve(rows, metric)
     if not len(steps):
@@ -129,7 +129,7 @@ def default_label(run_dir: str) -> str:
 
 def load_curves(runs: Sequence[str], metric: str, x: str = "steps", labels: Sequence[str] = ()) -> list[Curve]:
     if not runs:
-        raise UserError("name at least one run folder")
+        raise UserError("RUNS: name at least one run folder")
     if labels and len(labels) != len(runs):
         raise UserError(f"--labels: {len(labels)} given for {len(runs)} run folders; give one per run")
     names = list(labels) if labels else [default_label(r) for r in runs]
@@ -169,7 +169,8 @@ def plot_curves(curves: Sequence[Curve], out: str | Path, *, metric: str, x: str
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> Path:
-    cfg = tyro.cli(PlotConfig, args=sys.argv[1:] if argv is None else argv, description=PlotConfig.__doc__)
+    cfg = cli(PlotConfig, argv)
+    check_output_path(cfg.out, "--out", "file")
     curves = load_curves(cfg.runs, cfg.metric, cfg.x, cfg.labels)
     out = plot_curves(curves, cfg.out, metric=cfg.metric, x=cfg.x, spread=cfg.spread, title=cfg.title)
     print(f"wrote {out} ({len(curves)} curve(s))")

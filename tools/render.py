@@ -213,12 +213,13 @@ def _progress(enabled: bool, total: int):
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import tyro
-
+    from utils.config import cli
+    from utils.io import check_output_path
     from utils.jax_setup import enable_compilation_cache
 
+    cfg = cli(RenderConfig, argv)
+    check_output_path(cfg.out, "--out", "file")
     enable_compilation_cache()
-    cfg = tyro.cli(RenderConfig, args=sys.argv[1:] if argv is None else argv, description=RenderConfig.__doc__)
     result = run(cfg)
     for i, episode in enumerate(result.get("episodes", [])):
         print(f"episode {i + 1}: return {episode['return']:.2f}, length {episode['length']}"

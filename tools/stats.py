@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tyro
 
+from utils.config import cli
 from utils.errors import UserError, exit_on_user_error
 from utils.io import atomic_write_json
 
@@ -207,7 +207,8 @@ def stats_for(path: str | Path) -> dict[str, Any]:
         return dataset_stats(path)
     if (path / "steps.jsonl").is_file():
         return recording_stats(path)
-    raise UserError(f"{path}: neither a dataset (manifest.json) nor a play recording (steps.jsonl)")
+    what = "is neither a dataset (manifest.json) nor a play recording (steps.jsonl)" if path.exists() else "does not exist"
+    raise UserError(f"PATH {path}: {what}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def format_table(stats: dict[str, Any]) -> str:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = tyro.cli(StatsConfig, args=sys.argv[1:] if argv is None else argv, description=StatsConfig.__doc__)
+    cfg = cli(StatsConfig, argv)  # checks that --json can be written
     stats = stats_for(cfg.path)
     print(format_table(stats))
     if cfg.json:

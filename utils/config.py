@@ -152,15 +152,15 @@ def cli(config_cls: type[C], argv: Sequence[str] | None = None, default: C | Non
         if stop.code in (0, None):
             sys.stderr.write(captured.getvalue())
             raise
-        raise UserError(_one_line(captured.getvalue())) from None
+        raise UserError(_one_line(captured.getvalue(), config_cls)) from None
     sys.stderr.write(captured.getvalue())  # warnings, if any
     return check_config(config)
 
 
-def _one_line(box: str) -> str:
+def _one_line(box: str, config_cls: type) -> str:
     """The gist of one of tyro's error boxes, e.g. 'unknown flag --foo (did you mean --food?); see --help'."""
-    lines = [line.strip(" \u2502\u256d\u256e\u2570\u256f\u2500-") for line in box.splitlines()]
-    lines = [line for line in lines if line]
+    lines = [line.strip(" \u2502\u256d\u256e\u2570\u256f\u2500") for line in box.splitlines()]
+    lines = [line for line in lines if line and not re.fullmatch(r"[-\u2500 ]+", line)]
     text = " ".join(lines)
     match = re.search(r"Unrecognized options: (.*?)(?: Perhaps you meant:| For full helptext|$)", text)
     if match:
@@ -171,15 +171,26 @@ def _one_line(box: str) -> str:
         if flags:
             return f"unknown flag{'s' if len(flags) > 1 else ''} {', '.join(flags)}{suggestion}; see --help"
         return f"unexpected argument{'s' if len(tokens) > 1 else ''} {' '.join(tokens)}; see --help"
+    match = re.search(r"invalid choice '(.*?)' for argument '(\S+?)'\. Expected one of \((.*?)\)", text)
+    if match:
+        choices = match.group(3).replace("'", "").rstrip(",")
+        return f"{match.group(2)}: invalid choice {match.group(1)!r}; expected one of {choices}"
     match = re.search(r"Error parsing (\S+?): (.*?)(?: Argument helptext:| For full helptext|$)", text)
     if match:
-        return f"{match.group(1)}: {match.group(2)}; see --help"
+        reason = re.sub(r"invalid literal for int\(\) with base 10: (.*)", r"expected an integer, got \1", match.group(2))
+        reason = re.sub(r"could not convert string to float: (.*)", r"expected a number, got \1", reason)
+        return f"{match.group(1)}: {reason}; see --help"
     match = re.search(r"Missing value for argument '(\S+)'", text)
     if match:
         return f"{match.group(1)} needs a value; see --help"
-    match = re.search(r"Required options: (.*?)(?: Argument helptext:| For full helptext|$)", text)
+    match = re.search(r"Missing from [^:]*: (\S+)", text) or re.search(r"[Rr]equired options?:? (--[\w-]+)", text)
     if match:
-        return f"missing {match.group(1).split(' ')[0]}; see --help"
+        missing = match.group(1)
+        if not missing.startswith("-"):  # a positional argument: tyro shows its type, name the field
+            fields = [f.name.upper() for f in dataclasses.fields(config_cls)
+                      if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+            missing = fields[0] if fields else "argument"
+        return f"missing {missing}; see --help"
     body = re.split(r" For full helptext", text)[0]
     return f"{body}; see --help" if body else "bad command line; see --help"
 
@@ -196,13 +207,24 @@ _COUNT_NAME = re.compile(
 ZERO_ALLOWED = frozenset({"eval_every", "num_workers", "few_shot_count", "prefill"})
 #: Integers where a negative value means something (a layer counted from the last, any seed).
 SIGNED = frozenset({"seed", "layer", "llm_layer"})
-#: Fields that name something a command writes: a folder, or (``out``, ``json``, ``gif``) a file.
+#: Fields that name something a command writes: a folder, or a file. (``--out`` is a file for some
+#: commands and a folder for others: those commands check it themselves.)
 OUTPUT_DIRS = frozenset({"save_trajectories", "record"})
-OUTPUT_FILES = frozenset({"json", "gif"})
+OUTPUT_FILES = frozenset({"json", "gif", "embedded_redis"})
+#: Fields that name something a command reads: it must exist (a dataset must also hold its manifest).
+INPUT_PATHS = frozenset({"dataset", "checkpoint", "run", "few_shot"})
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _check_input_path(path: Path, flag: str) -> None:
+    if not path.exists():
+        raise UserError(f"{flag}: {path} does not exist; check the path")
+    if flag == "--dataset" and not (path / "manifest.json").is_file():
+        raise UserError(f"{flag}: {path} is not a trajectory dataset (no manifest.json); pass a folder "
+                        "written by python -m online_rl.ppo --save-trajectories DIR")
 
 
 def check_config(config: C) -> C:
@@ -210,7 +232,7 @@ def check_config(config: C) -> C:
 
     One central check rather than one per entry point: every count must be positive, every other
     integer non-negative (except seeds and layer indices), rates positive, discounts in [0, 1],
-    durations non-negative; output folders and files must be creatable (``utils.io.check_output_path``),
+    durations non-negative; the env and input paths must exist; output folders and files must be creatable (``utils.io.check_output_path``),
     and a reused run folder must hold a readable config (``utils.run_dir.check_run_dir``)."""
     from utils.io import check_output_path
 
@@ -236,7 +258,14 @@ def check_config(config: C) -> C:
                 check_output_path(value, _flag(name), "dir")
             elif name in OUTPUT_FILES:
                 check_output_path(value, _flag(name), "file")
+            elif name in INPUT_PATHS:
+                _check_input_path(Path(value), _flag(name))
     names = {field.name for field in dataclasses.fields(config)}
+    if "env" in names and isinstance(config.env, str) and config.env:
+        from utils.envs import ENV_NAMES
+
+        if config.env not in ENV_NAMES:
+            raise UserError(f"--env: unknown env {config.env!r}; valid names: {', '.join(ENV_NAMES)}")
     if "run_name" in names and getattr(config, "run_dir", None):  # a run folder this command writes
         from utils.run_dir import check_run_dir
 
