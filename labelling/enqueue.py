@@ -92,6 +92,7 @@ def enqueue(cfg: EnqueueConfig, client=None) -> EnqueueResult:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(EnqueueConfig, AREA, COMMAND, argv)
+    check_output_path(cfg.out_dir() if cfg.dataset else None, "--out", "dir")  # before connecting to Redis
     result = enqueue(cfg)
     print(f"queued {result.queued} shards of {cfg.dataset} for {result.out} on queue {cfg.queue!r} "
           f"({result.already_labelled} already labelled, {result.already_queued} already queued"

@@ -251,7 +251,7 @@ def check_config(config: C) -> C:
                 raise UserError(f"{_flag(name)} must be positive, got {value}")
             if name in ("gamma", "int_gamma", "gae_lambda", "lam") and not 0 <= value <= 1:
                 raise UserError(f"{_flag(name)} must be between 0 and 1, got {value}")
-            if (name.endswith("_s") or name.endswith("_ms") or name.endswith("_mb")) and value < 0:
+            if (name.endswith(("_s", "_ms", "_mb")) or name == "watch") and value < 0:
                 raise UserError(f"{_flag(name)} must be zero or more, got {value}")
         elif isinstance(value, str) and value:
             if name in OUTPUT_DIRS:
