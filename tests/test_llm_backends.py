@@ -1,0 +1,368 @@
+"""GPU engines (vLLM, SGLang) with stand-in engine objects on the CPU, and feature exactness.
+
+The stand-ins record the arguments each engine gets and answer with states computed by plain
+transformers, so these tests check what this code asks of the engines and how it post-processes
+their answers. The real engines run under the ``gpu`` marker (``benchmarks/gpu_check.sh``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import utils.llm as llm
+import utils.llm.sglang_engine as sglang_engine
+import utils.llm.vllm_engine as vllm_engine
+from labelling.labels import check_output_labels, labels_block, same_labels
+from utils.llm import LLMError, LLMSpec, make_backend
+
+TEXTS = ["Health 7, food 5.", "Inventory: wood 3, sapling 1.", "x"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def token_states(tiny_llm_path):
+    """ids -> tuple of [tokens, D] states per hidden_states index, from the full model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm_path).eval()
+
+    def states(ids: list[int]) -> tuple:
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        return tuple(h[0].numpy() for h in out.hidden_states)
+
+    return states
+
+
+def _module(monkeypatch, name: str, **attributes) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(attributes)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------
+# vLLM
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class OldPoolerConfig:
+    """A vLLM release that still has ``normalize`` next to ``use_activation``."""
+
+    pooling_type: str | None = None
+    normalize: bool | None = None
+    use_activation: bool | None = None
+
+
+def fake_vllm(monkeypatch, token_states, *, unit_norm: bool = False):
+    engines: list[dict] = []
+
+    class FakeLLM:
+        def __init__(self, **options):
+            self.options = options
+            engines.append(options)
+
+        def embed(self, prompts, use_tqdm=False):
+            config = self.options["pooler_config"]
+            assert config.normalize is False and config.use_activation is False
+            rows = []
+            for prompt in prompts:
+                states = token_states(prompt["prompt_token_ids"])[-1]
+                row = states[-1] if config.pooling_type == "LAST" else states.mean(0)
+                rows.append(row / np.linalg.norm(row) if unit_norm else row)
+            return [types.SimpleNamespace(outputs=types.SimpleNamespace(embedding=r.tolist()))
+                    for r in rows]
+
+        def generate(self, prompts, sampling, use_tqdm=False):
+            import torch
+
+            folder = Path(self.options["kv_transfer_config"]["kv_connector_extra_config"]
+                          ["shared_storage_path"])
+            [layer] = self.options["speculative_config"]["draft_model_config"]["hf_config"][
+                "eagle_aux_hidden_state_layer_ids"]
+            results = []
+            for i, prompt in enumerate(prompts):
+                path = folder / f"req-{len(engines)}-{i}.pt"
+                states = token_states(prompt["prompt_token_ids"])[layer]
+                torch.save({"hidden_states": torch.tensor(states)[:, None]}, path)
+                results.append(types.SimpleNamespace(kv_transfer_params={"hidden_states_path": str(path)}))
+            return results
+
+    import torch
+
+    fake = _module(monkeypatch, "vllm", LLM=FakeLLM, SamplingParams=lambda **kw: kw)
+    _module(monkeypatch, "vllm.config", PoolerConfig=OldPoolerConfig)
+    connector = types.SimpleNamespace(load_hidden_states=lambda path: torch.load(path))
+    _module(monkeypatch, "vllm.distributed.kv_transfer.kv_connector.v1",
+            example_hidden_states_connector=connector)
+    monkeypatch.setattr(vllm_engine, "require_vllm", lambda: fake)
+    return engines
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_vllm_last_layer_turns_off_every_normalisation_switch(tiny_llm_path, token_states,
+                                                              monkeypatch, pooling):
+    engines = fake_vllm(monkeypatch, token_states)
+    spec = LLMSpec(model=tiny_llm_path, backend="vllm", pooling=pooling)
+    backend = make_backend(spec, engine_options={"load_format": "dummy"})
+    [options] = engines
+    assert options["runner"] == "pooling" and options["load_format"] == "dummy"
+    config = options["pooler_config"]
+    assert (config.pooling_type, config.normalize, config.use_activation) == (pooling.upper(), False, False)
+    assert "hf_overrides" not in options  # the last layer needs the whole model
+    expected = make_backend(spec.replace(backend="transformers")).hidden_states(TEXTS)
+    np.testing.assert_allclose(backend.hidden_states(TEXTS), expected, atol=1e-5)
+    assert backend.identity == {**llm.identity(spec), "compute_dtype": "bfloat16"}
+
+
+def test_vllm_unit_norm_rows_fail_at_warm_up(tiny_llm_path, token_states, monkeypatch):
+    fake_vllm(monkeypatch, token_states, unit_norm=True)
+    with pytest.raises(LLMError, match="unit-norm"):
+        make_backend(LLMSpec(model=tiny_llm_path, backend="vllm"))
+    llm.check_not_unit_norm(np.full((2, 4), 3.0), "x")  # raw states pass
+    assert vllm_engine.vllm_pooler_options("last", ["seq_pooling_type", "use_activation"]) == \
+        {"seq_pooling_type": "LAST", "use_activation": False}
+
+
+@pytest.mark.parametrize("layer", [1, 0])
+def test_vllm_intermediate_layer_truncates_and_reads_files_from_shm(tiny_llm_path, token_states,
+                                                                    monkeypatch, layer):
+    engines = fake_vllm(monkeypatch, token_states)
+    spec = LLMSpec(model=tiny_llm_path, backend="vllm", layer=layer, pooling="mean")
+    backend = make_backend(spec)
+    [options] = engines
+    assert options["hf_overrides"] == {"num_hidden_layers": 1, "layer_types": ["full_attention"]}
+    ids = options["speculative_config"]["draft_model_config"]["hf_config"]["eagle_aux_hidden_state_layer_ids"]
+    assert ids == [layer]
+    folder = Path(options["kv_transfer_config"]["kv_connector_extra_config"]["shared_storage_path"])
+    if llm.shm_dir():
+        assert folder.parent == Path("/dev/shm")
+    expected = make_backend(spec.replace(backend="transformers")).hidden_states(TEXTS)
+    np.testing.assert_allclose(backend.hidden_states(TEXTS), expected, atol=1e-5)
+    assert list(folder.iterdir()) == []  # every per-prompt file is deleted once read
+
+
+# ----------------------------------------------------------------------------------------------
+# SGLang
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FakeServerArgs:
+    model_path: str = ""
+    enable_return_hidden_states: bool = False
+
+
+def fake_sglang(monkeypatch, token_states, *, request_flag: bool = True):
+    engines: list[dict] = []
+    calls: list[dict] = []
+
+    class Engine:
+        def __init__(self, **options):
+            engines.append(options)
+
+        def _answer(self, input_ids, sampling_params, hidden):
+            calls.append({"sampling_params": sampling_params, "hidden": hidden})
+            outputs = []
+            for ids in input_ids:
+                meta = {}
+                if hidden:
+                    meta["hidden_states"] = [token_states(ids)[-1].tolist(), [0.0] * 32]
+                outputs.append({"output_ids": ids[:2], "meta_info": meta})
+            return outputs
+
+        if request_flag:
+            def generate(self, input_ids=None, sampling_params=None, return_hidden_states=False):
+                return self._answer(input_ids, sampling_params, return_hidden_states)
+        else:
+            def generate(self, input_ids=None, sampling_params=None):
+                return self._answer(input_ids, sampling_params,
+                                    sampling_params.get("return_hidden_states", False))
+
+    fake = _module(monkeypatch, "sglang", Engine=Engine)
+    _module(monkeypatch, "sglang.srt.server_args", ServerArgs=FakeServerArgs)
+    monkeypatch.setattr(sglang_engine, "require_sglang", lambda: fake)
+    return engines, calls
+
+
+@pytest.mark.parametrize("request_flag", [True, False])
+def test_sglang_hidden_states_and_generation(tiny_llm_path, token_states, monkeypatch, request_flag):
+    engines, calls = fake_sglang(monkeypatch, token_states, request_flag=request_flag)
+    monkeypatch.setenv("SGLANG_MEM_FRACTION_STATIC", "0.4")
+    spec = LLMSpec(model=tiny_llm_path, backend="sglang", pooling="mean", max_length=512)
+    backend = make_backend(spec)
+    [options] = engines
+    assert options["skip_tokenizer_init"] is True and options["enable_return_hidden_states"] is True
+    assert options["context_length"] == 512 and options["mem_fraction_static"] == 0.4
+    for pooling in ("mean", "last"):
+        backend.spec = spec.replace(pooling=pooling)
+        expected = make_backend(spec.replace(backend="transformers", pooling=pooling)).hidden_states(TEXTS)
+        np.testing.assert_allclose(backend.hidden_states(TEXTS), expected, atol=1e-5)
+    assert calls[-1]["hidden"] is True and calls[-1]["sampling_params"]["max_new_tokens"] == 1
+    ids = backend.prompts.encode(["Health 7"])[0]
+    assert backend.generate(["Health 7"], max_new_tokens=3) == [backend.tokenizer.decode(ids[:2])]
+    assert calls[-1]["hidden"] is False and calls[-1]["sampling_params"]["max_new_tokens"] == 3
+
+
+def test_sglang_refuses_intermediate_layers_and_short_answers(tiny_llm_path, token_states, monkeypatch):
+    fake_sglang(monkeypatch, token_states)
+    with pytest.raises(LLMError, match="only the last layer"):
+        make_backend(LLMSpec(model=tiny_llm_path, backend="sglang", layer=1))
+    # generation only (LLM play) may name any layer
+    assert make_backend(LLMSpec(model=tiny_llm_path, backend="sglang", layer=1), hidden_states=False)
+    one_row = {"meta_info": {"hidden_states": [[1.0, 2.0]]}}
+    np.testing.assert_array_equal(sglang_engine.sglang_prompt_states(one_row, 5, "last"), [1.0, 2.0])
+    with pytest.raises(LLMError, match="mean pooling needs all of them"):
+        sglang_engine.sglang_prompt_states(one_row, 5, "mean")
+    with pytest.raises(LLMError, match="no hidden states"):
+        sglang_engine.sglang_prompt_states({"meta_info": {}}, 5, "last")
+    with pytest.raises(LLMError, match="none of"):
+        sglang_engine.sglang_engine_options(LLMSpec(model="m"), ["model_path"])
+
+
+def test_gpu_engines_without_gpu_or_package_are_clear_errors(monkeypatch):
+    with pytest.raises(LLMError, match="sglang backend needs a CUDA GPU"):
+        sglang_engine.require_sglang(cuda_available=False)
+    monkeypatch.setitem(sys.modules, "sglang", None)
+    with pytest.raises(LLMError, match=r"needs the sglang package .*\[llm,sglang\]"):
+        sglang_engine.require_sglang(cuda_available=True)
+    with pytest.raises(LLMError, match="engine options"):
+        make_backend(LLMSpec(model="m"), engine_options={"load_format": "dummy"})
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers: truncation and float32 pooling
+# ----------------------------------------------------------------------------------------------
+
+
+def test_intermediate_layers_load_only_the_layers_they_need(tiny_llm_path, token_states):
+    backend = make_backend(LLMSpec(model=tiny_llm_path, layer=1, pooling="last"))
+    assert backend.loaded_layers == 1 and len(backend.model.base_model.layers) == 1
+    ids = backend.prompts.encode(TEXTS)
+    expected = np.stack([token_states(row)[1][-1] for row in ids])  # full model, layer 1
+    np.testing.assert_allclose(backend.hidden_states(TEXTS), expected, atol=2e-5)
+    with pytest.raises(LLMError, match="cannot generate"):
+        backend.generate(["x"])
+    assert make_backend(LLMSpec(model=tiny_llm_path)).loaded_layers == 2
+
+
+def test_mean_pooling_sums_in_float32():
+    import torch
+
+    # bf16 tokens alternating 1 and 1 + 2**-7: their mean, 1 + 2**-8, lies between two bf16
+    # values, so pooling in bf16 (the old code) rounds it away; float32 keeps it.
+    states = torch.ones((1, 512, 2), dtype=torch.bfloat16)
+    states[:, 1::2] = 1 + 2 ** -7
+    mask = torch.ones((1, 512), dtype=torch.long)
+    pooled = llm.pool_states(states, mask, "mean")
+    assert pooled.dtype == torch.float32
+    np.testing.assert_array_equal(pooled.numpy(), 1 + 2 ** -8)
+    in_bf16 = states.sum(1) / mask.sum(1, keepdim=True)
+    assert in_bf16.dtype == torch.bfloat16 and in_bf16[0, 0].item() != 1 + 2 ** -8
+    assert llm.pool_states(states, mask, "last").dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Exactness: resolved dtype, backend and revision in manifests
+# ----------------------------------------------------------------------------------------------
+
+
+def test_identity_resolves_dtype_backend_and_revision(tiny_llm_path, tmp_path):
+    spec = LLMSpec(model=tiny_llm_path)
+    cpu = llm.identity(spec, cuda_available=False)
+    assert cpu["compute_dtype"] == "float32" and cpu["backend"] == "transformers"
+    assert llm.identity(spec, cuda_available=True)["compute_dtype"] == "bfloat16"
+    assert llm.identity(spec.replace(backend="vllm"))["compute_dtype"] == "bfloat16"
+    assert cpu["model_revision"].startswith("local:")
+    copy = Path(shutil.copytree(tiny_llm_path, tmp_path / "copy"))
+    assert llm.model_revision(str(copy)) == cpu["model_revision"]  # same bytes, same revision
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF  # other weights, same size
+    weights.write_bytes(bytes(data))
+    assert llm.model_revision(str(copy)) != cpu["model_revision"]
+    snapshot = tmp_path / "hub" / "snapshots" / "abc123"
+    shutil.copytree(tiny_llm_path, snapshot)
+    assert llm.model_revision(str(snapshot)) == "abc123"
+    assert llm.model_revision("nobody/not-downloaded-model") is None
+
+
+def test_labelled_datasets_refuse_to_mix_dtypes_or_revisions(tiny_llm_path, tmp_path, monkeypatch):
+    import labelling.labels as labels
+
+    spec = LLMSpec(model=tiny_llm_path)
+    enqueued = labels_block(spec, None)
+    assert enqueued["compute_dtype"] == "auto" and enqueued["model_revision"] is None
+    cpu = labels_block(spec, 32, llm.identity(spec, cuda_available=False))
+    gpu = labels_block(spec, 32, llm.identity(spec, cuda_available=True))
+    assert cpu["compute_dtype"] == "float32" and gpu["compute_dtype"] == "bfloat16"
+    assert same_labels(enqueued, cpu) and same_labels(enqueued, gpu)
+    assert not same_labels(cpu, gpu)
+    assert not same_labels(cpu, {**cpu, "model_revision": "local:other"})
+    assert not same_labels(cpu, {**cpu, "backend": "vllm"})
+    out = tmp_path / "labelled"  # a folder a CPU worker has labelled into
+    monkeypatch.setattr(labels, "existing_labels", lambda folder: cpu if Path(folder) == out else None)
+    assert check_output_labels(out, enqueued)["compute_dtype"] == "float32"  # keeps what is known
+    with pytest.raises(Exception, match="compute dtype float32.*not.*compute dtype bfloat16"):
+        check_output_labels(out, gpu)
+    # a worker resolves in its own process when not handed a backend's identity
+    assert labels_block(spec, 32)["compute_dtype"] in ("float32", "bfloat16")
+    assert labels_block(spec, 32)["model_revision"] == cpu["model_revision"]
+
+
+def test_feature_identity_holds_the_resolved_fields(tiny_llm_path):
+    from online_rl_llm.features import check_same_identity, encoder_identity
+    from utils.errors import UserError
+
+    backend = make_backend(LLMSpec(model=tiny_llm_path, device="cpu"))
+    current = encoder_identity(backend)
+    assert current["compute_dtype"] == "float32" and current["backend"] == "transformers"
+    assert current["model_revision"] == llm.model_revision(tiny_llm_path)
+    check_same_identity(dict(current), current, "run")
+    with pytest.raises(UserError, match="compute_dtype: 'bfloat16' -> 'float32'"):
+        check_same_identity({**current, "compute_dtype": "bfloat16"}, current, "run")
+    older = {k: v for k, v in current.items() if k not in ("backend", "compute_dtype", "model_revision")}
+    check_same_identity(older, current, "run")  # run folders saved before these fields resume
+
+
+# ----------------------------------------------------------------------------------------------
+# Extras: vllm / sglang / cuda resolve beside the project's pins
+# ----------------------------------------------------------------------------------------------
+
+
+def _index_reachable() -> bool:
+    try:
+        result = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "vllm"],
+                                capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0 and "vllm" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extras", ["llm,vllm", "llm,sglang", "cuda"])
+def test_gpu_extras_resolve_beside_the_project_pins(extras, tmp_path):
+    """``pip install --dry-run`` of each GPU extra together with the test extra (torch==2.13.0,
+    the pinned transformers/fastapi floors): minutes, and it needs a package index."""
+    if not _index_reachable():
+        pytest.skip("pip cannot reach a package index from here")
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+         "--report", str(report), f".[{extras},test]"],
+        cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-2000:]
+    chosen = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+              for item in json.loads(report.read_text())["install"]}
+    assert chosen["torch"].startswith("2.13.0") and chosen["jax"] == "0.10.2"
+    assert any(name in chosen for name in ("vllm", "sglang", "jax-cuda12-plugin"))
