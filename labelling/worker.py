@@ -431,8 +431,9 @@ def _handle(job: Job, queue: JobQueue, backends: BackendCache, cfg: WorkerConfig
         return _expired(beat, job, summary)
     if info is None or not queue.complete(job, name, **info):
         summary.lost += 1
-        _log(bar, f"note: {where} was taken over by another worker meanwhile; "
-                  "this worker's result was discarded")
+        _log(bar, f"note: {where} was taken over by another worker meanwhile; " + (
+            "this worker's result was discarded" if info is None else
+            "it lost the job just after writing the shard, which its new holder will find present"))
         return False, "lost"
     summary.jobs += 1
     summary.rows += job.rows
