@@ -15,7 +15,9 @@ micro-batching gathered the concurrent requests) and the share of time the model
 ``--max-batch 1`` turns batching off, for comparison; ``--max-wait-ms`` may repeat too.
 ``--direct`` also times the backend in this process on batches of ``max_batch`` texts: the model's
 own rate, without HTTP. ``--stand-in`` serves constant vectors instead of a model (the real app and
-uvicorn): what HTTP, JSON and batching cost by themselves.
+uvicorn): what HTTP, JSON and batching cost by themselves; ``--stand-in-dim 896`` gives them the
+hidden size of Qwen2.5-0.5B. ``--format json --format f16`` measures each answer format (JSON float
+lists, or raw float16 with ``?format=f16``): on large batches JSON costs more than a GPU model.
 
 Requests carry ``--items`` texts each: the canonical texts of Craftax-Classic observations from
 env resets (``--source real``, needs JAX) or random well-formed ones (``--source synthetic``), or
@@ -50,21 +52,26 @@ def observations(source: str, num: int) -> np.ndarray:
 
 
 class StandInBackend:
-    """Constant vectors, no computation: the server's cost besides the model (never for features)."""
+    """Vectors without computation: the server's cost besides the model (never for features).
+    Values vary (like a model's, not like 1.0) so JSON formatting costs what it would."""
 
-    hidden_size, num_layers = 32, 2
+    num_layers = 2
+
+    def __init__(self, hidden_size: int = 32):
+        self.hidden_size = hidden_size
+        self._rows = np.random.default_rng(0).standard_normal((256, hidden_size)).astype(np.float32)
 
     def hidden_states(self, texts):
-        return np.ones((len(texts), self.hidden_size), np.float32)
+        return self._rows[np.arange(len(texts)) % len(self._rows)]
 
 
-def serve_stand_in(max_batch: int, max_wait_ms: float) -> None:
+def serve_stand_in(max_batch: int, max_wait_ms: float, dim: int = 32) -> None:
     """The real app and uvicorn around ``StandInBackend`` (run as this module's child process)."""
     from servers.hidden_state_server import base_url, bind_socket, create_app, serve
     from utils.llm import LLMSpec
 
     spec = LLMSpec(model="stand-in")
-    app = create_app(StandInBackend(), spec, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    app = create_app(StandInBackend(dim), spec, max_batch=max_batch, max_wait_ms=max_wait_ms)
     sock = bind_socket("127.0.0.1", 0)
     url = base_url(sock)
     sock.listen(2048)
@@ -137,7 +144,8 @@ class KeepAliveConnection:
     async def __aexit__(self, *exc: object) -> None:
         self.writer.close()
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes, bytes]:
+        """(status, header block, body) of one POST."""
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.netloc}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         self.writer.write(head + body)
@@ -146,11 +154,20 @@ class KeepAliveConnection:
         length = re.search(rb"(?im)^content-length:\s*(\d+)", header)
         if length is None:
             raise SystemExit(f"server answered without Content-Length: {header[:200]!r}")
-        return status, await self.reader.readexactly(int(length.group(1)))
+        return status, header, await self.reader.readexactly(int(length.group(1)))
 
 
-async def load(url: str, bodies: list[tuple[bytes, int]], concurrency: int, seconds: float) -> dict:
-    """``concurrency`` clients, a connection each, sending back to back for ``seconds``."""
+def answered_rows(header: bytes, answer: bytes) -> int:
+    """Vectors in an answer: from X-Shape for a binary one, else from the JSON."""
+    shape = re.search(rb"(?im)^x-shape:\s*(\d+),", header)
+    return int(shape.group(1)) if shape else len(json.loads(answer)["vectors"])
+
+
+async def load(url: str, bodies: list[tuple[bytes, int]], concurrency: int, seconds: float,
+               fmt: str = "json") -> dict:
+    """``concurrency`` clients, a connection each, sending back to back for ``seconds``; answers
+    in ``fmt`` (json, f16, f32)."""
+    path = PATH if fmt == "json" else f"{PATH}?format={fmt}"
     latencies: list[float] = []
     texts = 0
 
@@ -162,12 +179,12 @@ async def load(url: str, bodies: list[tuple[bytes, int]], concurrency: int, seco
                 body, items = bodies[i % len(bodies)]
                 i += concurrency
                 start = time.perf_counter()
-                status, answer = await connection.post(PATH, body)
+                status, header, answer = await connection.post(path, body)
                 latencies.append(time.perf_counter() - start)
                 if status != 200:
                     raise SystemExit(f"server answered {status}: {answer[:300]!r}")
                 if not checked:  # the first answer per client is parsed; the rest trust the 200
-                    if len(json.loads(answer)["vectors"]) != items:
+                    if answered_rows(header, answer) != items:
                         raise SystemExit(f"server answered {items} items with another number of vectors")
                     checked = True
                 texts += items
@@ -176,22 +193,22 @@ async def load(url: str, bodies: list[tuple[bytes, int]], concurrency: int, seco
     await asyncio.gather(*(client(i, start + seconds) for i in range(concurrency)))
     wall = time.perf_counter() - start
     lat_ms = np.array(latencies) * 1000
-    return {"concurrency": concurrency, "requests": len(latencies), "texts": texts,
+    return {"format": fmt, "concurrency": concurrency, "requests": len(latencies), "texts": texts,
             "seconds": round(wall, 2), "texts_per_s": round(texts / wall, 1),
             "p50_ms": round(float(np.percentile(lat_ms, 50)), 1),
             "p95_ms": round(float(np.percentile(lat_ms, 95)), 1)}
 
 
 def measure_server(url: str, bodies: list[tuple[bytes, int]], levels: list[int], seconds: float,
-                   warmup_s: float) -> list[dict]:
+                   warmup_s: float, formats: tuple[str, ...] = ("json",)) -> list[dict]:
     import httpx
 
     health = httpx.get(url + "/health", timeout=30).json()
     asyncio.run(load(url, bodies, 1, warmup_s))
     rows = []
-    for concurrency in levels:
+    for fmt, concurrency in [(f, c) for f in formats for c in levels]:
         before = httpx.get(url + "/v1/stats", timeout=30).json()
-        row = asyncio.run(load(url, bodies, concurrency, seconds))
+        row = asyncio.run(load(url, bodies, concurrency, seconds, fmt))
         after = httpx.get(url + "/v1/stats", timeout=30).json()
         calls = after["batches"] - before["batches"]
         row["texts_per_model_call"] = round((after["texts"] - before["texts"]) / max(calls, 1), 2)
@@ -201,6 +218,27 @@ def measure_server(url: str, bodies: list[tuple[bytes, int]], levels: list[int],
         row.update(max_batch=health["max_batch"], max_wait_ms=health["max_wait_ms"])
         print(json.dumps(row), flush=True)
         rows.append(row)
+    return rows
+
+
+def measure_client(url: str, texts: list[str], formats: tuple[str, ...], repeats: int = 5) -> list[dict]:
+    """``utils.hidden_state_client`` end to end (split, concurrent requests, decoding) on all of
+    ``texts`` per wire format: the median of ``repeats`` calls, after one warm-up call."""
+    from utils.hidden_state_client import HiddenStateClient
+
+    rows = []
+    for fmt in formats:
+        with HiddenStateClient(url, wire=fmt) as client:
+            client.hidden_states(texts)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                client.hidden_states(texts)
+                times.append(time.perf_counter() - start)
+        seconds = float(np.median(times))
+        rows.append({"client_format": fmt, "texts": len(texts), "median_s": round(seconds, 4),
+                     "texts_per_s": round(len(texts) / seconds, 1)})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -234,15 +272,16 @@ def server_settings(args: argparse.Namespace) -> list[tuple[int, float]]:
 
 
 def markdown(rows: list[dict], direct: list[dict]) -> str:
-    lines = ["| max batch | max wait ms | concurrency | requests | texts/s | p50 ms | p95 ms "
+    lines = ["| max batch | max wait ms | format | concurrency | requests | texts/s | p50 ms | p95 ms "
              "| texts per model call | model busy |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['max_batch']} | {r['max_wait_ms']:g} | {r['concurrency']} | {r['requests']} | "
+        lines.append(f"| {r['max_batch']} | {r['max_wait_ms']:g} | {r['format']} | {r['concurrency']} | "
+                     f"{r['requests']} | "
                      f"{r['texts_per_s']:,.0f} | {r['p50_ms']} | {r['p95_ms']} | {r['texts_per_model_call']} "
                      f"| {r['model_busy']:.0%} |")
     for d in direct:
-        lines.append(f"| {d['direct_batch']} (direct, no HTTP) | - | - | - | {d['texts_per_s']:,.0f} | - | - | "
+        lines.append(f"| {d['direct_batch']} (direct, no HTTP) | - | - | - | - | {d['texts_per_s']:,.0f} | - | - | "
                      f"{d['direct_batch']} | 100% |")
     return "\n".join(lines)
 
@@ -269,13 +308,20 @@ def main() -> None:
                         help="also time the backend in this process (loads the model here too)")
     parser.add_argument("--stand-in", action="store_true",
                         help="serve constant vectors instead of a model: HTTP, JSON and batching alone")
+    parser.add_argument("--stand-in-dim", type=int, default=32,
+                        help="hidden size of the stand-in's vectors (896: Qwen2.5-0.5B)")
+    parser.add_argument("--format", action="append", choices=("json", "f16", "f32"),
+                        help="answer format, one measurement per value (default: json)")
+    parser.add_argument("--client", action="store_true",
+                        help="also time HiddenStateClient.hidden_states on all --num texts per format")
     parser.add_argument("--serve-stand-in", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     if args.serve_stand_in:
-        serve_stand_in((args.max_batch or [64])[0], (args.max_wait_ms or [5.0])[0])
+        serve_stand_in((args.max_batch or [64])[0], (args.max_wait_ms or [5.0])[0], args.stand_in_dim)
         return
     levels = args.concurrency or [1, 4, 16, 64]
+    formats = tuple(args.format or ["json"])
 
     from benchmarks.common import machine_description
     from utils.io import atomic_write_json
@@ -286,6 +332,7 @@ def main() -> None:
     bodies = payloads(args.payload, texts, obs, args.items)
     rows: list[dict] = []
     direct: list[dict] = []
+    client: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None and args.url is None and not args.stand_in:
@@ -293,34 +340,41 @@ def main() -> None:
 
             model = build_tiny_llm(Path(tmp) / "tiny_llm")
         if args.url:
-            rows = measure_server(args.url.rstrip("/"), bodies, levels, args.seconds, args.warmup_s)
+            rows = measure_server(args.url.rstrip("/"), bodies, levels, args.seconds, args.warmup_s,
+                                  formats)
         for max_batch, max_wait_ms in ([] if args.url else server_settings(args)):
             limits = ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
             if args.stand_in:
-                command = ["benchmarks.server_throughput", "--serve-stand-in", *limits]
+                command = ["benchmarks.server_throughput", "--serve-stand-in", *limits,
+                           "--stand-in-dim", str(args.stand_in_dim)]
             else:
                 command = ["servers.hidden_state_server", "--port", "0", "--log-level", "warning",
                            "--model", model, "--device", args.device, "--threads", str(args.threads),
                            "--batch-size", str(max_batch), *limits]
             with ServerProcess(command) as url:
-                rows += measure_server(url, bodies, levels, args.seconds, args.warmup_s)
+                rows += measure_server(url, bodies, levels, args.seconds, args.warmup_s, formats)
+                if args.client:
+                    client += measure_client(url, texts, formats)
             if args.direct and not args.stand_in and max_batch not in [d["direct_batch"] for d in direct]:
                 direct.append(measure_direct(model, args.device, args.threads, texts, max_batch,
                                              args.seconds))
                 print(json.dumps(direct[-1]), flush=True)
     result = {"machine": machine_description(), "command": " ".join(["python -m benchmarks.server_throughput",
                                                                      *sys.argv[1:]]),
-              "model": ("stand-in: constant vectors, no model" if args.stand_in
+              "model": (f"stand-in: fixed vectors of dim {args.stand_in_dim}, no model" if args.stand_in
                         else args.model or "tiny random Qwen2 (utils/testing/tiny_llm.py)"), "env": ENV,
               "payload": args.payload, "items_per_request": args.items, "source": args.source,
               "mean_chars": round(float(np.mean([len(t) for t in texts]))),
-              "rows": rows, "direct": direct}
+              "rows": rows, "direct": direct, "client": client}
     if args.out:
         atomic_write_json(args.out, result)
     print()
     print(f"{result['model']}, {args.payload}, {args.items} per request, {result['mean_chars']} "
           f"chars per text; {result['machine']}")
     print(markdown(rows, direct))
+    for c in client:
+        print(f"client, {c['client_format']}: {c['texts']} texts in {c['median_s'] * 1000:.0f} ms "
+              f"({c['texts_per_s']:,.0f} texts/s)")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ def client(url):
 
 class RecordingBackend:
     """Wraps a backend: records every model call's texts, can be slow, can fail on a marker;
-    ``probe()``, when set, is called at each model call and its results kept in ``probed``."""
+    ``probe()``, when set, is called at each model call and its results kept in ``probed``; while
+    ``gate`` is set and not open, a call waits for it (the model is busy until the test says)."""
 
     def __init__(self, inner, delay_s: float = 0.0, fail_marker: str | None = None,
                  failure: Exception | None = None):
@@ -92,12 +93,15 @@ class RecordingBackend:
         self.calls: list[list[str]] = []
         self.threads: set[str] = set()
         self.probe, self.probed = None, []
+        self.gate: threading.Event | None = None
 
     def hidden_states(self, texts):
         self.calls.append(list(texts))
         self.threads.add(threading.current_thread().name)
         if self.probe is not None:
             self.probed.append(self.probe())
+        if self.gate is not None:
+            assert self.gate.wait(30), "the test never opened the gate"
         time.sleep(self.delay_s)
         if self.fail_marker is not None and any(self.fail_marker in t for t in texts):
             raise self.failure
@@ -497,12 +501,15 @@ def test_benchmark_load_generator_counts_what_the_server_answers(backend, spec):
     with serve_in_background(create_app(recording, spec, max_batch=8, max_wait_ms=0)) as base:
         row = asyncio.run(load(base, payloads("texts", texts, obs, 2), concurrency=3, seconds=0.3))
         stats = httpx.get(base + "/v1/stats").json()
+        f16_row = asyncio.run(load(base, payloads("texts", texts, obs, 3), concurrency=2, seconds=0.3,
+                                   fmt="f16"))
         obs_row = asyncio.run(load(base, payloads("observations", texts, obs, 3), concurrency=2,
                                    seconds=0.3))
     assert row["requests"] == stats["requests"] and row["texts"] == 2 * row["requests"] > 0
     assert row["p50_ms"] <= row["p95_ms"]
     assert obs_row["texts"] == 3 * obs_row["requests"] > 0
-    assert StandInBackend().hidden_states(["a", "b"]).shape == (2, StandInBackend.hidden_size)
+    assert f16_row["format"] == "f16" and f16_row["texts"] == 3 * f16_row["requests"] > 0
+    assert StandInBackend(896).hidden_states(["a", "b"]).shape == (2, 896)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -665,6 +672,7 @@ def test_huge_bodies_and_texts_are_refused_fast_and_memory_comes_back(cli_server
         status, _, body, seconds = raw_post(base, [ten_mb_text], length=len(ten_mb_text))
         assert status == 413 and b"10,000,000 characters" in body and seconds < FAST_S, (body, seconds)
     grown = rss_mb(pid) - baseline
+    print(f"server RSS: baseline {baseline:.0f} MB, after the abuse {baseline + grown:.0f} MB")
     assert grown < 100, f"RSS grew by {grown:.0f} MB over a baseline of {baseline:.0f} MB"
     assert post_json(base, {"texts": TEXTS}).status_code == 200  # still serving
     assert httpx.get(base + "/health").json()["status"] == "ok"
@@ -701,7 +709,8 @@ def _busy(recording: RecordingBackend, base: str, pool: ThreadPoolExecutor, text
 
 
 def test_a_full_queue_answers_429_with_retry_after(backend, spec):
-    recording = RecordingBackend(backend, delay_s=0.5)
+    recording = RecordingBackend(backend)
+    recording.gate = threading.Event()  # the model stays busy until the 429 has been seen
     app = create_app(recording, spec, max_batch=1, max_wait_ms=0, limits=Limits(max_queue=2))
     with serve_in_background(app) as base, ThreadPoolExecutor(4) as pool:
         first = _busy(recording, base, pool)  # computing: no longer queued
@@ -713,6 +722,7 @@ def test_a_full_queue_answers_429_with_retry_after(backend, spec):
         assert refused.status_code == 429 and time.perf_counter() - start < FAST_S, refused.text
         assert "2 texts are already waiting for the model (limit 2)" in refused.json()["detail"]
         assert int(refused.headers["retry-after"]) >= 1
+        recording.gate.set()
         assert [f.result().status_code for f in [first, *queued]] == [200] * 3
         stats = httpx.get(base + "/v1/stats").json()
     assert stats["rejected"] == 1 and stats["queued"] == 0
@@ -720,13 +730,21 @@ def test_a_full_queue_answers_429_with_retry_after(backend, spec):
 
 
 def test_client_retries_after_429(backend, spec):
-    recording = RecordingBackend(backend, delay_s=0.3)
+    recording = RecordingBackend(backend)
+    recording.gate = threading.Event()  # opened once the server has refused the client once
     app = create_app(recording, spec, max_batch=1, max_wait_ms=0, limits=Limits(max_queue=1))
-    with serve_in_background(app) as base, ThreadPoolExecutor(2) as pool:
+
+    def open_after_a_refusal():
+        while app.state.batcher.stats().rejected < 1 and not recording.gate.wait(0.01):
+            pass
+        recording.gate.set()
+
+    with serve_in_background(app) as base, ThreadPoolExecutor(3) as pool:
         first = _busy(recording, base, pool)
         second = pool.submit(post_json, base, {"texts": ["queued"]})
         while app.state.batcher.stats().queued < 1:
             time.sleep(0.005)
+        pool.submit(open_after_a_refusal)
         with HiddenStateClient(base, wire="f32", retries=3) as c:  # 429 first, then room
             states = c.hidden_states(["patient"])
         assert first.result().status_code == second.result().status_code == 200
@@ -735,7 +753,8 @@ def test_client_retries_after_429(backend, spec):
 
 
 def test_a_request_past_its_deadline_gets_504_and_is_never_computed(backend, spec):
-    recording = RecordingBackend(backend, delay_s=0.8)
+    recording = RecordingBackend(backend)
+    recording.gate = threading.Event()
     app = create_app(recording, spec, max_batch=1, max_wait_ms=0, limits=Limits(request_timeout_s=30))
     with serve_in_background(app) as base, ThreadPoolExecutor(1) as pool:
         first = _busy(recording, base, pool)
@@ -744,6 +763,7 @@ def test_a_request_past_its_deadline_gets_504_and_is_never_computed(backend, spe
                           timeout=30)
         assert late.status_code == 504 and time.perf_counter() - start < FAST_S, late.text
         assert "not computed within 0.2 s" in late.json()["detail"]
+        recording.gate.set()
         assert first.result().status_code == 200
         time.sleep(0.2)  # the worker has moved on past where "late" would have been
         stats = httpx.get(base + "/v1/stats").json()
@@ -751,7 +771,8 @@ def test_a_request_past_its_deadline_gets_504_and_is_never_computed(backend, spe
 
 
 def test_requests_of_disconnected_clients_are_dropped(backend, spec):
-    recording = RecordingBackend(backend, delay_s=0.8)
+    recording = RecordingBackend(backend)
+    recording.gate = threading.Event()
     app = create_app(recording, spec, max_batch=1, max_wait_ms=0)
     with serve_in_background(app) as base, ThreadPoolExecutor(1) as pool:
         first = _busy(recording, base, pool)
@@ -761,6 +782,7 @@ def test_requests_of_disconnected_clients_are_dropped(backend, spec):
         while app.state.batcher.stats().dropped < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert app.state.batcher.stats().dropped == 1 and app.state.batcher.stats().queued == 0
+        recording.gate.set()
         assert first.result().status_code == 200
         assert post_json(base, {"texts": ["after"]}).status_code == 200
     assert ["abandoned"] not in recording.calls and ["after"] in recording.calls
