@@ -26,8 +26,8 @@ from servers import wire
 from servers.hidden_state_server import create_app, main, serve_in_background, validation_error_answer
 from servers.limits import Limits
 from servers.schemas import HealthResponse, HiddenStatesResponse
-from utils.hidden_state_client import HiddenStateClient
 from utils.errors import UserError
+from utils.hidden_state_client import HiddenStateClient
 from utils.llm import LLMError, LLMSpec, make_backend, observation_features
 from utils.text_obs import TEXT_ENV_NAMES
 
