@@ -65,7 +65,7 @@ def load_agent(path: str | Path, options: LoadOptions = LoadOptions(), algo: str
     """The agent of a run folder or checkpoint; ``algo`` ("area/algo") overrides detection."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path}: no such run folder or checkpoint")
+        raise UserError(f"--run {path}: no such run folder or checkpoint")
     area_algo = _parse_algo(algo) if algo else identify(path)
     loader = _LOADERS.get(area_algo)
     if loader is None:
