@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     enable_compilation_cache()
     cfg = parse_config(EvalConfig, AREA, NAME, argv)
     if cfg.run_dir and not Path(cfg.run_dir).is_dir():
-        raise UserError(f"--run-dir: {cfg.run_dir} is not a folder; pass a run folder of offline_rl.awr or offline_rl.bc")
+        raise UserError(f"--run-dir: {cfg.run_dir} is not a folder; pass a run folder of offline_rl.awr or "
+                        "offline_rl.bc")
     check_output_path(cfg.out, "--out", "file")
     result = run(cfg)
     summary = result["summary"]

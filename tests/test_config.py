@@ -68,3 +68,59 @@ def test_chunks_divide_the_run_and_seed_keys_are_independent_of_the_group():
     alone = training.seed_keys(3, 1)
     group = training.seed_keys(2, 3)
     assert (alone[0] == group[1]).all()
+
+
+# Every preset file and the config class its entry point parses it into.
+PRESET_FILES = {
+    ("online_rl", "ppo"): "online_rl.ppo:PPOConfig", ("online_rl", "ppo_rnn"): "online_rl.ppo_rnn:PPORNNConfig",
+    ("world_models", "dreamer"): "world_models.dreamer:DreamerConfig",
+    ("offline_rl", "bc"): "offline_rl.bc:BCConfig", ("offline_rl", "awr"): "offline_rl.awr:AWRConfig",
+    ("offline_rl", "evaluate"): "offline_rl.evaluate:EvalConfig",
+    ("online_rl_llm", "ppo_llm"): "online_rl_llm.ppo_llm:PPOLLMConfig",
+    ("online_rl_llm", "llm_play"): "online_rl_llm.llm_play:LLMPlayConfig",
+    ("labelling", "worker"): "labelling.worker:WorkerConfig",
+    ("labelling", "enqueue"): "labelling.enqueue:EnqueueConfig",
+    ("servers", "hidden_state_server"): "servers.hidden_state_server:ServerConfig",
+}
+
+
+def test_every_shipped_preset_passes_the_central_checks():
+    """The rules of check_config (counts positive, ...) must not refuse a preset the repo ships."""
+    import importlib
+    from pathlib import Path
+
+    from utils.config import CONFIG_ROOT, check_config, load_presets
+
+    shipped = {(p.parent.name, p.stem) for p in Path(CONFIG_ROOT).glob("*/*.yaml")}
+    assert shipped <= set(PRESET_FILES), f"add {sorted(shipped - set(PRESET_FILES))} to PRESET_FILES"
+    for (area, algo), target in PRESET_FILES.items():
+        module, name = target.split(":")
+        config_cls = getattr(importlib.import_module(module), name)
+        presets = load_presets(area, algo)
+        for preset in presets:
+            cfg = apply_presets(config_cls(), [preset], presets, f"{area}/{algo}")
+            inputs = {f: ("" if f == "dataset" else None)
+                      for f in ("dataset", "checkpoint", "few_shot") if hasattr(cfg, f)}
+            check_config(dataclasses.replace(cfg, **inputs))  # input paths are the user's, not the preset's
+
+
+def test_check_config_names_the_flag():
+    from utils.config import check_config
+
+    for field, value, message in [("total_steps", 0, "--total-steps must be positive"),
+                                  ("num_envs", -4, "--num-envs must be positive"),
+                                  ("eval_every", -1, "--eval-every must be zero or more"),
+                                  ("lr", 0.0, "--lr must be positive"),
+                                  ("gae_lambda", 1.2, "--gae-lambda must be between"),
+                                  ("env", "Nope-v1", "--env: unknown env")]:
+        with pytest.raises(UserError, match=message):
+            check_config(dataclasses.replace(PPOConfig(), **{field: value}))
+    assert check_config(dataclasses.replace(PPOConfig(), eval_every=0, seed=-1)).seed == -1
+
+
+def test_run_dir_with_corrupt_config_is_refused_not_overwritten(tmp_path):
+    (tmp_path / "config.yaml").write_text("env: [unclosed\n")
+    cfg = dataclasses.replace(PPOConfig(), run_dir=str(tmp_path))
+    with pytest.raises(UserError, match="--run-dir: .*config.yaml is not valid YAML"):
+        open_run_dir(cfg, tmp_path)
+    assert (tmp_path / "config.yaml").read_text() == "env: [unclosed\n"

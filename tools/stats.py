@@ -207,7 +207,8 @@ def stats_for(path: str | Path) -> dict[str, Any]:
         return dataset_stats(path)
     if (path / "steps.jsonl").is_file():
         return recording_stats(path)
-    what = "is neither a dataset (manifest.json) nor a play recording (steps.jsonl)" if path.exists() else "does not exist"
+    what = ("is neither a dataset (manifest.json) nor a play recording (steps.jsonl)" if path.exists()
+            else "does not exist")
     raise UserError(f"PATH {path}: {what}")
 
 

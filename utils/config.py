@@ -177,7 +177,8 @@ def _one_line(box: str, config_cls: type) -> str:
         return f"{match.group(2)}: invalid choice {match.group(1)!r}; expected one of {choices}"
     match = re.search(r"Error parsing (\S+?): (.*?)(?: Argument helptext:| For full helptext|$)", text)
     if match:
-        reason = re.sub(r"invalid literal for int\(\) with base 10: (.*)", r"expected an integer, got \1", match.group(2))
+        reason = re.sub(r"invalid literal for int\(\) with base 10: (.*)", r"expected an integer, got \1",
+                        match.group(2))
         reason = re.sub(r"could not convert string to float: (.*)", r"expected a number, got \1", reason)
         return f"{match.group(1)}: {reason}; see --help"
     match = re.search(r"Missing value for argument '(\S+)'", text)
@@ -232,8 +233,9 @@ def check_config(config: C) -> C:
 
     One central check rather than one per entry point: every count must be positive, every other
     integer non-negative (except seeds and layer indices), rates positive, discounts in [0, 1],
-    durations non-negative; the env and input paths must exist; output folders and files must be creatable (``utils.io.check_output_path``),
-    and a reused run folder must hold a readable config (``utils.run_dir.check_run_dir``)."""
+    durations non-negative; the env and input paths must exist; output folders and files must be
+    creatable (``utils.io.check_output_path``), and a reused run folder must hold a readable config
+    (``utils.run_dir.check_run_dir``)."""
     from utils.io import check_output_path
 
     for field in dataclasses.fields(config):
