@@ -13,7 +13,8 @@ Endpoints (docs/servers.md has examples; the live schema is at ``/openapi.json``
 * ``POST /v1/hidden_states``: ``{"texts": [...]}`` or ``{"env": ..., "observations": [[...]]}``
   -> ``{"vectors": [[...]], "model", "layer", "pooling", "dim", ...}``.
   With ``?format=f16`` (or ``Accept: application/octet-stream``) or ``?format=f32`` the vectors
-  come back as raw little-endian floats with their shape in ``X-Shape`` (``servers/wire.py``).
+  come back as raw little-endian floats with their shape in ``X-Shape``
+  (``utils/hidden_state_client.py`` defines the format).
 * ``GET /health``: model, layer, pooling, dim and the limits; 503 once the model keeps failing.
 * ``GET /v1/stats``: requests, model calls and batch sizes so far.
 
@@ -45,7 +46,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from servers import wire
 from servers.batching import BatcherStopped, DeadlineExceeded, MicroBatcher, QueueFull
 from servers.limits import MB, BodyLimit, Limits, check_texts, printable
 from servers.schemas import (
@@ -57,6 +57,7 @@ from servers.schemas import (
 )
 from utils.config import parse_config
 from utils.errors import UserError, exit_on_user_error
+from utils.hidden_state_client import BINARY_MEDIA_TYPE, WIRE_FORMATS, encode_vectors
 from utils.llm import LLMBackend, LLMSpec, make_backend, resolve_layer
 from utils.text_obs import TEXT_ENV_NAMES, obs_layout, render_texts
 
@@ -194,7 +195,7 @@ _ERRORS = {status: {"model": ErrorResponse, "description": what} for status, wha
 _BINARY_ANSWER = {"description": "With ?format=f16|f32 or Accept: application/octet-stream: the "
                                  "vectors as raw little-endian floats, row-major; X-Shape is "
                                  "'count,dim' and X-Dtype 'float16' or 'float32'.",
-                  "content": {wire.BINARY_MEDIA_TYPE: {"schema": {"type": "string",
+                  "content": {BINARY_MEDIA_TYPE: {"schema": {"type": "string",
                                                                   "format": "binary"}}}}
 TIMEOUT_HEADER = "X-Timeout-S"
 CLIENT_GONE = 499  # nginx's "client closed request": logged, never read by anyone
@@ -204,7 +205,7 @@ def answer_format(query: str | None, accept: str) -> str:
     """json, f16 or f32: the query parameter wins, else ``Accept: application/octet-stream`` is f16."""
     if query is not None:
         return query
-    return "f16" if wire.BINARY_MEDIA_TYPE in accept and "application/json" not in accept else "json"
+    return "f16" if BINARY_MEDIA_TYPE in accept and "application/json" not in accept else "json"
 
 
 def request_timeout(header: str | None, server_s: float) -> float:
@@ -344,7 +345,7 @@ def create_app(backend: LLMBackend, spec: LLMSpec, *, max_batch: int = 64,
               summary="Hidden states of texts or of symbolic observations")
     async def hidden_states(
         body: HiddenStatesRequest, request: Request,
-        fmt: Optional[Literal[wire.FORMATS]] = Query(  # type: ignore[valid-type]
+        fmt: Optional[Literal[WIRE_FORMATS]] = Query(  # type: ignore[valid-type]
             None, alias="format", description="json (default), f16 or f32 (raw little-endian "
             "floats, shape in X-Shape); Accept: application/octet-stream also means f16."),
     ):
@@ -385,8 +386,8 @@ def create_app(backend: LLMBackend, spec: LLMSpec, *, max_batch: int = 64,
             raise HTTPException(500, f"the model failed on this request "
                                      f"({type(error).__name__}: {printable(reason)})") from None
         if fmt != "json":
-            content, headers = wire.encode(states, fmt)
-            return Response(content, media_type=wire.BINARY_MEDIA_TYPE,
+            content, headers = encode_vectors(states, fmt)
+            return Response(content, media_type=BINARY_MEDIA_TYPE,
                             headers={**headers, **binary_headers})
         return HiddenStatesResponse(**identity, count=len(texts), vectors=states.tolist(),
                                     texts=texts if body.return_texts else None)

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 from benchmarks.text_obs_speed import synthetic_observations
-from servers import wire
 from servers.hidden_state_server import create_app, main, serve_in_background, validation_error_answer
 from servers.limits import Limits
 from servers.schemas import HealthResponse, HiddenStatesResponse
+from utils import hidden_state_client as wire
 from utils.errors import UserError
 from utils.hidden_state_client import HiddenStateClient
 from utils.llm import LLMError, LLMSpec, make_backend, observation_features
@@ -817,25 +817,25 @@ def test_binary_answers_equal_the_json_one(http):
     f32 = http.post(URL_PATH + "?format=f32", json={"texts": TEXTS})
     assert f32.headers["content-type"] == wire.BINARY_MEDIA_TYPE
     assert f32.headers["x-shape"] == f"{len(TEXTS)},{as_json.shape[1]}" and f32.headers["x-dtype"] == "float32"
-    np.testing.assert_array_equal(wire.decode(f32.content, f32.headers), as_json)
+    np.testing.assert_array_equal(wire.decode_vectors(f32.content, f32.headers), as_json)
     for f16 in (http.post(URL_PATH + "?format=f16", json={"texts": TEXTS}),
                 http.post(URL_PATH, json={"texts": TEXTS}, headers={"accept": wire.BINARY_MEDIA_TYPE})):
         assert f16.headers["x-dtype"] == "float16" and len(f16.content) == as_json.size * 2
-        np.testing.assert_array_equal(wire.decode(f16.content, f16.headers),
+        np.testing.assert_array_equal(wire.decode_vectors(f16.content, f16.headers),
                                       as_json.astype(np.float16).astype(np.float32))
 
 
 def test_wire_format_falls_back_to_float32_and_checks_lengths():
     states = np.array([[1.0, -2.5], [70000.0, 0.0]], np.float32)  # 70000 overflows float16
-    body, headers = wire.encode(states, "f16")
+    body, headers = wire.encode_vectors(states, "f16")
     assert headers == {wire.SHAPE_HEADER: "2,2", wire.DTYPE_HEADER: "float32"}
-    np.testing.assert_array_equal(wire.decode(body, headers), states)
-    body, headers = wire.encode(states[:1], "f16")
+    np.testing.assert_array_equal(wire.decode_vectors(body, headers), states)
+    body, headers = wire.encode_vectors(states[:1], "f16")
     assert headers[wire.DTYPE_HEADER] == "float16" and len(body) == 4
     with pytest.raises(wire.WireError, match="truncated"):
-        wire.decode(body[:-1], headers)
+        wire.decode_vectors(body[:-1], headers)
     with pytest.raises(wire.WireError, match="X-Shape"):
-        wire.decode(body, {})
+        wire.decode_vectors(body, {})
 
 
 def test_client_wire_formats_agree_and_batches_go_concurrently(backend, spec):
@@ -850,7 +850,7 @@ def test_client_wire_formats_agree_and_batches_go_concurrently(backend, spec):
                 answers[fmt] = c.hidden_states(texts)
         assert max(recording.probed) == 0  # one request at a time: nothing ever waits
         recording.probed.clear()
-        with HiddenStateClient(base, concurrency=3) as c:
+        with HiddenStateClient(base, wire="f16", concurrency=3) as c:
             concurrent = c.hidden_states(texts)
     assert max(recording.probed) > 0  # requests waited for the model: they were in flight together
     np.testing.assert_array_equal(answers["f32"], answers["json"])

@@ -11,11 +11,16 @@ It has ``hidden_states(texts)``, ``hidden_size``, ``num_layers`` and ``spec`` li
 server's ``max_batch``, ``concurrency`` of them in flight at once (the server gathers them, and
 other clients' requests, into shared model calls).
 
-Answers come as raw float16 by default (``wire="f16"``, ``servers/wire.py``): formatting and
-parsing a JSON float list cost more than the model on large batches, and float16 is what labelled
-datasets store. ``wire="f32"`` is exact; ``wire="json"`` is the readable fallback. A request the
-server refuses for load (429 queue full, 503) is retried after its ``Retry-After``, a few times.
-The client's ``timeout`` travels as ``X-Timeout-S``, so the server drops work the client gave up on.
+Answers come as raw float32 by default (``wire="f32"``): formatting and parsing a JSON float list
+cost more than the model on large batches, and float32 keeps a server vector equal to the
+in-process one (PPO-LLM trains the same policy either way). ``wire="f16"`` halves the bytes again
+and rounds like labelled datasets (which store float16); ``wire="json"`` is the readable fallback.
+A request the server refuses for load (429 queue full, 503) is retried after its ``Retry-After``,
+a few times. The client's ``timeout`` travels as ``X-Timeout-S``, so the server drops work the
+client gave up on.
+
+The binary wire format is defined here, below the client, and the server imports it from here
+(``utils`` is the layer both sides may use, docs/design.md): the two sides cannot drift apart.
 
 Every failure raises ``utils.llm.LLMError`` with the server's one-line reason: an unreachable
 server, a 4xx for bad input, a 5xx, or an answer of the wrong shape. The predecessor turned a failed
@@ -25,16 +30,16 @@ request into zero vectors, which trained policies on garbage without a word; thi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from servers import wire
 from utils.llm import LLMError, LLMSpec
 
-__all__ = ["HiddenStateClient"]
+__all__ = ["HiddenStateClient", "BINARY_MEDIA_TYPE", "SHAPE_HEADER", "DTYPE_HEADER", "WIRE_FORMATS",
+           "WireError", "encode_vectors", "decode_vectors"]
 
 HIDDEN_STATES_PATH = "/v1/hidden_states"
 HEALTH_PATH = "/health"
@@ -46,14 +51,14 @@ _MAX_RETRY_WAIT_S = 30.0
 class HiddenStateClient:
     """Hidden states from a running server, over a few keep-alive HTTP connections."""
 
-    def __init__(self, url: str, timeout: float = 60.0, wire: str = "f16", concurrency: int = 4,
+    def __init__(self, url: str, timeout: float = 60.0, wire: str = "f32", concurrency: int = 4,
                  retries: int = 3):
         import httpx
 
         if not url.startswith(("http://", "https://")):
             raise LLMError(f"hidden-state server URL {url!r} must start with http:// or https://")
-        if wire not in _WIRE_FORMATS:
-            raise LLMError(f"wire must be one of {', '.join(_WIRE_FORMATS)}, got {wire!r}")
+        if wire not in WIRE_FORMATS:
+            raise LLMError(f"wire must be one of {', '.join(WIRE_FORMATS)}, got {wire!r}")
         if concurrency < 1 or retries < 0:
             raise LLMError(f"concurrency must be >= 1 and retries >= 0, got {concurrency}, {retries}")
         self.url = url.rstrip("/")
@@ -136,13 +141,13 @@ class HiddenStateClient:
                               headers={"X-Timeout-S": f"{self.timeout:g}"})
         if self.wire == "json":
             return self._json(response, HIDDEN_STATES_PATH)
-        if response.headers.get("content-type") != wire.BINARY_MEDIA_TYPE:
+        if response.headers.get("content-type") != BINARY_MEDIA_TYPE:
             raise LLMError(f"hidden-state server at {self.url} sent "
                            f"{response.headers.get('content-type')!r} instead of a binary answer; "
                            "an older server? use HiddenStateClient(..., wire='json')")
         try:
-            return wire.decode(response.content, response.headers)
-        except wire.WireError as error:
+            return decode_vectors(response.content, response.headers)
+        except WireError as error:
             raise LLMError(f"hidden-state server at {self.url}: {error}") from None
 
     def _vectors(self, answer: Any, rows: int, dim: int) -> np.ndarray:
@@ -208,9 +213,6 @@ class HiddenStateClient:
         self.close()
 
 
-_WIRE_FORMATS = wire.FORMATS
-
-
 def _retry_after_s(response) -> float:
     """The server's Retry-After in seconds (1 when absent or not a number), capped."""
     try:
@@ -229,3 +231,53 @@ def _detail(response) -> str:
     if isinstance(body, dict) and isinstance(body.get("detail"), str):
         return body["detail"]
     return str(body)[:200]
+
+
+# ----------------------------------------------------------------------------------------------
+# Binary wire format (the server encodes, the client decodes)
+# ----------------------------------------------------------------------------------------------
+# A JSON answer spells every float in decimal: for 256 vectors of dim 896 that is about four
+# megabytes of text that the server formats and the client parses. The binary answer is the
+# array's bytes, little-endian, row-major, with the shape and dtype in headers. Vectors whose
+# values do not fit float16 (|x| > 65504, which some models' middle layers reach) are sent as
+# float32 even when f16 was asked for, and X-Dtype says so: a client never gets inf from an overflow.
+
+BINARY_MEDIA_TYPE = "application/octet-stream"
+SHAPE_HEADER = "X-Shape"
+DTYPE_HEADER = "X-Dtype"
+WIRE_FORMATS = ("json", "f16", "f32")
+"""Values of the ``format`` query parameter; ``Accept: application/octet-stream`` means f16."""
+
+_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+class WireError(ValueError):
+    """A binary answer that does not match its headers (truncated, wrong shape or dtype)."""
+
+
+def encode_vectors(states: np.ndarray, fmt: str) -> tuple[bytes, dict[str, str]]:
+    """(body, headers) of float32 ``states`` [N, D] in format ``f16`` or ``f32``."""
+    states = np.asarray(states, dtype=np.float32)
+    dtype = "float16" if fmt == "f16" and _fits_float16(states) else "float32"
+    body = np.ascontiguousarray(states, dtype=_DTYPES[dtype]).tobytes()
+    return body, {SHAPE_HEADER: ",".join(str(n) for n in states.shape), DTYPE_HEADER: dtype}
+
+
+def decode_vectors(body: bytes, headers: Mapping[str, str]) -> np.ndarray:
+    """float32 [N, D] from a binary answer; a WireError if body and headers disagree."""
+    try:
+        shape = tuple(int(n) for n in headers[SHAPE_HEADER].split(","))
+        dtype = _DTYPES[headers[DTYPE_HEADER]]
+    except (KeyError, ValueError) as error:
+        raise WireError(f"binary answer without a proper {SHAPE_HEADER}/{DTYPE_HEADER} header "
+                        f"({type(error).__name__}: {error})") from None
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(shape) != 2 or len(body) != expected:
+        raise WireError(f"binary answer of {len(body)} bytes does not hold {dtype} of shape {shape} "
+                        f"({expected} bytes); truncated?")
+    return np.frombuffer(body, dtype=dtype).reshape(shape).astype(np.float32)
+
+
+def _fits_float16(states: np.ndarray) -> bool:
+    return states.size == 0 or float(np.abs(states).max()) <= _F16_MAX
