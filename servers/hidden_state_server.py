@@ -102,6 +102,7 @@ class ServerConfig(LLMSpec):
     """Model calls failing in a row before /health answers 503."""
 
     def limits(self) -> Limits:
+        """The limit flags as ``servers.limits.Limits``, checked (a UserError names a bad flag)."""
         return Limits(max_body_bytes=int(self.max_body_mb * MB), max_text_chars=self.max_text_chars,
                       max_queue=self.max_queue, request_timeout_s=self.request_timeout_s,
                       unhealthy_after=self.unhealthy_after).check()
@@ -195,8 +196,7 @@ _ERRORS = {status: {"model": ErrorResponse, "description": what} for status, wha
 _BINARY_ANSWER = {"description": "With ?format=f16|f32 or Accept: application/octet-stream: the "
                                  "vectors as raw little-endian floats, row-major; X-Shape is "
                                  "'count,dim' and X-Dtype 'float16' or 'float32'.",
-                  "content": {BINARY_MEDIA_TYPE: {"schema": {"type": "string",
-                                                                  "format": "binary"}}}}
+                  "content": {BINARY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}
 TIMEOUT_HEADER = "X-Timeout-S"
 CLIENT_GONE = 499  # nginx's "client closed request": logged, never read by anyone
 
