@@ -21,10 +21,6 @@ say() { echo "slurm_up: $*" >&2; }
 node_idle() {
     [[ "$(sinfo -h -n "$NODE" -o '%t' 2>/dev/null | head -1)" =~ ^(idle|mix|alloc) ]]
 }
-if command -v sinfo >/dev/null && pgrep -x slurmctld >/dev/null && pgrep -x slurmd >/dev/null && node_idle; then
-    say "cluster already up: $(sinfo -h -o '%P %D %t %N' | head -1)"
-    exit 0
-fi
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
     say "installing slurm-wlm and munge"
@@ -74,6 +70,7 @@ SelectTypeParameters=CR_Core
 MpiDefault=none
 ReturnToService=2
 MinJobAge=3600
+EnforcePartLimits=ALL
 SchedulerParameters=sched_interval=2
 NodeName=$NODE CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=local Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
@@ -92,9 +89,15 @@ else
     rm "$CONF_DIR/slurm.conf.new"
 fi
 
-if [[ "$CHANGED" == 1 ]]; then  # a new config: restart what runs with the old one
+if [[ "$CHANGED" == 0 ]] && pgrep -x slurmctld >/dev/null && pgrep -x slurmd >/dev/null && node_idle; then
+    say "cluster already up: $(sinfo -h -o '%P %D %t %N' | head -1)"
+    exit 0
+fi
+if [[ "$CHANGED" == 1 ]]; then  # a new config: restart the daemons (running jobs live on in slurmstepd)
     for daemon in slurmd slurmctld; do
-        if [[ -f "/run/$daemon.pid" ]] && kill "$(cat "/run/$daemon.pid")" 2>/dev/null; then sleep 1; fi
+        if [[ -f "/run/$daemon.pid" ]] && kill "$(cat "/run/$daemon.pid")" 2>/dev/null; then
+            for _ in $(seq 30); do pgrep -x "$daemon" >/dev/null || break; sleep 1; done
+        fi
     done
 fi
 pgrep -x slurmctld >/dev/null || slurmctld

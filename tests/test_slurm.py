@@ -12,6 +12,7 @@ this test session's JAX compilation cache (CRAFTAX_JAX_CACHE), so a second run c
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -47,9 +48,13 @@ def checkout(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env() -> dict[str, str]:
-    """The jobs' environment: CPU JAX and this session's compilation cache."""
-    return job_env(JAX_PLATFORMS="cpu", CRAFTAX_JAX_CACHE=str(default_cache_dir()))
+def env(checkout) -> dict[str, str]:
+    """The jobs' environment: CPU JAX, this session's compilation cache, and a CRAFTAX_SETUP file
+    (the scripts' hook for site setup) that gives the jobs this test's niceness, which slurmd's
+    children would not inherit."""
+    setup = checkout / "job_setup.sh"
+    setup.write_text(f"renice -n {os.nice(0)} -p $$ >/dev/null\n")
+    return job_env(JAX_PLATFORMS="cpu", CRAFTAX_JAX_CACHE=str(default_cache_dir()), CRAFTAX_SETUP=str(setup))
 
 
 def summary(run_dir: Path) -> dict:
