@@ -154,12 +154,6 @@ def load_suite(name_or_path: str, *, budget: int | None = None, seeds: int | Non
         overrides += [a for env in suite_envs for a in ("--env", env)]
     if not suite_envs:
         raise UserError(f"{path}: 'envs' must list at least one env")
-    from utils.envs import ENV_NAMES
-
-    for env in suite_envs:
-        if env not in ENV_NAMES:  # found now, not after the first methods of a suite have trained
-            where = "--env" if envs else f"{path}: envs"
-            raise UserError(f"{where}: unknown env {env!r}; valid names: {', '.join(ENV_NAMES)}")
     if budget is not None:
         overrides += ["--budget", str(budget)]
     if seeds is not None:
@@ -173,6 +167,12 @@ def load_suite(name_or_path: str, *, budget: int | None = None, seeds: int | Non
                             f"integer, got {value!r}")
     slurm = raw.get("slurm") or {}
     _unknown_keys(slurm, _SLURM_KEYS, f"{path}: slurm")
+    from utils.envs import ENV_NAMES
+
+    for env in suite_envs:
+        if env not in ENV_NAMES:  # found now, not after the first methods of a suite have trained
+            where = "--env" if envs else f"{path}: envs"
+            raise UserError(f"{where}: unknown env {env!r}; valid names: {', '.join(ENV_NAMES)}")
     return Suite(name=path.stem, path=path, description=str(raw.get("description", "")).strip(), envs=suite_envs,
                  seeds=values["seeds"], first_seed=values["first_seed"], budget=values["budget"],
                  flags=_strings(raw.get("flags"), "flags"), methods=tuple(parsed), slurm=dict(slurm),
