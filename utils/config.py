@@ -153,6 +153,9 @@ def cli(config_cls: type[C], argv: Sequence[str] | None = None, default: C | Non
             sys.stderr.write(captured.getvalue())
             raise
         raise UserError(_one_line(captured.getvalue(), config_cls)) from None
+    except BaseException:  # a bug, not a user's mistake: show everything tyro said with the traceback
+        sys.stderr.write(captured.getvalue())
+        raise
     sys.stderr.write(captured.getvalue())  # warnings, if any
     return check_config(config)
 
