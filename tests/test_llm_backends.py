@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -340,29 +341,125 @@ def test_feature_identity_holds_the_resolved_fields(tiny_llm_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def _index_reachable() -> bool:
+NVIDIA_INDEX = "https://pypi.nvidia.com"
+
+
+def _reachable(args: list[str]) -> bool:
     try:
-        result = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "vllm"],
+        result = subprocess.run([sys.executable, "-m", "pip", "index", "versions", *args],
                                 capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return result.returncode == 0 and "vllm" in result.stdout
+    return result.returncode == 0 and "Available versions" in result.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extras", ["llm,vllm", "llm,sglang", "cuda"])
 def test_gpu_extras_resolve_beside_the_project_pins(extras, tmp_path):
     """``pip install --dry-run`` of each GPU extra together with the test extra (torch==2.13.0,
-    the pinned transformers/fastapi floors): minutes, and it needs a package index."""
-    if not _index_reachable():
+    the transformers/fastapi floors): minutes, and it needs a package index. SGLang's cuda-tile
+    pin is only a placeholder on PyPI, so that case also needs NVIDIA's index."""
+    if not _reachable(["vllm"]):
         pytest.skip("pip cannot reach a package index from here")
+    index = ["--extra-index-url", NVIDIA_INDEX] if "sglang" in extras else []
+    if index and not _reachable(["cuda-tile", *index]):
+        pytest.skip(f"pip cannot reach {NVIDIA_INDEX} (SGLang's cuda-tile wheel) from here")
     report = tmp_path / "report.json"
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-         "--report", str(report), f".[{extras},test]"],
+         "--report", str(report), *index, f".[{extras},test]"],
         cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-2000:]
     chosen = {item["metadata"]["name"].lower(): item["metadata"]["version"]
               for item in json.loads(report.read_text())["install"]}
     assert chosen["torch"].startswith("2.13.0") and chosen["jax"] == "0.10.2"
     assert any(name in chosen for name in ("vllm", "sglang", "jax-cuda12-plugin"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The real engines (gpu marker): a small model shaped like a real one (head_dim 64, bf16)
+# ----------------------------------------------------------------------------------------------
+
+
+def _gpu_with(package: str) -> bool:
+    import importlib.util
+
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and importlib.util.find_spec(package) is not None
+
+
+@pytest.fixture(scope="module")
+def gpu_llm_path(tmp_path_factory):
+    from utils.testing.tiny_llm import build_tiny_llm
+
+    return build_tiny_llm(tmp_path_factory.mktemp("gpu_llm"), "gpu")
+
+
+def assert_same_states(got: np.ndarray, expected: np.ndarray) -> None:
+    """bf16 engines agree with bf16 transformers up to kernel rounding: same direction, and
+    elementwise within a few percent of the largest entry."""
+    assert got.shape == expected.shape
+    cosine = (got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+    assert cosine.min() > 0.999, cosine
+    np.testing.assert_allclose(got, expected, atol=0.03 * np.abs(expected).max(), rtol=0.03)
+
+
+def test_gpu_preset_is_shaped_for_real_kernels(gpu_llm_path):
+    """What the gpu tests rely on: head_dim 64 and bf16 weights (tiny's head_dim 8 in fp32 is
+    rejected by vLLM's attention kernels)."""
+    config = llm.model_config(gpu_llm_path)
+    assert config.hidden_size // config.num_attention_heads == 64
+    assert str(config.dtype).endswith("bfloat16")
+    assert llm.model_dims(gpu_llm_path) == (4, 256)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_with("vllm"), reason="needs a CUDA GPU with vllm installed")
+@pytest.mark.parametrize("layer,pooling", [(-1, "last"), (-1, "mean"), (2, "mean"), (1, "last")])
+def test_vllm_matches_transformers_on_gpu(gpu_llm_path, monkeypatch, layer, pooling):
+    monkeypatch.setenv("VLLM_GPU_MEMORY_UTILIZATION", "0.15")
+    spec = LLMSpec(model=gpu_llm_path, layer=layer, pooling=pooling, dtype="bfloat16", max_length=2048)
+    expected = make_backend(spec.replace(device="cuda")).hidden_states(TEXTS)
+    got = make_backend(spec.replace(backend="vllm")).hidden_states(TEXTS)
+    assert_same_states(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_with("sglang"), reason="needs a CUDA GPU with sglang installed")
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_sglang_matches_transformers_on_gpu(gpu_llm_path, monkeypatch, pooling):
+    monkeypatch.setenv("SGLANG_MEM_FRACTION_STATIC", "0.3")
+    spec = LLMSpec(model=gpu_llm_path, pooling=pooling, dtype="bfloat16", max_length=2048)
+    expected = make_backend(spec.replace(device="cuda")).hidden_states(TEXTS)
+    backend = make_backend(spec.replace(backend="sglang"))
+    try:
+        assert_same_states(backend.hidden_states(TEXTS), expected)
+        replies = backend.generate(TEXTS, max_new_tokens=4)
+        assert len(replies) == len(TEXTS) and all(isinstance(r, str) for r in replies)
+    finally:
+        backend.close()
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: model folder, ~500-token prompts, engine arguments and
+    the gpu tests' collection all work here, so the GPU minutes go to the engines."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(tmp_path)}
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"],
+                            capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    summary = (tmp_path / "summary.md").read_text()
+    for step in ("llm_vllm_plan", "llm_sglang_plan", "gpu_tests_collect", "benchmark_imports"):
+        assert f"| {step} | ok |" in summary
+    plans = [json.loads(line) for name in ("llm_vllm_plan", "llm_sglang_plan")
+             for line in (tmp_path / f"{name}.log").read_text().splitlines() if line.startswith("{")]
+    assert {p["engine"] for p in plans} == {"vllm", "sglang"}
+    assert all(p["layers_total"] == 36 and p["hidden_size"] == 2560 for p in plans)
+    assert all(abs(p["mean_prompt_tokens"] - 500) <= 10 for p in plans)
+    vllm_mid = [p for p in plans if p["engine"] == "vllm" and p["layer"] == 18]
+    assert vllm_mid[0]["engine_options"]["hf_overrides"]["num_hidden_layers"] == 18
+    collected = (tmp_path / "gpu_tests_collect.log").read_text()
+    assert "test_vllm_matches_transformers_on_gpu" in collected and "test_sglang_matches" in collected
