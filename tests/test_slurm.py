@@ -109,8 +109,9 @@ def test_llm_play_plays_its_episodes(checkout, env, tiny_llm_path):
     job = submit(checkout, "llm_play.sbatch", ["--model", tiny_llm_path, "--preset", "debug"], CPU_JOB, env)
     (task,) = wait(job)
     assert_completed([task])
-    run_dir = only_run(checkout, f"online_rl_llm/llm_play/{ENV}/debug-s0")
-    assert any(run_dir.iterdir()), f"{run_dir} is empty; log:\n{log_of(task)[-2000:]}"
+    run_dir = only_run(checkout, f"online_rl_llm/llm_play/{ENV}/*-debug-s0")  # <model>-<presets>-s<seed>
+    assert "2 episodes:" in log_of(task)
+    assert len((run_dir / "episodes.jsonl").read_text().splitlines()) == 2, "one line per episode (debug: 2)"
 
 
 def test_offline_train_then_evaluate_after_it(checkout, env, tmp_path):
@@ -127,8 +128,7 @@ def test_offline_train_then_evaluate_after_it(checkout, env, tmp_path):
     assert sorted(run_dir.glob("checkpoints/*")) or sorted(run_dir.glob("*.pt")), f"no checkpoint in {run_dir}"
     (task,) = wait(evaluate)
     assert_completed([task])
-    result = json.loads((run_dir / "eval.json").read_text())
-    assert result, "eval.json is empty"
+    assert "metrics" in json.loads((run_dir / "eval.json").read_text())
 
 
 def test_hidden_state_server_answers_until_cancelled(checkout, env, tiny_llm_path, tmp_path):
