@@ -4,8 +4,8 @@ tests/test_scripts.py checks the scripts without Slurm (syntax, #SBATCH lines, d
 for sbatch). Here each script in scripts/sbatch/ is submitted as docs/scripts.md documents it, with
 the CPU recipe of that page (``--gres=none`` and a small CPU/memory request) to the cluster of this
 machine (.ci/slurm_up.sh sets up a one-node one; skipped where there is none), and the test waits
-for the job and checks its final state (``scontrol show job``), its log and its run folder. All of
-them are marked slow: debug presets and Craftax-Classic keep each job short, and the jobs share
+for the job and checks its final state (``scontrol show job``), its log and its run folder. Those
+tests are marked slow: debug presets and Craftax-Classic keep each job short, and the jobs share
 this test session's JAX compilation cache (CRAFTAX_JAX_CACHE), so a second run compiles nothing.
 """
 
@@ -34,7 +34,6 @@ from tests.slurm_cluster import (
 )
 from utils.jax_setup import default_cache_dir
 
-pytestmark = pytest.mark.slow
 ENV = "Craftax-Classic-Symbolic-v1"
 
 
@@ -55,6 +54,11 @@ def env(checkout) -> dict[str, str]:
     setup = checkout / "job_setup.sh"
     setup.write_text(f"renice -n {os.nice(0)} -p $$ >/dev/null\n")
     return job_env(JAX_PLATFORMS="cpu", CRAFTAX_JAX_CACHE=str(default_cache_dir()), CRAFTAX_SETUP=str(setup))
+
+
+def test_without_slurm_the_tests_skip_saying_why(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert "Slurm is not installed" in cluster_unavailable()
 
 
 def summary(run_dir: Path) -> dict:
@@ -78,6 +82,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ppo_family_array_trains_one_seed_per_task(checkout, env):
     job = submit(checkout, "ppo_family.sbatch", ["ppo", "--preset", "debug"], ["--array=0-1", *CPU_JOB], env)
     found = wait(job)
@@ -91,6 +96,7 @@ def test_ppo_family_array_trains_one_seed_per_task(checkout, env):
         assert result["complete"] and result["env_steps_per_seed"] == 512
 
 
+@pytest.mark.slow
 def test_dreamer_trains(checkout, env):
     job = submit(checkout, "dreamer.sbatch", ["--version", "3", "--preset", "debug"], CPU_JOB, env)
     assert_completed(wait(job))
@@ -98,6 +104,7 @@ def test_dreamer_trains(checkout, env):
     assert result["complete"] and result["env_steps_per_seed"] == 256
 
 
+@pytest.mark.slow
 def test_ppo_llm_trains_with_the_tiny_llm(checkout, env, tiny_llm_path):
     job = submit(checkout, "ppo_llm.sbatch", ["--preset", "debug", "--llm-model", tiny_llm_path], CPU_JOB, env)
     assert_completed(wait(job))
@@ -105,6 +112,7 @@ def test_ppo_llm_trains_with_the_tiny_llm(checkout, env, tiny_llm_path):
     assert result["complete"] and result["env_steps_per_seed"] == 512
 
 
+@pytest.mark.slow
 def test_llm_play_plays_its_episodes(checkout, env, tiny_llm_path):
     job = submit(checkout, "llm_play.sbatch", ["--model", tiny_llm_path, "--preset", "debug"], CPU_JOB, env)
     (task,) = wait(job)
@@ -114,6 +122,7 @@ def test_llm_play_plays_its_episodes(checkout, env, tiny_llm_path):
     assert len((run_dir / "episodes.jsonl").read_text().splitlines()) == 2, "one line per episode (debug: 2)"
 
 
+@pytest.mark.slow
 def test_offline_train_then_evaluate_after_it(checkout, env, tmp_path):
     """AWR on a small dataset, and its evaluation submitted at once with --dependency=afterok."""
     from benchmarks.labelling_throughput import write_synthetic_dataset
@@ -131,6 +140,7 @@ def test_offline_train_then_evaluate_after_it(checkout, env, tmp_path):
     assert "metrics" in json.loads((run_dir / "eval.json").read_text())
 
 
+@pytest.mark.slow
 def test_hidden_state_server_answers_until_cancelled(checkout, env, tiny_llm_path, tmp_path):
     port, url_file = free_port(), tmp_path / "server_url"
     job = submit(checkout, "hidden_state_server.sbatch", ["--model", tiny_llm_path, "--preset", "debug"], CPU_JOB,
@@ -155,6 +165,7 @@ def test_hidden_state_server_answers_until_cancelled(checkout, env, tiny_llm_pat
     assert re.match(rf"hidden-state server: http://\S+:{port} ", log_of(task)), log_of(task)[:500]
 
 
+@pytest.mark.slow
 def test_compare_runs_a_suite_and_writes_its_table(checkout, env, tmp_path):
     results = tmp_path / "results.md"
     job = submit(checkout, "compare.sbatch", ["classic_debug", "--results-md", str(results)], CPU_JOB, env)
@@ -165,6 +176,7 @@ def test_compare_runs_a_suite_and_writes_its_table(checkout, env, tmp_path):
     assert sorted(checkout.glob("runs/compare/classic_debug/*/ppo*/**/summary.json")), "no finished runs"
 
 
+@pytest.mark.slow
 def test_labelling_coordinator_runs_a_whole_round(checkout, env, tiny_llm_path, tmp_path):
     """Redis, enqueue, an array of 2 workers (each waiting for work until cancelled), the drain, the
     cancel, and the shards labelled."""
