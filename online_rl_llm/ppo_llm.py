@@ -50,7 +50,8 @@ from utils.llm import LLMSpec
 from utils.networks import MLP, ActorCritic
 from utils.returns import gae
 from utils.run_dir import resolve_run_dir
-from utils.training import EpisodeStats, HostLoop, init_per_seed
+from utils.evaluation import FirstEpisodes
+from utils.training import ChunkOutput, EpisodeStats, HostLoop, init_per_seed
 
 AREA, ALGO = "online_rl_llm", "ppo_llm"
 FEATURES_FILE = "features.json"
@@ -171,11 +172,7 @@ class EvalState:
     env_state: envs.VecEnvState
     raw: jax.Array  # [n, D] held features
     t: jax.Array
-    finished: jax.Array
-    ret: jax.Array
-    length: jax.Array
-    achievements: jax.Array
-    metrics: dict
+    episodes: FirstEpisodes
 
 
 class LLMAlgorithm(NamedTuple):
@@ -273,13 +270,11 @@ def make_train(cfg: PPOLLMConfig, env: envs.VecEnv, total_updates: int, dim: int
     def eval_start(key: jax.Array) -> EvalState:
         key, reset_key = jax.random.split(key)
         obs, env_state = eval_env.reset(reset_key)
-        zeros = jnp.zeros(n)
-        return strong_types(EvalState(key, obs, env_state, jnp.zeros((n, dim), jnp.float32), jnp.int32(0),
-                                      jnp.zeros(n, bool), zeros, zeros, jnp.zeros((n, len(eval_env.achievement_names))),
-                                      {k: zeros for k in eval_env.episode_metric_names}))
+        episodes = FirstEpisodes.start(n, len(eval_env.achievement_names), eval_env.episode_metric_names)
+        return strong_types(EvalState(key, obs, env_state, jnp.zeros((n, dim), jnp.float32), jnp.int32(0), episodes))
 
     def eval_running(s: EvalState) -> jax.Array:
-        return ~s.finished.all() & (s.t < cfg.eval_max_steps)
+        return ~s.episodes.finished.all() & (s.t < cfg.eval_max_steps)
 
     def eval_segment(params, norm, s: EvalState) -> EvalState:
         """Steps up to the next multiple of skip_n (the next refresh), sampling actions."""
@@ -291,12 +286,7 @@ def make_train(cfg: PPOLLMConfig, env: envs.VecEnv, total_updates: int, dim: int
             logits, _ = network.apply(params, s.obs, feature)
             action = jax.random.categorical(action_key, logits)
             obs, env_state, _, done, info = eval_env.step(step_key, s.env_state, action)
-            first = done & ~s.finished  # only each env's first episode counts
-            keep = lambda new, old: jnp.where(first.reshape(first.shape + (1,) * (old.ndim - 1)), new, old)
-            return s.replace(key=key, obs=obs, env_state=env_state, t=s.t + 1, finished=s.finished | done,
-                             ret=keep(info["episode_return"], s.ret), length=keep(info["episode_length"], s.length),
-                             achievements=keep(info["achievements"], s.achievements),
-                             metrics={k: keep(info["episode_metrics"][k], v) for k, v in s.metrics.items()})
+            return s.replace(key=key, obs=obs, env_state=env_state, t=s.t + 1, episodes=s.episodes.record(done, info))
 
         return jax.lax.while_loop(lambda s: eval_running(s) & (s.t < end), body, s)
 
@@ -362,12 +352,11 @@ class Runner:
             running = np.asarray(self._eval_running(s))
             if not running.any():
                 break
-            need = running[:, None] & ~np.asarray(s.finished)
+            need = running[:, None] & ~np.asarray(s.episodes.finished)
             if need.any():
                 s = s.replace(raw=jnp.where(need[..., None], self.live(np.asarray(s.obs), need), s.raw))
             s = self._eval_segment(params, norm, s)
-        return jax.device_get({"finished": s.finished, "return": s.ret, "length": s.length,
-                               "achievements": s.achievements, "episode_metrics": s.metrics})
+        return jax.device_get(s.episodes.result())
 
 
 def check_feature_identity(cfg: PPOLLMConfig, identity: dict) -> None:
@@ -402,33 +391,22 @@ def train(cfg: PPOLLMConfig, stop_after_updates: int | None = None, encoder=None
                     total_updates=total_updates, achievement_names=env.achievement_names)
     atomic_write_json(loop.run_dir / FEATURES_FILE, identity)
     carry = loop.restore(init_per_seed(algorithm.init, seed_keys(cfg)))
-    eval_key = jax.random.PRNGKey(cfg.seed + 10_000)
 
-    def maybe_evaluate(update: int, final: bool) -> dict:
-        if not final and not (cfg.eval_every and update % cfg.eval_every == 0):
-            return {}
-        keys = jax.random.split(jax.random.fold_in(eval_key, update), cfg.num_seeds)
+    def train_chunk(carry: TrainCarry, length: int) -> ChunkOutput:
+        start, before = time.perf_counter(), live.counters()
+        carry, (stats, losses) = runner.train_chunk(carry, length)
+        return ChunkOutput(carry, stats, losses, live.counters().since(before).metrics(time.perf_counter() - start))
+
+    def evaluate(carry: TrainCarry, key: jax.Array) -> dict:
+        keys = jax.random.split(key, cfg.num_seeds)
         return loop.eval_metrics(runner.evaluate(carry.params, carry.features.norm, keys))
 
     started, first = time.perf_counter(), live.counters()
-    update = loop.start_update
-    while update < total_updates:
-        if stop_after_updates is not None and update >= stop_after_updates:
-            break
-        start, before = time.perf_counter(), live.counters()
-        carry, (stats, losses) = runner.train_chunk(carry, length)
-        update += length
-        evals = maybe_evaluate(update, final=update >= total_updates)
-        seconds = time.perf_counter() - start
-        feature_metrics = live.counters().since(before).metrics(seconds)
-        # after_chunk merges its ``evals`` argument into the logged row: the perf/ figures ride along.
-        loop.after_chunk(update, stats, losses, {**evals, **feature_metrics}, seconds=seconds)
-        loop.maybe_checkpoint(update, carry, final=update >= total_updates)
-
-    summary = loop.finish(update, carry, final=update >= total_updates)
-    summary["features"] = feature_summary(identity, live.counters().since(first), time.perf_counter() - started)
-    atomic_write_json(loop.run_dir / "summary.json", summary)
-    return {"summary": summary, "carry": carry, "run_dir": loop.run_dir, "live": live}
+    result = loop.run(carry, train_chunk, updates_per_chunk=length, evaluate=evaluate, eval_every=cfg.eval_every,
+                      stop_after_updates=stop_after_updates,
+                      summary_fields=lambda: {"features": feature_summary(identity, live.counters().since(first),
+                                                                          time.perf_counter() - started)})
+    return {**result, "live": live}
 
 
 def feature_summary(identity: dict, counters: RefreshCounters, seconds: float) -> dict:
