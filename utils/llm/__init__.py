@@ -189,6 +189,8 @@ class LLMBackend(Protocol):
     spec: LLMSpec
     hidden_size: int
     num_layers: int
+    identity: dict[str, Any]
+    """:func:`identity` as this backend resolved it (dtype, backend, model revision)."""
 
     def hidden_states(self, texts: Sequence[str]) -> np.ndarray:
         """float32 [len(texts), hidden_size]; raises LLMError instead of returning a bad row."""
@@ -199,7 +201,7 @@ class LLMBackend(Protocol):
 
 
 # ----------------------------------------------------------------------------------------------
-# Model metadata and prompts (shared by both backends)
+# Model metadata and prompts (shared by every backend)
 # ----------------------------------------------------------------------------------------------
 
 
