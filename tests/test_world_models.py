@@ -476,6 +476,46 @@ def test_version_presets_set_the_named_settings_of_each_paper():
     assert make_config(3).version == 3 and make_config(2, ["debug"]).return_norm == "none"
 
 
+#: Recorded with the version switches the named settings replaced (commit 6bd2d49), by the same calls as
+#: below: three gradient steps of the debug-sized agent on ``fixed_batch((12,))`` with
+#: ``target_update_every=2`` (so V2's copy happens): leaves and parameters per group, the sum of absolute
+#: parameter values after the steps, and the last step's metrics. The refactored code gave them bit for
+#: bit on the CPU, as it did the metrics of a 6-update debug chunk on Classic per version.
+REFERENCE = {
+    1: dict(
+        params={'actor': (4, 421), 'critic': (4, 353), 'slow_critic': (4, 353), 'wm': (26, 4270)},
+        param_abs_sum={'actor': 77.9278, 'critic': 63.90222, 'slow_critic': 63.90274, 'wm': 705.2472},
+        metrics={'loss/model': 5.218651, 'loss/recon': 1.529876, 'loss/reward': 0.03181852, 'loss/cont': 0.656956, 'loss/kl': 0.2056107, 'loss/kl_term': 3.0, 'loss/actor': -0.03491272, 'loss/actor_entropy': 1.548436, 'loss/critic': 0.02624784, 'loss/imag_return': 0.06943034, 'loss/imag_value': 0.03196298}),
+    2: dict(
+        params={'actor': (5, 629), 'critic': (5, 561), 'slow_critic': (5, 561), 'wm': (34, 5470)},
+        param_abs_sum={'actor': 108.3816, 'critic': 95.93116, 'slow_critic': 95.92767, 'wm': 984.7076},
+        metrics={'loss/model': 6.042406, 'loss/recon': 4.770486, 'loss/reward': 0.5816106, 'loss/cont': 0.5711019, 'loss/kl': 1.192073, 'loss/kl_term': 0.1192073, 'loss/actor': -0.824761, 'loss/actor_entropy': 1.452291, 'loss/critic': 0.6763752, 'loss/imag_return': -1.010501, 'loss/imag_value': -0.1718753}),
+    3: dict(
+        params={'actor': (5, 629), 'critic': (5, 4879), 'slow_critic': (5, 4879), 'wm': (34, 9788)},
+        param_abs_sum={'actor': 91.29549, 'critic': 93.44785, 'slow_critic': 93.09634, 'wm': 982.7736},
+        metrics={'loss/model': 10.77703, 'loss/recon': 4.105506, 'loss/reward': 5.539311, 'loss/cont': 0.5264481, 'loss/kl': 0.6450465, 'loss/kl_term': 0.6057641, 'loss/actor': -0.0002430844, 'loss/actor_entropy': 1.609427, 'loss/critic': 6.072406, 'loss/imag_return': 2.124601e-05, 'loss/imag_value': -7.199124e-08, 'loss/return_scale': 1.0}),
+}
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_presets_reproduce_the_losses_of_the_version_switches(version):
+    from world_models.common.agent import Agent
+
+    agent = Agent(AgentConfig.from_fields(tiny_config(version, target_update_every=2)), (12,), 5)
+    state = jax.jit(agent.init)(jax.random.PRNGKey(0))
+    step, batch = jax.jit(agent.train_step), fixed_batch((12,))
+    for i in range(3):
+        state, metrics = step(state, batch, jax.random.PRNGKey(10 + i))
+    reference = REFERENCE[version]
+    groups = {k: (len(jax.tree.leaves(v)), sum(x.size for x in jax.tree.leaves(v))) for k, v in state.params.items()}
+    assert groups == reference["params"]
+    for group, total in reference["param_abs_sum"].items():
+        got = float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(state.params[group])))
+        assert got == pytest.approx(total, rel=1e-5), group
+    for key, value in reference["metrics"].items():
+        assert float(metrics[key]) == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
 def test_common_modules_switch_on_named_settings_not_versions():
     from pathlib import Path
 
@@ -499,10 +539,10 @@ def test_named_settings_outside_their_choices_are_user_errors(field, value, mess
 
 
 @pytest.mark.parametrize("version,settings", [
-    (3, dict(latent="gaussian")),
+    (3, dict(latent="gaussian", reward_head="symexp_twohot", critic_head="symexp_twohot", replay_value_scale=0.3)),
     (2, dict(return_norm="percentile", actor_grad="mix", critic_head="symlog_twohot", slow_critic="ema",
-             slow_critic_returns=False, slow_critic_reg=1.0)),
-], ids=["v3-gaussian-latent", "v2-return-norm-mixed-gradient-two-hot-critic"])
+             slow_critic_returns=False, slow_critic_reg=1.0, imag_starts=5)),
+], ids=["v3-gaussian-latent-symexp-heads-replay-value", "v2-return-norm-mixed-gradient-two-hot-critic-5-starts"])
 def test_mixed_settings_train_a_chunk(version, settings):
     """Ablations are flags on top of a version's preset: the whole program compiles and trains."""
     from utils.envs import VecEnv
@@ -522,6 +562,83 @@ def test_mixed_settings_train_a_chunk(version, settings):
     latent = carry.collector.policy_state[0]
     if settings.get("latent") == "gaussian":
         assert latent.stats.shape[-1] == 2 and latent.stoch.shape[-1] == cfg.stoch, "mean and std per dimension"
+        assert program.agent.wm.reward_out.kind == program.agent.ac.critic_out.kind == "symexp_twohot"
+        assert np.all(np.isfinite(np.asarray(metrics["loss/replay_value"])[0][trained]))
     if settings.get("return_norm") == "percentile":
         assert np.all(np.asarray(metrics["loss/return_scale"])[0][trained] >= 1.0)
-        assert program.agent.ac.bins is not None and program.agent.wm.bins is None, "two-hot critic, V2 reward"
+        assert program.agent.ac.critic_out.size == cfg.bins and program.agent.wm.reward_out.size == 1
+        assert program.agent.ac.critic_out.kind == "symlog_twohot" and "loss/replay_value" not in metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# Options of the current DreamerV3 code, the V2 Crafter preset and the world-model diagnostics
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_symexp_twohot_head_reads_out_in_raw_space_and_is_zero_when_uniform():
+    head = dists.ScalarHead.make("symexp_twohot", 255)
+    bins = np.asarray(head.bins)
+    np.testing.assert_array_equal(bins, -bins[::-1])  # exactly symmetric
+    assert bins[127] == 0.0 and bins[-1] == pytest.approx(np.expm1(20.0), rel=1e-5) and head.out_scale == 0.0
+    assert float(head.mean(jnp.zeros(255))) == 0.0, "a zero-initialised head predicts exactly 0"
+    values = jnp.array([-300.0, -1.0, 0.0, 0.3, 1.0, 7.0, 12345.0])
+    code = dists.twohot_encode(values, head.bins)
+    np.testing.assert_allclose(head.mean(jnp.log(code + 1e-30)), values, rtol=1e-4, atol=1e-5)
+    # The loss is the cross-entropy against that code: lowest for logits that put it exactly.
+    exact, off = head.loss(jnp.log(code + 1e-30), values), head.loss(jnp.log(jnp.roll(code, 1, -1) + 1e-30), values)
+    assert np.all(np.asarray(exact) < np.asarray(off))
+    even = dists.symexp_bins(4)
+    np.testing.assert_array_equal(np.asarray(even), -np.asarray(even)[::-1])
+
+
+def test_replay_value_loss_regresses_real_lambda_returns_bootstrapped_from_imagination():
+    from world_models.common.behavior import ActorCritic, ReplayTargets
+    from world_models.common.config import ActorCriticConfig
+
+    cfg = pick(ActorCriticConfig, tiny_config(1, gamma=0.9, lam=0.8, slow_critic="copy", replay_value_scale=0.3))
+    ac = ActorCritic(cfg, 6, 3)
+    _, critic = ac.init(jax.random.PRNGKey(0))
+    T, B = 6, 2
+    rng = np.random.default_rng(0)
+    feat = jnp.asarray(rng.normal(size=(T, B, 6)), jnp.float32)
+    reward = rng.normal(size=(T, B)).astype(np.float32)
+    terminal = np.zeros((T, B), bool)
+    terminal[3, 1] = True
+    boot = rng.normal(size=(T, B)).astype(np.float32)
+    loss = ac.replay_value_loss(critic, critic, ReplayTargets(feat, jnp.asarray(reward), jnp.asarray(terminal),
+                                                              jnp.asarray(boot)))
+    expected = loop_lambda_returns(reward[1:], 0.9 * (1 - terminal[1:]), boot[1:], 0.8)  # [T - 1, B]
+    values = np.asarray(ac.value(critic, feat))[:-1]
+    weight = 1.0 - terminal[:-1]
+    assert float(loss) == pytest.approx(float((weight * 0.5 * (values - expected) ** 2).mean()), rel=1e-5)
+    assert expected[2, 1] == pytest.approx(reward[3, 1]), "the step before a terminal row sees only its reward"
+
+
+def test_v2_crafter_preset_has_the_crafter_settings():
+    cfg = make_config(2, ["v2_crafter"], num_envs=16)
+    assert (cfg.kl_scale, cfg.model_lr, cfg.actor_lr, cfg.critic_lr, cfg.actor_entropy) == (1.0, 1e-4, 1e-4, 1e-4, 3e-3)
+    assert (cfg.kl, cfg.actor_grad, cfg.slow_critic, cfg.deter) == ("balanced", "reinforce", "copy", 1024)
+    assert grad_steps_per_update(cfg) == 16, "160 replayed steps per env step: 16 x 5 x 160 / (16 x 50)"
+
+
+def test_world_model_diagnostics_on_a_fixed_batch():
+    from world_models.common.world_model import WorldModel
+
+    cfg = tiny_config(3)
+    wm = WorldModel(pick(WorldModelConfig, cfg), (12,), 5)
+    batch = fixed_batch((12,))
+    batch["reward"] = batch["reward"].at[1, 0].set(-1.0)
+    params = wm.init(jax.random.PRNGKey(0))
+    params["reward"] = jax.tree.map(lambda x: x + 0.05, params["reward"])  # not the zero-initialised output
+    _, (post, metrics) = jax.jit(wm.loss)(params, batch, jax.random.PRNGKey(1))
+    pred = np.asarray(wm.reward(params, features(post)))
+    reward = np.asarray(batch["reward"])
+    for name, mask in (("pos", reward > 0.5), ("zero", reward == 0), ("neg", reward < 0)):
+        assert mask.any()
+        assert float(metrics[f"diag/reward_pred_{name}"]) == pytest.approx(pred[mask].mean(), rel=1e-4, abs=1e-6)
+    target = np.asarray(dists.symlog(batch["obs"])).reshape(8, 4, 12)
+    baseline = ((target - target.mean((0, 1))) ** 2).sum(-1).mean()
+    assert float(metrics["diag/recon_mean_baseline"]) == pytest.approx(baseline, rel=1e-5)
+    top = np.asarray(post.stats).argmax(-1).reshape(-1, cfg.stoch)  # [steps, latents]
+    used = np.mean([len(set(top[:, i])) for i in range(cfg.stoch)])
+    assert float(metrics["diag/post_used_classes"]) == pytest.approx(used) and 1 <= used <= cfg.classes

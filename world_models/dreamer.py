@@ -107,10 +107,11 @@ class DreamerConfig(RunConfig):
     """Reconstruction loss: gaussian (1/2 squared error, V1/V2) or symlog_mse (V3: squared error on
     symlog(obs) for vector observations, on the pixels for images)."""
     reward_head: str = "symlog_twohot"
-    """Reward head: gaussian (1/2 squared error, V1/V2) or symlog_twohot (V3: cross-entropy over bins
-    symlog-spaced bins, zero-initialised)."""
+    """Reward head: gaussian (1/2 squared error, V1/V2), symlog_twohot (V3 paper: cross-entropy over bins
+    bins evenly spaced in symlog space, zero-initialised) or symexp_twohot (current DreamerV3 code: two-hot
+    of the raw reward over symexp-spaced bins, expectation read out in raw space)."""
     critic_head: str = "symlog_twohot"
-    """Critic head: gaussian (1/2 squared error, V1/V2) or symlog_twohot (V3)."""
+    """Critic head: gaussian (1/2 squared error, V1/V2), symlog_twohot (V3) or symexp_twohot."""
     kl: str = "free_bits"
     """KL regulariser: free_nats (V1: max(mean KL, free_nats)), balanced (V2: kl_balance, kl_scale,
     free_nats per side) or free_bits (V3: dyn_scale and rep_scale, free_nats per step)."""
@@ -129,6 +130,11 @@ class DreamerConfig(RunConfig):
     rate slow_critic_rate)."""
     slow_critic_returns: bool = False
     """Lambda-returns bootstrap from the slow critic (V2) instead of the critic (V1/V3)."""
+    replay_value_scale: float = 0.0
+    """Weight of the replay-value loss (current DreamerV3 code: 0.3; papers: 0): the critic also regresses
+    lambda-returns of the real rewards on the replayed posterior states, bootstrapped from imagination."""
+    imag_starts: int = 0
+    """Imagine from this many posterior states of each batch, drawn at random; 0: from all of them."""
     # -- world-model losses
     free_nats: float = 1.0
     """V1: free nats on the mean KL; V2: on each balanced term; V3: free bits per step."""
@@ -261,6 +267,9 @@ def validate(cfg: DreamerConfig) -> None:
         raise UserError(f"--act must be silu, elu or relu, got {cfg.act!r}")
     grad_steps_per_update(cfg)
     AgentConfig.from_fields(cfg)  # the named settings' choices
+    if cfg.imag_starts > cfg.batch_size * cfg.batch_length:
+        raise UserError(f"--imag-starts {cfg.imag_starts} is more than the {cfg.batch_size * cfg.batch_length} "
+                        "posterior states of a batch (batch_size x batch_length)")
 
 
 # ---------------------------------------------------------------------------------------------------

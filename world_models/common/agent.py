@@ -1,7 +1,8 @@
 """One Dreamer agent: parameters, optimisers and the gradient step that trains all of it.
 
-A gradient step trains the world model on a replay batch, then the actor from every posterior state
-of that batch in imagination, then the critic on the imagined rollout, then moves the slow critic
+A gradient step trains the world model on a replay batch, then the actor in imagination from every
+posterior state of that batch (or ``imag_starts`` random ones), then the critic on the imagined
+rollout (and with ``replay_value_scale`` on the replayed states too), then moves the slow critic
 (``slow_critic``: ``copy`` every ``target_update_every`` steps, V2's target network; ``ema`` at
 ``slow_critic_rate``, V3; ``none``, V1). Acting is a posterior step on the new observation followed
 by a sample from the actor.
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from world_models.common.behavior import ActorCritic, ReturnNorm
+from world_models.common.behavior import ActorCritic, ReplayTargets, ReturnNorm
 from world_models.common.config import AgentConfig
 from world_models.common.rssm import RSSMState, features, obs_step
 from world_models.common.world_model import WorldModel
@@ -83,13 +84,20 @@ class Agent:
         flat = lambda x: x.reshape((-1,) + x.shape[2:])
         start = jax.tree.map(lambda x: flat(jax.lax.stop_gradient(x)), post)
         start_cont = flat(1.0 - batch["is_terminal"].astype(jnp.float32))
+        if cfg.imag_starts:
+            imag_key, pick_key = jax.random.split(imag_key)
+            (start, start_cont) = self._random_starts(pick_key, (start, start_cont))
         grads, (traj, returns, weight, retnorm, actor_metrics) = jax.grad(self.ac.actor_loss, has_aux=True)(
             params["actor"], self.wm, params["wm"], params["critic"], params["slow_critic"], state.retnorm,
             start, start_cont, imag_key)
         params["actor"], opt_state["actor"] = self._apply("actor", grads, params["actor"], opt_state["actor"])
 
+        replay = None
+        if cfg.ac.replay_value_scale:  # imagination started from every replayed state, in [T, B] order
+            replay = ReplayTargets(features(jax.lax.stop_gradient(post)), batch["reward"], batch["is_terminal"],
+                                   returns[0].reshape(batch["reward"].shape))
         grads, critic_metrics = jax.grad(self.ac.critic_loss, has_aux=True)(
-            params["critic"], params["slow_critic"], traj, returns, weight)
+            params["critic"], params["slow_critic"], traj, returns, weight, replay)
         params["critic"], opt_state["critic"] = self._apply("critic", grads, params["critic"], opt_state["critic"])
 
         grad_steps = state.grad_steps + 1
@@ -103,6 +111,14 @@ class Agent:
                                                  params["critic"], params["slow_critic"])
         metrics = {**metrics, **actor_metrics, **critic_metrics}
         return AgentState(params, opt_state, retnorm, grad_steps), metrics
+
+    def _random_starts(self, key: jax.Array, tree):
+        """``imag_starts`` of the replayed posterior states (leading axis), drawn without replacement:
+        imagination costs in proportion to its start states, and neighbouring steps of a sequence
+        are near duplicates. ``world_models.dreamer.validate`` checks that the batch holds enough."""
+        count = jax.tree.leaves(tree)[0].shape[0]
+        index = jax.random.choice(key, count, (self.cfg.imag_starts,), replace=False)
+        return jax.tree.map(lambda x: x[index], tree)
 
     def _apply(self, name: str, grads, params, opt_state):
         updates, opt_state = self.optimizers[name].update(grads, opt_state, params)

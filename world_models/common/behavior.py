@@ -62,6 +62,15 @@ class Imagined(NamedTuple):
     logits: jax.Array  # [H, N, A] the actor's logits at states 0..H-1
 
 
+class ReplayTargets(NamedTuple):
+    """What the replay-value loss needs from a replay batch, all ``[T, B]`` (feat ``[T, B, F]``)."""
+
+    feat: jax.Array  # posterior features, gradient stopped
+    reward: jax.Array  # reward that came with each row
+    is_terminal: jax.Array
+    boot: jax.Array  # the imagined lambda-return from each posterior state
+
+
 class ActorCritic:
     """The actor (categorical over actions) and critic heads on world-model features."""
 
@@ -70,11 +79,9 @@ class ActorCritic:
         self.num_actions = num_actions
         self.feat_size = feat_size
         style = dict(act=cfg.act, norm=cfg.norm)
-        two_hot = cfg.critic_head == "symlog_twohot"
-        self.bins = dists.twohot_bins(cfg.bins) if two_hot else None
+        self.critic_out = dists.ScalarHead.make(cfg.critic_head, cfg.bins)
         self.actor = Head(num_actions, cfg.units, cfg.layers, out_scale=cfg.actor_init_scale, **style)
-        self.critic = Head(cfg.bins if two_hot else 1, cfg.units, cfg.layers, out_scale=0.0 if two_hot else 1.0,
-                           **style)
+        self.critic = Head(self.critic_out.size, cfg.units, cfg.layers, out_scale=self.critic_out.out_scale, **style)
 
     def init(self, key: jax.Array) -> tuple[dict, dict]:
         actor_key, critic_key = jax.random.split(key)
@@ -85,8 +92,7 @@ class ActorCritic:
         return dists.unimix_logits(self.actor.apply(actor_params, feat), self.cfg.unimix)
 
     def value(self, critic_params, feat: jax.Array) -> jax.Array:
-        out = self.critic.apply(critic_params, feat)
-        return dists.symlog_twohot_mean(out, self.bins) if self.bins is not None else out[..., 0]
+        return self.critic_out.mean(self.critic.apply(critic_params, feat))
 
     # -- imagination ----------------------------------------------------------------------------------
     def imagine(self, wm: WorldModel, wm_params: dict, actor_params, start: RSSMState, key: jax.Array) -> Imagined:
@@ -156,17 +162,36 @@ class ActorCritic:
         })
         return loss, (sg(traj), sg(returns), weight, retnorm, metrics)
 
-    def critic_loss(self, critic_params, slow_params, traj: Imagined, returns: jax.Array, weight: jax.Array):
-        feat = features(traj.states)[:-1]
-        out = self.critic.apply(critic_params, feat)
-        loss = self._head_loss(out, returns)
-        if self.cfg.slow_critic_reg:
-            loss = loss + self.cfg.slow_critic_reg * self._head_loss(out, self.value(slow_params, feat))
-        loss = (weight * loss).mean()
-        return loss, {"loss/critic": loss}
+    def critic_loss(self, critic_params, slow_params, traj: Imagined, returns: jax.Array, weight: jax.Array,
+                    replay: ReplayTargets | None = None):
+        """The critic's loss on the imagined rollout, plus ``replay_value_scale`` times its loss on
+        the replayed posterior states (``replay``, needed when that scale is not 0)."""
+        loss = self._regression(critic_params, slow_params, features(traj.states)[:-1], returns, weight)
+        metrics = {"loss/critic": loss}
+        if self.cfg.replay_value_scale:
+            replay_loss = self.replay_value_loss(critic_params, slow_params, replay)
+            metrics["loss/replay_value"] = replay_loss
+            loss = loss + self.cfg.replay_value_scale * replay_loss
+            metrics["loss/critic"] = loss
+        return loss, metrics
 
-    def _head_loss(self, out: jax.Array, target: jax.Array) -> jax.Array:
-        """Per-step loss of the critic's output against ``target``: 1/2 squared error or two-hot cross-entropy."""
-        if self.bins is None:
-            return 0.5 * (out[..., 0] - target) ** 2
-        return dists.symlog_twohot_loss(out, target, self.bins)
+    def _regression(self, critic_params, slow_params, feat: jax.Array, target: jax.Array, weight: jax.Array):
+        """Weighted mean of the head's loss towards ``target``, plus ``slow_critic_reg`` times its loss
+        towards the slow critic's values."""
+        out = self.critic.apply(critic_params, feat)
+        loss = self.critic_out.loss(out, target)
+        if self.cfg.slow_critic_reg:
+            loss = loss + self.cfg.slow_critic_reg * self.critic_out.loss(out, self.value(slow_params, feat))
+        return (weight * loss).mean()
+
+    def replay_value_loss(self, critic_params, slow_params, replay: ReplayTargets) -> jax.Array:
+        """The current DreamerV3 code's replay-value loss (its ``repl_loss``): the critic also
+        regresses, on the replayed posterior states ``[T, B]``, lambda-returns of the real rewards
+        and terminals that bootstrap from each state's imagined return. Steps ``0..T-2`` count, each
+        unless it ends an episode (its return would look into the next one). Features arrive
+        stopped: the world model learns only from its own loss here (DreamerV3 lets this loss shape
+        the representation too, ``repval_grad``)."""
+        live = self.cfg.gamma * (1.0 - replay.is_terminal[1:].astype(jnp.float32))
+        returns = lambda_returns(replay.reward[1:], live, replay.boot[1:], self.cfg.lam)  # [T - 1, B]
+        weight = 1.0 - replay.is_terminal[:-1].astype(jnp.float32)
+        return self._regression(critic_params, slow_params, replay.feat[:-1], sg(returns), weight)

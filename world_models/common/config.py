@@ -24,8 +24,8 @@ from world_models.common.dists import LatentSpec
 CHOICES = {
     "latent": ("gaussian", "categorical"),
     "recon": ("gaussian", "symlog_mse"),
-    "reward_head": ("gaussian", "symlog_twohot"),
-    "critic_head": ("gaussian", "symlog_twohot"),
+    "reward_head": ("gaussian", "symlog_twohot", "symexp_twohot"),
+    "critic_head": ("gaussian", "symlog_twohot", "symexp_twohot"),
     "kl": ("free_nats", "balanced", "free_bits"),
     "actor_grad": ("dynamics", "reinforce", "mix"),
     "slow_critic": ("none", "copy", "ema"),
@@ -109,6 +109,7 @@ class ActorCriticConfig:
     slow_critic_reg: float
     return_norm: str
     retnorm_decay: float
+    replay_value_scale: float
 
     def __post_init__(self):
         check_choices(self)
@@ -137,12 +138,18 @@ class AgentConfig:
     slow_critic: str
     target_update_every: int
     slow_critic_rate: float
+    imag_starts: int
 
     def __post_init__(self):
         check_choices(self)
         if self.slow_critic == "none" and (self.ac.slow_critic_returns or self.ac.slow_critic_reg):
             raise UserError("--slow-critic none leaves the slow critic at its initial weights; "
                             "--slow-critic-returns and --slow-critic-reg need --slow-critic copy or ema")
+        if self.imag_starts < 0:
+            raise UserError(f"--imag-starts must be >= 0 (0: every replayed state), got {self.imag_starts}")
+        if self.imag_starts and self.ac.replay_value_scale:
+            raise UserError("--replay-value-scale bootstraps from the imagined return of every replayed state; "
+                            "it needs --imag-starts 0")
 
     @classmethod
     def from_fields(cls, source: Any) -> "AgentConfig":

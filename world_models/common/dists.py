@@ -3,7 +3,9 @@
 * ``symlog``/``symexp`` squash targets of unknown scale (V3 observations, rewards and values).
 * Two-hot encoding over fixed bins in symlog space: V3's reward and critic heads predict a
   categorical over 255 bins and read out the expectation, so one large return cannot blow up the
-  gradient the way a squared error would.
+  gradient the way a squared error would. :class:`ScalarHead` reads and trains a reward or critic
+  head of any kind: ``gaussian``, ``symlog_twohot`` (the V3 paper) or ``symexp_twohot`` (the
+  current DreamerV3 code: bins at symexp-spaced points, two-hot and expectation in raw space).
 * Latent distributions: a diagonal Gaussian (V1) or ``stoch`` independent categoricals of
   ``classes`` classes (V2, V3), sampled with straight-through gradients and optionally mixed with 1%
   uniform (V3) so no class ever has probability zero and the KL stays finite.
@@ -70,6 +72,66 @@ def symlog_twohot_loss(logits: jax.Array, target: jax.Array, bins: jax.Array) ->
 def symlog_twohot_mean(logits: jax.Array, bins: jax.Array) -> jax.Array:
     """The prediction of a two-hot head, back in the target's own scale."""
     return symexp(twohot_decode(jax.nn.softmax(logits, -1), bins))
+
+
+def symexp_bins(num_bins: int, limit: float = 20.0) -> jax.Array:
+    """The current DreamerV3 code's bins: ``symexp`` of evenly spaced points in ``[-limit, limit]``,
+    built from one half and mirrored so that they are exactly symmetric around 0."""
+    if num_bins % 2:
+        half = symexp(jnp.linspace(-limit, 0.0, (num_bins - 1) // 2 + 1))
+        return jnp.concatenate([half, -half[:-1][::-1]], 0)
+    half = symexp(jnp.linspace(-limit, 0.0, num_bins // 2))
+    return jnp.concatenate([half, -half[::-1]], 0)
+
+
+def symmetric_expectation(probs: jax.Array, bins: jax.Array) -> jax.Array:
+    """``(probs * bins).sum(-1)`` summed outwards from the middle bin, as the DreamerV3 code does, so
+    uniform probabilities over symmetric bins give exactly 0 (a left-to-right sum of values up to
+    4.8e8 leaves rounding error that a zero-initialised head would predict as a reward)."""
+    n = bins.shape[0]
+    m = n // 2
+    if n % 2:
+        centre = probs[..., m] * bins[m]
+        return centre + ((probs[..., :m] * bins[:m])[..., ::-1] + probs[..., m + 1:] * bins[m + 1:]).sum(-1)
+    return ((probs[..., :m] * bins[:m])[..., ::-1] + probs[..., m:] * bins[m:]).sum(-1)
+
+
+class ScalarHead(NamedTuple):
+    """How a reward or critic head's output is read out and trained (the settings ``reward_head``
+    and ``critic_head``): ``gaussian`` (one unit, 1/2 squared error: V1, V2), ``symlog_twohot``
+    (V3 paper: two-hot over bins evenly spaced in symlog space) or ``symexp_twohot`` (current DreamerV3
+    code: two-hot of the raw target over symexp-spaced bins, expectation in raw space). Two-hot
+    heads are zero-initialised so that the first predictions are 0."""
+
+    kind: str
+    bins: jax.Array | None  # bin values of the two-hot kinds (symlog or raw space)
+
+    @classmethod
+    def make(cls, kind: str, num_bins: int) -> "ScalarHead":
+        bins = {"gaussian": None, "symlog_twohot": twohot_bins, "symexp_twohot": symexp_bins}[kind]
+        return cls(kind, bins(num_bins) if bins else None)
+
+    @property
+    def size(self) -> int:
+        return 1 if self.bins is None else self.bins.shape[0]
+
+    @property
+    def out_scale(self) -> float:
+        return 1.0 if self.bins is None else 0.0
+
+    def mean(self, out: jax.Array) -> jax.Array:
+        if self.kind == "gaussian":
+            return out[..., 0]
+        if self.kind == "symlog_twohot":
+            return symlog_twohot_mean(out, self.bins)
+        return symmetric_expectation(jax.nn.softmax(out, -1), self.bins)
+
+    def loss(self, out: jax.Array, target: jax.Array) -> jax.Array:
+        if self.kind == "gaussian":
+            return 0.5 * (out[..., 0] - target) ** 2
+        if self.kind == "symlog_twohot":
+            return symlog_twohot_loss(out, target, self.bins)
+        return -(sg(twohot_encode(target, self.bins)) * jax.nn.log_softmax(out, -1)).sum(-1)
 
 
 def bernoulli_nll(logits: jax.Array, target: jax.Array) -> jax.Array:

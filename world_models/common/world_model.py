@@ -47,9 +47,8 @@ class WorldModel:
             self.encoder = MLPEncoder(cfg.units, cfg.layers, symlog_inputs=cfg.symlog_inputs, **style)
             self.decoder = MLPDecoder(math.prod(self.obs_shape), cfg.units, cfg.layers, **style)
         self.rssm = RSSM(self.spec, cfg.deter, cfg.hidden, **style)
-        two_hot = cfg.reward_head == "symlog_twohot"
-        self.bins = dists.twohot_bins(cfg.bins) if two_hot else None
-        self.reward_head = Head(cfg.bins if two_hot else 1, cfg.units, cfg.layers, out_scale=0.0 if two_hot else 1.0,
+        self.reward_out = dists.ScalarHead.make(cfg.reward_head, cfg.bins)
+        self.reward_head = Head(self.reward_out.size, cfg.units, cfg.layers, out_scale=self.reward_out.out_scale,
                                 **style)
         self.cont_head = Head(1, cfg.units, cfg.layers, **style)
         self.feat_size = cfg.deter + self.spec.sample_size
@@ -83,8 +82,7 @@ class WorldModel:
 
     # -- heads ----------------------------------------------------------------------------------------
     def reward(self, params: dict, feat: jax.Array) -> jax.Array:
-        out = self.reward_head.apply(params["reward"], feat)
-        return dists.symlog_twohot_mean(out, self.bins) if self.bins is not None else out[..., 0]
+        return self.reward_out.mean(self.reward_head.apply(params["reward"], feat))
 
     def cont(self, params: dict, feat: jax.Array) -> jax.Array:
         """Probability that the episode goes on after this state."""
@@ -115,22 +113,16 @@ class WorldModel:
         feat = features(post)
 
         recon = self.decoder.apply(params["decoder"], feat)
-        obs_axes = tuple(range(2, obs.ndim))
-        if self.pixels:
-            squared = (recon - obs) ** 2
-        else:
-            target = symlog(obs) if self.symlog_obs else obs
-            squared = (recon - target.reshape(recon.shape)) ** 2
-            obs_axes = (2,)
-        recon_loss = squared.sum(obs_axes) * (1.0 if cfg.recon == "symlog_mse" else 0.5)
+        if self.pixels:  # [T, B, H, W, C]
+            target, obs_axes = obs, tuple(range(2, obs.ndim))
+        else:  # the decoder's flat output [T, B, D]
+            target, obs_axes = (symlog(obs) if self.symlog_obs else obs).reshape(recon.shape), (2,)
+        recon_scale = 1.0 if cfg.recon == "symlog_mse" else 0.5
+        recon_loss = ((recon - target) ** 2).sum(obs_axes) * recon_scale
 
         reward_out = self.reward_head.apply(params["reward"], feat)
-        if self.bins is not None:
-            reward_loss = dists.symlog_twohot_loss(reward_out, batch["reward"], self.bins)
-            reward_pred = dists.symlog_twohot_mean(reward_out, self.bins)
-        else:
-            reward_pred = reward_out[..., 0]
-            reward_loss = 0.5 * (reward_pred - batch["reward"]) ** 2
+        reward_loss = self.reward_out.loss(reward_out, batch["reward"])
+        reward_pred = self.reward_out.mean(reward_out)
         cont_target = 1.0 - batch["is_terminal"].astype(jnp.float32)
         cont_loss = dists.bernoulli_nll(self.cont_head.apply(params["cont"], feat)[..., 0], cont_target)
 
@@ -158,4 +150,36 @@ class WorldModel:
             "loss/post_entropy": self.spec.entropy(post.stats).mean(),
             "loss/reward_error": jnp.abs(reward_pred - batch["reward"]).mean(),
         })
+        baseline = (((target - target.mean((0, 1))) ** 2).sum(obs_axes) * recon_scale).mean()
+        metrics.update(self.diagnostics(batch["reward"], reward_pred, baseline, post))
         return total, (post, metrics)
+
+    def diagnostics(self, reward: jax.Array, reward_pred: jax.Array, recon_baseline: jax.Array,
+                    post: RSSMState) -> dict:
+        """What tells a model that predicts nothing useful from one that does (logged every chunk):
+
+        * ``diag/reward_pred_{pos,zero,neg}``: the reward head's mean prediction on posterior steps
+          whose real reward is > 0.5, == 0 and < 0 (NaN where the batch has none). A head that
+          misses the rare +1s predicts ~0 on the first group.
+        * ``diag/recon_mean_baseline``: the reconstruction loss of predicting the batch's mean
+          observation (``recon_baseline``), next to ``loss/recon``: a decoder above it has learned
+          less than the mean.
+        * ``diag/post_used_classes`` (categorical latents): classes that are some step's most likely
+          class, per latent, averaged over latents (out of ``classes``); 1 means a collapsed latent.
+        """
+        sg = jax.lax.stop_gradient
+        reward_pred = sg(reward_pred)
+
+        def masked_mean(mask):
+            return (reward_pred * mask).sum() / mask.sum()
+
+        metrics = {
+            "diag/reward_pred_pos": masked_mean(reward > 0.5),
+            "diag/reward_pred_zero": masked_mean(reward == 0),
+            "diag/reward_pred_neg": masked_mean(reward < 0),
+            "diag/recon_mean_baseline": sg(recon_baseline),
+        }
+        if self.spec.discrete:
+            top = jax.nn.one_hot(jnp.argmax(post.stats, -1), self.spec.classes)  # [T, B, stoch, classes]
+            metrics["diag/post_used_classes"] = (top.sum((0, 1)) > 0).sum(-1).mean()
+        return metrics
