@@ -107,7 +107,7 @@ def run_cli(*args):
 def test_cli_errors_are_one_clear_line(tmp_path):
     bad_env = run_cli("--preset", "debug", "--env", "Craftax-Nope", "--run-dir", str(tmp_path / "a"))
     assert bad_env.returncode == 2 and len(bad_env.stderr.strip().splitlines()) == 1
-    assert bad_env.stderr.startswith("error: unknown env 'Craftax-Nope'; valid names:")
+    assert bad_env.stderr.startswith("error: ") and "unknown env 'Craftax-Nope'; valid names:" in bad_env.stderr
     bad_ratio = run_cli("--preset", "debug", "--train-ratio", "3", "--run-dir", str(tmp_path / "b"))
     assert bad_ratio.returncode == 2 and "whole number" in bad_ratio.stderr
     bad_version = run_cli("--version", "5")
