@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from utils.envs import VecEnv
 from utils.errors import UserError
 from utils.io import check_output_path, output_path_problem, read_jsonl
 
@@ -157,6 +158,10 @@ def bad(tmp_path_factory) -> dict[str, str]:
             "dataset": str(root / "dataset"), "metrics_run": str(root / "run"), "suite": str(root / "suite.yaml")}
 
 
+def _no_env(*args, **kwargs):
+    raise RuntimeError("a bad input got past validation: an env was being built")
+
+
 def assert_one_error_line(code, err: str, names: str) -> None:
     assert code == 2, err
     assert "Traceback" not in err, err
@@ -169,6 +174,7 @@ def assert_one_error_line(code, err: str, names: str) -> None:
 @pytest.mark.parametrize("module,argv,names", CASES, ids=[f"{m}:{' '.join(a)}" for m, a, _ in CASES])
 def test_bad_input_is_one_error_line(module, argv, names, bad, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # should a check regress, nothing is written into the repository
+    monkeypatch.setattr(VecEnv, "__init__", _no_env)  # ... and no training starts in this process
     main = importlib.import_module(module).main
     capsys.readouterr()  # import-time noise is not part of the answer
     with pytest.raises(SystemExit) as stop:
