@@ -65,13 +65,15 @@ class OldPoolerConfig:
     use_activation: bool | None = None
 
 
-def fake_vllm(monkeypatch, token_states, *, unit_norm: bool = False):
+def fake_vllm(monkeypatch, token_states, *, unit_norm: bool = False, partial_load: bool = True):
     engines: list[dict] = []
 
     class FakeLLM:
         def __init__(self, **options):
-            self.options = options
             engines.append(options)
+            if "hf_overrides" in options and not partial_load:  # like vLLM before #50898
+                raise ValueError("There is no module or parameter named 'model.layers.1' in Qwen2ForCausalLM")
+            self.options = options
 
         def embed(self, prompts, use_tqdm=False):
             config = self.options["pooler_config"]
@@ -151,6 +153,18 @@ def test_vllm_intermediate_layer_truncates_and_reads_files_from_shm(tiny_llm_pat
     expected = make_backend(spec.replace(backend="transformers")).hidden_states(TEXTS)
     np.testing.assert_allclose(backend.hidden_states(TEXTS), expected, atol=1e-5)
     assert list(folder.iterdir()) == []  # every per-prompt file is deleted once read
+    assert backend.truncated is True
+
+
+def test_vllm_without_partial_loading_runs_all_layers(tiny_llm_path, token_states, monkeypatch, capsys):
+    engines = fake_vllm(monkeypatch, token_states, partial_load=False)
+    spec = LLMSpec(model=tiny_llm_path, backend="vllm", layer=1, pooling="last")
+    backend = make_backend(spec)
+    assert len(engines) == 2 and "hf_overrides" in engines[0] and "hf_overrides" not in engines[1]
+    assert backend.truncated is False
+    assert "running all 2 layers instead" in capsys.readouterr().err
+    expected = make_backend(spec.replace(backend="transformers")).hidden_states(TEXTS)
+    np.testing.assert_allclose(backend.hidden_states(TEXTS), expected, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,13 +13,16 @@ it has (they were renamed across releases), so one code path serves several vLLM
   k decoder layers with ``hf_overrides`` (the later layers are never computed) plus vLLM's
   hidden-state extraction of layer id k, which is the pre-norm output of the last kept layer.
   vLLM writes one file per prompt; they go under /dev/shm when it exists and are deleted as soon
-  as they are read.
+  as they are read. vLLM releases that cannot load a full checkpoint into a truncated model
+  (weights of the dropped layers raise KeyError/ValueError; vllm-project/vllm#50898) get the whole
+  model instead, with a one-line warning: the extracted layer is the same, only slower.
 * **Generation**: a second, full-model engine started on first use.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,7 +155,19 @@ class VLLMBackend:
         return self._vllm.LLM(**options)
 
     def _start_hidden_state_engine(self) -> None:
-        self._llm = self._engine(self._hidden_state_options())
+        options = self._hidden_state_options()
+        self.truncated = "hf_overrides" in options
+        try:
+            self._llm = self._engine(options)
+        except Exception as exc:  # noqa: BLE001 -- any load failure; the retry raises its own
+            if not self.truncated:
+                raise
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"warning: vLLM could not load the first {options['hf_overrides']['num_hidden_layers']} "
+                  f"layers alone ({reason}); running all {self.num_layers} layers instead (same "
+                  "values, slower)", file=sys.stderr)
+            self.truncated = False
+            self._llm = self._engine({k: v for k, v in options.items() if k != "hf_overrides"})
         if self.layer_index == self.num_layers:
             check_not_unit_norm(self.hidden_states(list(WARM_UP_TEXTS)), "vLLM")
 
