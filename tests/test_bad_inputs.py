@@ -96,6 +96,7 @@ CASES += [
     ("labelling.enqueue", ["--bogus", "1"], "--bogus"),
     ("labelling.status", ["--window-s", "-1"], "--window-s"),
     ("labelling.status", ["--watch", "-2"], "--watch"),
+    ("labelling.status", ["--watch", "0"], "--watch"),
     ("labelling.status", ["--embedded-redis", "{file}/redis.rdb"], "--embedded-redis"),
     ("labelling.status", ["--windw-s", "3"], "--windw-s"),
     ("labelling.status", ["--json", "yes"], "yes"),
@@ -197,6 +198,17 @@ def test_bad_input_in_a_real_process(module, argv, names, bad, tmp_path):
     assert_one_error_line(done.returncode, done.stderr, names)
     # Validation comes before any compilation: the time is the interpreter and its imports.
     assert time.perf_counter() - start < 60
+
+
+def test_default_run_folder_under_a_file(tmp_path, monkeypatch, capsys):
+    from online_rl.ppo import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(VecEnv, "__init__", _no_env)
+    (tmp_path / "runs").write_text("a file where the run folders would go\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["--preset", "debug"])
+    assert_one_error_line(stop.value.code, capsys.readouterr().err, "--run-dir")
 
 
 def test_unknown_flag_names_the_closest_field(capsys):

@@ -133,7 +133,12 @@ def parse_config(config_cls: type[C], area: str, algo: str, argv: Sequence[str] 
     presets = load_presets(area, algo)
     start = config_cls() if default is None else default
     base = apply_presets(start, names, presets, f"configs/{area}/{algo}.yaml")
-    return cli(config_cls, _strip_presets(argv), default=base)
+    config = cli(config_cls, _strip_presets(argv), default=base)
+    if hasattr(config, "run_name") and not getattr(config, "run_dir", None):  # the default run folder
+        from utils.run_dir import check_run_dir, resolve_run_dir
+
+        check_run_dir(resolve_run_dir(config, area, algo), "--run-dir")
+    return config
 
 
 def cli(config_cls: type[C], argv: Sequence[str] | None = None, default: C | None = None) -> C:
@@ -256,8 +261,10 @@ def check_config(config: C) -> C:
                 raise UserError(f"{_flag(name)} must be positive, got {value}")
             if name in ("gamma", "int_gamma", "gae_lambda", "lam") and not 0 <= value <= 1:
                 raise UserError(f"{_flag(name)} must be between 0 and 1, got {value}")
-            if (name.endswith(("_s", "_ms", "_mb")) or name == "watch") and value < 0:
+            if name.endswith(("_s", "_ms", "_mb")) and value < 0:
                 raise UserError(f"{_flag(name)} must be zero or more, got {value}")
+            if name == "watch" and value <= 0:  # a refresh interval
+                raise UserError(f"{_flag(name)} must be positive, got {value}")
         elif isinstance(value, str) and value:
             if name in OUTPUT_DIRS:
                 check_output_path(value, _flag(name), "dir")
