@@ -171,8 +171,8 @@ def load_suite(name_or_path: str, *, budget: int | None = None, seeds: int | Non
 
     for env in suite_envs:
         if env not in ENV_NAMES:  # found now, not after the first methods of a suite have trained
-            where = "--env" if envs else f"{path}: envs"
-            raise UserError(f"{where}: unknown env {env!r}; valid names: {', '.join(ENV_NAMES)}")
+            where = "fix --env" if envs else f"fix 'envs' in {path}"
+            raise UserError(f"unknown env {env!r}; valid names: {', '.join(ENV_NAMES)}; {where}")
     return Suite(name=path.stem, path=path, description=str(raw.get("description", "")).strip(), envs=suite_envs,
                  seeds=values["seeds"], first_seed=values["first_seed"], budget=values["budget"],
                  flags=_strings(raw.get("flags"), "flags"), methods=tuple(parsed), slurm=dict(slurm),

@@ -112,7 +112,7 @@ def test_check_config_names_the_flag():
                                   ("eval_every", -1, "--eval-every must be zero or more"),
                                   ("lr", 0.0, "--lr must be positive"),
                                   ("gae_lambda", 1.2, "--gae-lambda must be between"),
-                                  ("env", "Nope-v1", "--env: unknown env")]:
+                                  ("env", "Nope-v1", "unknown env 'Nope-v1'; valid names: .*; fix --env")]:
         with pytest.raises(UserError, match=message):
             check_config(dataclasses.replace(PPOConfig(), **{field: value}))
     assert check_config(dataclasses.replace(PPOConfig(), eval_every=0, seed=-1)).seed == -1

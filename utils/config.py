@@ -229,11 +229,12 @@ def _flag(name: str) -> str:
 
 
 def _check_input_path(path: Path, flag: str) -> None:
+    if flag == "--dataset" and not (path / "manifest.json").is_file():
+        where = "" if path.exists() else ", the folder does not exist"
+        raise UserError(f"{flag}: {path} is not a trajectory dataset (no manifest.json{where}); pass a folder "
+                        "written by python -m online_rl.ppo --save-trajectories DIR")
     if not path.exists():
         raise UserError(f"{flag}: {path} does not exist; check the path")
-    if flag == "--dataset" and not (path / "manifest.json").is_file():
-        raise UserError(f"{flag}: {path} is not a trajectory dataset (no manifest.json); pass a folder "
-                        "written by python -m online_rl.ppo --save-trajectories DIR")
 
 
 def check_config(config: C) -> C:
@@ -277,7 +278,7 @@ def check_config(config: C) -> C:
         from utils.envs import ENV_NAMES
 
         if config.env not in ENV_NAMES:
-            raise UserError(f"--env: unknown env {config.env!r}; valid names: {', '.join(ENV_NAMES)}")
+            raise UserError(f"unknown env {config.env!r}; valid names: {', '.join(ENV_NAMES)}; fix --env")
     if "run_name" in names and getattr(config, "run_dir", None):  # a run folder this command writes
         from utils.run_dir import check_run_dir
 
