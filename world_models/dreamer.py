@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -31,7 +30,7 @@ from utils import envs, training
 from utils.config import RunConfig, apply_presets, load_presets, parse_config
 from utils.errors import UserError, exit_on_user_error
 from utils.evaluation import Policy, make_evaluate
-from utils.training import EpisodeStats, HostLoop
+from utils.training import ChunkOutput, EpisodeStats, HostLoop
 from world_models.common import replay as replay_lib
 from world_models.common.agent import Agent, AgentState
 from world_models.common.config import AgentConfig
@@ -502,12 +501,13 @@ def train(cfg: DreamerConfig, stop_after_updates: int | None = None) -> dict:
     openloop = make_openloop(agent, cfg.report_context, cfg.report_horizon, cfg.report_sequences)
     first_seed = lambda tree: jax.tree.map(lambda x: x[0], tree)
     run_report = jit(lambda params, replay, key: openloop(first_seed(params), first_seed(replay), key))
-    eval_key = jax.random.PRNGKey(cfg.seed + 10_000)
 
-    def maybe_evaluate(update: int, final: bool) -> dict:
-        if not final and not (cfg.eval_every and update % cfg.eval_every == 0):
-            return {}
-        key = jax.random.fold_in(eval_key, update)
+    def train_chunk(carry: TrainCarry, _length: int) -> ChunkOutput:
+        carry, (stats, metrics) = run_chunk(carry)
+        stats, metrics = jax.device_get((stats, metrics))
+        return ChunkOutput(carry, stats, chunk_means(metrics))
+
+    def evaluate(carry: TrainCarry, key: jax.Array) -> dict:
         metrics = {}
         if run_eval is not None:
             keys = jax.random.split(key, cfg.num_seeds)
@@ -516,20 +516,8 @@ def train(cfg: DreamerConfig, stop_after_updates: int | None = None) -> dict:
         metrics.update(write_report(report, loop.run_dir, cfg.report_context, env.is_pixels))
         return metrics
 
-    update = loop.start_update
-    while update < total_updates:
-        if stop_after_updates is not None and update >= stop_after_updates:
-            break
-        start = time.perf_counter()
-        carry, (stats, metrics) = run_chunk(carry)
-        stats, metrics = jax.device_get((stats, metrics))
-        update += length
-        evals = maybe_evaluate(update, final=update >= total_updates)
-        loop.after_chunk(update, stats, chunk_means(metrics), evals, seconds=time.perf_counter() - start)
-        loop.maybe_checkpoint(update, carry, final=update >= total_updates)
-
-    summary = loop.finish(update, carry, final=update >= total_updates)
-    return {"summary": summary, "carry": carry, "run_dir": loop.run_dir}
+    return loop.run(carry, train_chunk, updates_per_chunk=length, evaluate=evaluate, eval_every=cfg.eval_every,
+                    stop_after_updates=stop_after_updates)
 
 
 def parse_dreamer_config(argv: Sequence[str] | None = None) -> DreamerConfig:
