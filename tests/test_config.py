@@ -51,6 +51,22 @@ def test_run_folder_resumes_same_config_and_refuses_a_different_one(tmp_path):
         open_run_dir(dataclasses.replace(cfg, lr=1e-3), tmp_path / "run")
 
 
+def test_a_run_saved_before_fields_were_added_or_removed_resumes_with_a_note(tmp_path, capsys):
+    import yaml
+
+    cfg = PPOConfig(run_dir=str(tmp_path / "run"))
+    open_run_dir(cfg, tmp_path / "run")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    saved.pop("ent_coef")
+    saved["icm"] = False  # a field an older version had
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert open_run_dir(cfg, tmp_path / "run") is True
+    note = capsys.readouterr().out
+    assert "new fields take their current values: ent_coef" in note and "fields no longer used: icm" in note
+    with pytest.raises(UserError, match=r"lr: 0.0002 -> 0.001"):  # fields both sides have still count
+        open_run_dir(dataclasses.replace(cfg, lr=1e-3), tmp_path / "run")
+
+
 def test_default_run_folder_is_deterministic_so_rerunning_resumes():
     cfg = PPOConfig(preset=("debug",), seed=2)
     assert default_run_name(cfg) == "debug-s2"

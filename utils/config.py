@@ -298,8 +298,16 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def differing_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Fields that change what a run computes, listed as 'name: saved -> current'."""
-    keys = (set(saved) | set(current)) - PRESENTATION_FIELDS
-    return [
-        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(keys) if saved.get(k) != current.get(k)
-    ]
+    """Fields that change what a run computes, listed as 'name: saved -> current'.
+
+    Only fields both configs have are compared: a field on one side only was added or removed by a
+    later version of the code (see :func:`fields_on_one_side`), and refusing to resume every run saved
+    before it would strand them; the presets keep their old behaviour when fields are split or added.
+    """
+    keys = (set(saved) & set(current)) - PRESENTATION_FIELDS
+    return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in sorted(keys) if saved[k] != current[k]]
+
+
+def fields_on_one_side(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(fields the code added since the run was saved, fields it removed)``."""
+    return sorted(set(current) - set(saved) - PRESENTATION_FIELDS), sorted(set(saved) - set(current) - PRESENTATION_FIELDS)

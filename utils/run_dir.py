@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from utils.config import differing_fields, to_dict
+from utils.config import differing_fields, fields_on_one_side, to_dict
 from utils.errors import UserError
 from utils.io import atomic_write_yaml, check_output_path
 
@@ -65,6 +65,11 @@ def open_run_dir(config: Any, path: Path) -> bool:
                 f"run folder {path} holds a run with a different config ({'; '.join(differences)}); "
                 "pass a new --run-name/--run-dir, or the saved values to resume it"
             )
+        added, removed = fields_on_one_side(saved, current)
+        if added or removed:
+            print(f"note: {path}/config.yaml was written by an older version of this code"
+                  + (f"; new fields take their current values: {', '.join(added)}" if added else "")
+                  + (f"; fields no longer used: {', '.join(removed)}" if removed else ""))
         atomic_write_yaml(config_path, current)
         return True
     path.mkdir(parents=True, exist_ok=True)
