@@ -22,7 +22,6 @@ import json
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 ENV = "Craftax-Classic-Symbolic-v1"
 

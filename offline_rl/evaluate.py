@@ -25,8 +25,8 @@ import torch
 from offline_rl.checkpoint import find_checkpoint, load_checkpoint, policies_from_checkpoint
 from offline_rl.networks import resolve_device
 from utils.errors import UserError, exit_on_user_error
-from utils.io import atomic_write_json, check_output_path
 from utils.evaluation import FirstEpisodes, eval_metrics
+from utils.io import atomic_write_json, check_output_path
 from utils.media import first_env_renderer, write_gif
 
 AREA, NAME = "offline_rl", "evaluate"

@@ -18,8 +18,13 @@ import shutil
 from pathlib import Path
 
 from utils.errors import UserError, exit_on_user_error
-from utils.trajectories import MANIFEST_NAME, TrajectoryDataset, shard_name, write_manifest
-from utils.trajectories import _totals  # the one definition of a manifest's totals
+from utils.trajectories import (
+    MANIFEST_NAME,
+    TrajectoryDataset,
+    _totals,  # the one definition of a manifest's totals
+    shard_name,
+    write_manifest,
+)
 
 
 @dataclasses.dataclass

@@ -18,11 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from utils import envs, evaluation
-from utils.evaluation import Policy
+from utils import envs, evaluation, training
 from utils.config import RunConfig
 from utils.errors import UserError
-from utils import training
+from utils.evaluation import Policy
 from utils.training import ChunkOutput, HostLoop, init_per_seed
 
 

@@ -26,8 +26,19 @@ from flax import struct
 
 from online_rl.bonuses import BonusBatch, ReturnScale, make_bonus
 from online_rl.common import (
-    Algorithm, PPOFamilyConfig, Transition, categorical_log_prob_entropy, clipped_value_loss, make_optimizer,
-    memoryless_policy, minibatch_epochs, next_obs_for_bonus, ppo_policy_loss, run_main, run_training, scan_updates,
+    Algorithm,
+    PPOFamilyConfig,
+    Transition,
+    categorical_log_prob_entropy,
+    clipped_value_loss,
+    make_optimizer,
+    memoryless_policy,
+    minibatch_epochs,
+    next_obs_for_bonus,
+    ppo_policy_loss,
+    run_main,
+    run_training,
+    scan_updates,
 )
 from utils import envs
 from utils.errors import exit_on_user_error

@@ -19,8 +19,18 @@ import jax.numpy as jnp
 from flax import struct
 
 from online_rl.common import (
-    Algorithm, PPOFamilyConfig, Policy, Transition, categorical_log_prob_entropy, clipped_value_loss,
-    make_optimizer, minibatch_epochs, ppo_policy_loss, run_main, run_training, scan_updates,
+    Algorithm,
+    Policy,
+    PPOFamilyConfig,
+    Transition,
+    categorical_log_prob_entropy,
+    clipped_value_loss,
+    make_optimizer,
+    minibatch_epochs,
+    ppo_policy_loss,
+    run_main,
+    run_training,
+    scan_updates,
 )
 from utils import envs
 from utils.errors import exit_on_user_error

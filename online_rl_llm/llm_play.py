@@ -33,10 +33,17 @@ from typing import Any
 
 import numpy as np
 
-from online_rl_llm.action_parsing import (ActionParser, Decision, ParseCounters, decision_counters,
-                                          resolve_actions)
-from online_rl_llm.prompts import (History, HistoryEntry, action_names, facing_of, load_few_shot,
-                                   retry_message, system_prompt, user_message)
+from online_rl_llm.action_parsing import ActionParser, Decision, ParseCounters, decision_counters, resolve_actions
+from online_rl_llm.prompts import (
+    History,
+    HistoryEntry,
+    action_names,
+    facing_of,
+    load_few_shot,
+    retry_message,
+    system_prompt,
+    user_message,
+)
 from utils.errors import UserError, exit_on_user_error
 from utils.io import atomic_write_json, atomic_write_text, read_jsonl
 from utils.media import first_env_renderer, write_gif

@@ -35,22 +35,36 @@ import numpy as np
 from flax import struct
 
 from online_rl.common import (
-    PPOFamilyConfig, Transition, categorical_log_prob_entropy, chunk_length, clipped_value_loss, make_optimizer,
-    minibatch_epochs, num_updates_for, ppo_policy_loss, seed_keys,
+    PPOFamilyConfig,
+    Transition,
+    categorical_log_prob_entropy,
+    chunk_length,
+    clipped_value_loss,
+    make_optimizer,
+    minibatch_epochs,
+    num_updates_for,
+    ppo_policy_loss,
+    seed_keys,
 )
 from online_rl_llm.features import (
-    HeldFeatures, LiveFeatures, RefreshCounters, check_same_identity, encoder_identity, normalise, open_encoder,
+    HeldFeatures,
+    LiveFeatures,
+    RefreshCounters,
+    check_same_identity,
+    encoder_identity,
+    normalise,
+    open_encoder,
     require_text_env,
 )
 from utils import envs
 from utils.envs.vec_env import strong_types
 from utils.errors import UserError, exit_on_user_error
+from utils.evaluation import FirstEpisodes
 from utils.io import atomic_write_json
 from utils.llm import LLMSpec
 from utils.networks import MLP, ActorCritic
 from utils.returns import gae
 from utils.run_dir import resolve_run_dir
-from utils.evaluation import FirstEpisodes
 from utils.training import ChunkOutput, EpisodeStats, HostLoop, init_per_seed
 
 AREA, ALGO = "online_rl_llm", "ppo_llm"

@@ -35,9 +35,18 @@ from typing import Any, TextIO
 import numpy as np
 
 from online_rl_llm.action_parsing import ActionParser
-from online_rl_llm.prompts import (History, HistoryEntry, action_names, facing_of, load_few_shot,
-                                   read_jsonl_rows, system_prompt, user_message)
+from online_rl_llm.prompts import (
+    History,
+    HistoryEntry,
+    action_names,
+    facing_of,
+    load_few_shot,
+    read_jsonl_rows,
+    system_prompt,
+    user_message,
+)
 from utils.errors import UserError, exit_on_user_error
+
 
 @dataclasses.dataclass
 class QueryConfig:

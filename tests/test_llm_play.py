@@ -15,10 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from online_rl_llm.action_parsing import (ActionParser, ParseCounters, count, decision_counters,
-                                          resolve_actions)
-from online_rl_llm.prompts import (History, HistoryEntry, action_names, load_few_shot,
-                                   retry_message, system_prompt, user_message)
+from online_rl_llm.action_parsing import ActionParser, ParseCounters, count, decision_counters, resolve_actions
+from online_rl_llm.prompts import (
+    History,
+    HistoryEntry,
+    action_names,
+    load_few_shot,
+    retry_message,
+    system_prompt,
+    user_message,
+)
 from utils.errors import UserError
 from utils.io import read_jsonl
 

@@ -16,12 +16,19 @@ import torch
 
 from offline_rl.awr import AWR, AWRConfig, awr_weights, explained_variance
 from offline_rl.bc import BC, BCConfig
-from offline_rl.checkpoint import find_checkpoint, load_checkpoint, policies_from_checkpoint
+from offline_rl.checkpoint import load_checkpoint, policies_from_checkpoint
 from offline_rl.data import BatchLoader, episode_table, feature_stats, open_dataset, top_episode_mask
 from offline_rl.trainer import train
 from utils.config import apply_presets, load_presets
 from utils.io import read_jsonl
-from utils.trajectories import MANIFEST_NAME, DatasetError, TrajectoryDataset, TrajectoryWriter, save_npz_atomic, write_manifest
+from utils.trajectories import (
+    MANIFEST_NAME,
+    DatasetError,
+    TrajectoryDataset,
+    TrajectoryWriter,
+    save_npz_atomic,
+    write_manifest,
+)
 
 CLASSIC = "Craftax-Classic-Symbolic-v1"
 
@@ -279,7 +286,8 @@ def test_cli_reports_a_user_error_in_one_line(tmp_path):
 
 
 def test_subset_keeps_a_contiguous_range_of_shards_with_the_same_returns(tmp_path):
-    from offline_rl.subset import main as subset_main, subset_dataset
+    from offline_rl.subset import main as subset_main
+    from offline_rl.subset import subset_dataset
 
     full = boundary_dataset(tmp_path)
     subset = subset_main(["--source", str(tmp_path / "data"), "--dest", str(tmp_path / "last"), "--last-shards", "1"])

@@ -17,8 +17,8 @@ from utils import envs
 from utils.config import apply_presets, load_presets
 from utils.errors import UserError
 from utils.io import read_jsonl
-from utils.trajectories import TrajectoryDataset
 from utils.training import EpisodeStats, episode_metrics
+from utils.trajectories import TrajectoryDataset
 
 
 def debug_config(module, config_cls, tmp_path, name="run", **overrides):

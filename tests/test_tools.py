@@ -227,7 +227,8 @@ def labelled_copy(source: Path, target: Path, dim: int = 5) -> np.ndarray:
 
 
 def test_dataset_stats_match_a_direct_computation(dataset, tmp_path):
-    from tools.stats import dataset_stats, main as stats_main
+    from tools.stats import dataset_stats
+    from tools.stats import main as stats_main
 
     returns, lengths = [], []
     for stream in range(STREAMS):
@@ -394,7 +395,8 @@ def fake_run(directory: Path, steps, returns, wall=None) -> Path:
 
 
 def test_plot_pools_seeds_of_runs_and_computes_mean_and_spread(tmp_path):
-    from tools.plot import band, load_curves, main as plot_main
+    from tools.plot import band, load_curves
+    from tools.plot import main as plot_main
 
     a = fake_run(tmp_path / "a", [100, 200, 300], [[1, 3], [2, 4], [None, 5]], wall=[10, 20, 5])
     b = fake_run(tmp_path / "b", [100, 200, 300], [[5], [6], [7]], wall=[1, 2, 3])

@@ -12,12 +12,12 @@ import pytest
 
 from utils.errors import UserError
 from utils.returns import lambda_returns
-from world_models.common import dists, replay as replay_lib
+from world_models.common import dists
+from world_models.common import replay as replay_lib
 from world_models.common.config import AgentConfig, WorldModelConfig, pick
 from world_models.common.dists import LatentSpec
 from world_models.common.rssm import RSSM, features, init_params, initial_state, observe
 from world_models.dreamer import grad_steps_per_update, make_config, parse_dreamer_config
-
 
 # ---------------------------------------------------------------------------------------------------
 # symlog and two-hot

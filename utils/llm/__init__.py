@@ -70,7 +70,8 @@ __all__ = [
     "make_backend", "observation_features", "model_dims", "model_config", "resolve_layer",
     "check_spec", "load_tokenizer", "PromptBuilder", "identity", "model_revision",
     "truncation_overrides", "pool_states", "pool_token_states", "check_not_unit_norm",
-    "require_vllm", "require_sglang",
+    "require_vllm", "require_sglang", "sglang_engine_options", "sglang_prompt_states",
+    "vllm_engine_options", "vllm_pooler_options", "vllm_pooling_switches",
 ]
 
 POOLINGS = ("last", "mean")
@@ -631,9 +632,16 @@ def engine_memory_fraction(env_name: str) -> float | None:
     return fraction
 
 
-from utils.llm.vllm_engine import (  # noqa: E402  (re-exported: one import path for callers)
-    VLLMBackend, require_vllm, vllm_engine_options, vllm_pooler_options, vllm_pooling_switches,
-)
 from utils.llm.sglang_engine import (  # noqa: E402
-    SGLangBackend, require_sglang, sglang_engine_options, sglang_prompt_states,
+    SGLangBackend,
+    require_sglang,
+    sglang_engine_options,
+    sglang_prompt_states,
+)
+from utils.llm.vllm_engine import (  # noqa: E402  (re-exported: one import path for callers)
+    VLLMBackend,
+    require_vllm,
+    vllm_engine_options,
+    vllm_pooler_options,
+    vllm_pooling_switches,
 )

@@ -12,6 +12,7 @@ import math
 from typing import Sequence
 
 import flax.linen as nn
+
 from world_models.common.dists import symlog
 
 ACTIVATIONS = {"silu": nn.silu, "elu": nn.elu, "relu": nn.relu}

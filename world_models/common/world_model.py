@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from world_models.common import dists
 from world_models.common.config import WorldModelConfig
-from world_models.common.dists import symlog, symexp
+from world_models.common.dists import symexp, symlog
 from world_models.common.networks import CNNDecoder, CNNEncoder, Head, MLPDecoder, MLPEncoder, is_pixels
 from world_models.common.rssm import RSSM, RSSMState, features, init_params, initial_state, observe
 
