@@ -63,18 +63,28 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _history(job: dict[str, Any]) -> str:
+    """``, 2 failures, 1 takeover`` for a job that has had either (a worker's error, a dead holder)."""
+    parts = [f"{n} {word}{'s' if n != 1 else ''}" for n, word in
+             ((job.get("failures", 0), "failure"), (job.get("reclaims", 0), "takeover")) if n]
+    return "".join(f", {p}" for p in parts)
+
+
 def format_status(stats: dict[str, Any], outputs: list[dict[str, Any]]) -> str:
     recent = stats["recent"]
     lines = [
-        f"queue {stats['queue']!r}: {stats['waiting']} waiting, {stats['in_flight']} in flight, "
-        f"{stats['done']} done, {stats['dead']} failed (dead letters)",
+        f"queue {stats['queue']!r}: {stats['waiting']} waiting ({stats.get('retrying', 0)} of them after a "
+        f"failure or a takeover), {stats['in_flight']} in flight, {stats['done']} done, "
+        f"{stats['dead']} failed (dead letters)",
         f"throughput (last {recent['window_s']:.0f} s): {recent['jobs']} jobs, "
         f"{recent['rows_per_s']:,.1f} rows/s, {recent['jobs_per_min']:.1f} jobs/min; "
         f"{stats['remaining_rows']:,} rows left, ETA {_duration(stats['eta_s'])}",
     ]
     for job in stats["in_flight_jobs"]:
         lines.append(f"  in flight: {job['shard']} -> {job['out']} on {job['worker']} "
-                     f"(idle {job['idle_s']:.1f} s, delivery {job['deliveries']})")
+                     f"(idle {job['idle_s']:.1f} s, delivery {job['deliveries']}{_history(job)})")
+    for job in stats.get("retrying_jobs", []):
+        lines.append(f"  retrying: {job['shard']} -> {job['out']}{_history(job) or ' (handed back)'}")
     for dead in stats["dead_letters"]:
         lines.append(f"  dead: {dead.get('shard')} of {dead.get('source')} after "
                      f"{dead.get('attempts')} attempts on {dead.get('worker')}: {dead.get('error')}")

@@ -130,7 +130,8 @@ def test_round_trip_enqueue_work_status(source, tiny_llm_path, tmp_path, redis_d
     assert (again.queued, again.already_labelled) == (0, SHARDS)
     progress = output_progress(stats["outputs"])
     assert progress[0]["labelled"] == SHARDS and progress[0]["complete"]
-    assert f"0 waiting, 0 in flight, {SHARDS} done, 0 failed" in format_status(stats, progress)
+    assert f"0 waiting (0 of them after a failure or a takeover), 0 in flight, {SHARDS} done, 0 failed" in \
+        format_status(stats, progress)
     with pytest.raises(DatasetError, match="already holds labels"):
         enqueue(enqueue_cfg(source, out, db, tiny_llm_path, layer=1), client)
 
@@ -326,6 +327,19 @@ def test_user_errors_stop_with_one_line(source, tiny_llm_path, tmp_path, redis_d
     assert code == 2 and "needs a CUDA GPU" in err and err.count("\n") == 1
     stats = JobQueue(client).stats()
     assert (stats["waiting"], stats["in_flight"]) == (SHARDS, 0)
+
+
+def test_status_shows_jobs_waiting_for_a_retry_with_their_history():
+    job = {"shard": "shard_00001.npz", "out": "out", "worker": "w1", "idle_s": 3.0, "deliveries": 2,
+           "failures": 2, "reclaims": 1}
+    stats = {"queue": "q", "waiting": 2, "retrying": 1, "in_flight": 1, "done": 0, "dead": 0,
+             "recent": {"window_s": 300, "jobs": 0, "rows_per_s": 0.0, "jobs_per_min": 0.0},
+             "remaining_rows": 10, "eta_s": None, "in_flight_jobs": [{**job, "failures": 0, "reclaims": 0}],
+             "retrying_jobs": [job], "dead_letters": []}
+    text = format_status(stats, [])
+    assert "2 waiting (1 of them after a failure or a takeover), 1 in flight" in text
+    assert "retrying: shard_00001.npz -> out, 2 failures, 1 takeover" in text
+    assert "in flight: shard_00001.npz -> out on w1 (idle 3.0 s, delivery 2)" in text
 
 
 def test_worker_presets(tmp_path):
