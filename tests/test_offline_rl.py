@@ -285,6 +285,19 @@ def test_cli_reports_a_user_error_in_one_line(tmp_path):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
+def test_cli_without_run_dir_names_the_folder_after_the_datasets_env(tmp_path, monkeypatch):
+    """The env comes from the dataset, so the default run folder is only known once it is read
+    (a Slurm job that passes no --run-dir failed here once)."""
+    from offline_rl.trainer import run_cli
+
+    scripted_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(BCConfig, BC, "bc", ["--preset", "debug", "--dataset", str(tmp_path / "data"),
+                                          "--eval-episodes", "0"])
+    assert Path(result["run_dir"]) == Path("runs/offline_rl/bc/Toy-v0/debug-s0")
+    assert (tmp_path / result["run_dir"] / "summary.json").is_file()
+
+
 def test_subset_keeps_a_contiguous_range_of_shards_with_the_same_returns(tmp_path):
     from offline_rl.subset import main as subset_main
     from offline_rl.subset import subset_dataset

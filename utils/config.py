@@ -134,7 +134,9 @@ def parse_config(config_cls: type[C], area: str, algo: str, argv: Sequence[str] 
     start = config_cls() if default is None else default
     base = apply_presets(start, names, presets, f"configs/{area}/{algo}.yaml")
     config = cli(config_cls, _strip_presets(argv), default=base)
-    if hasattr(config, "run_name") and not getattr(config, "run_dir", None):  # the default run folder
+    # The default run folder, checked before any work; an entry point whose env is only known later
+    # (offline RL reads it from the dataset) checks it once it is resolved.
+    if hasattr(config, "run_name") and not getattr(config, "run_dir", None) and getattr(config, "env", None):
         from utils.run_dir import check_run_dir, resolve_run_dir
 
         check_run_dir(resolve_run_dir(config, area, algo), "--run-dir")
