@@ -146,3 +146,12 @@ def test_doc_command_runs_as_written(kind, line, tmp_path):
         assert summary["complete"] is True, f"{run}: summary.json says the run did not finish"
         assert (run / "learning_curve.png").stat().st_size > 0
         assert any((run / "checkpoints").iterdir()), f"{run}: no checkpoint saved"
+
+
+def test_ci_runs_the_readme_test_command_as_written():
+    """CI must run what the README tells a new user to run, not a variant of it."""
+    readme = fenced_bash_lines((REPO / "README.md").read_text())
+    test_commands = [line for line in readme if "pytest" in line]
+    assert len(test_commands) == 1, test_commands
+    ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert test_commands[0] in ci_lines
