@@ -658,9 +658,10 @@ def _script_body(compare_args: list[str]) -> list[str]:
             'craftax_run "$PYTHON" -m benchmarks.compare ' + " ".join(compare_args)]
 
 
-def slurm_scripts(suite: Suite, runs_root: str | Path, opts: SlurmOptions) -> tuple[str, str]:
+def slurm_scripts(suite: Suite, runs_root: str | Path, opts: SlurmOptions,
+                  results_md: str | Path = DEFAULT_RESULTS_MD) -> tuple[str, str]:
     """``(array script, collect script)``: one array task per training process; the second job writes
-    the table once every task has ended (submitted with ``--dependency=afterany``)."""
+    the table into ``results_md`` once every task has ended (submitted with ``--dependency=afterany``)."""
     tasks = suite_tasks(suite)
     runs_root = Path(runs_root).resolve()
     logs = runs_root / suite.name / "slurm"
@@ -683,15 +684,16 @@ def slurm_scripts(suite: Suite, runs_root: str | Path, opts: SlurmOptions) -> tu
     collect_script = "\n".join(
         ["#!/bin/bash", f"# Suite {suite.name}: write its table and plot once the array job has ended.",
          *_sbatch_header(f"compare-{suite.name}-collect", str(logs / "%x-%j.out"), site, opts.extra),
-         *_script_body([*common, "--collect"])]) + "\n"
+         *_script_body([*common, "--collect", "--results-md", shlex.quote(str(Path(results_md).resolve()))])]) + "\n"
     return array_script, collect_script
 
 
-def submit_slurm(suite: Suite, runs_root: str | Path, opts: SlurmOptions) -> tuple[str, str]:
+def submit_slurm(suite: Suite, runs_root: str | Path, opts: SlurmOptions,
+                 results_md: str | Path = DEFAULT_RESULTS_MD) -> tuple[str, str]:
     """Write both scripts next to the runs and submit them; returns the two job ids."""
     if shutil.which("sbatch") is None:
         raise UserError("sbatch not found: run --slurm on a Slurm login node, or add --dry-run to see the script")
-    array_script, collect_script = slurm_scripts(suite, runs_root, opts)
+    array_script, collect_script = slurm_scripts(suite, runs_root, opts, results_md)
     folder = Path(runs_root).resolve() / suite.name / "slurm"
     folder.mkdir(parents=True, exist_ok=True)  # Slurm does not create the log folder
     (folder / "array.sbatch").write_text(array_script)
@@ -783,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(dry run: would submit this array of {len(tasks)} tasks, then a collect job with "
                   "--dependency=afterany on it)", file=sys.stderr)
             return 0
-        array_id, collect_id = submit_slurm(suite, args.runs_root, opts)
+        array_id, collect_id = submit_slurm(suite, args.runs_root, opts, args.results_md)
         print(f"submitted array job {array_id} ({len(tasks)} tasks) and collect job {collect_id}; "
               f"logs in {Path(args.runs_root) / suite.name / 'slurm'}")
         return 0

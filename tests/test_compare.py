@@ -253,7 +253,9 @@ def test_slurm_submits_the_array_then_a_collect_job_after_it(tmp_path, monkeypat
     (bin_dir / "sbatch").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SBATCH_LOG", str(tmp_path / "sbatch.log"))
-    assert compare.main(["classic_debug", "--runs-root", str(tmp_path / "runs"), "--slurm"]) == 0
+    results = tmp_path / "elsewhere" / "results.md"
+    assert compare.main(["classic_debug", "--runs-root", str(tmp_path / "runs"), "--slurm",
+                         "--results-md", str(results)]) == 0
     calls = (tmp_path / "sbatch.log").read_text().splitlines()
     folder = tmp_path / "runs" / "classic_debug" / "slurm"
     assert calls == [f"--parsable {folder / 'array.sbatch'}",
@@ -261,6 +263,7 @@ def test_slurm_submits_the_array_then_a_collect_job_after_it(tmp_path, monkeypat
     assert "submitted array job 4001 (2 tasks) and collect job 4002" in capsys.readouterr().out
     collect = (folder / "collect.sbatch").read_text()
     assert "--array" not in collect and "benchmarks.compare" in collect and "--collect" in collect
+    assert f"--results-md {results}" in collect  # the table goes where the submitter asked
     sbatch_directives(collect)
 
 
