@@ -51,6 +51,22 @@ def test_debug_run_on_classic_symbolic(tmp_path, version):
     check_run(tmp_path / "run", read_jsonl(tmp_path / "run" / "metrics.jsonl"), seeds=1)
 
 
+@pytest.mark.parametrize("env,preset", [("Tetris-Placement-LinesOnly-v0", "tetris_placement"),
+                                        ("Tetris-Direct-Standard-v0", "tetris_direct")])
+def test_debug_run_on_tetris_with_its_action_mode_preset(tmp_path, env, preset):
+    """The world-model agent on Tetris (docs/tetris.md): the action mode's preset on top of debug, with
+    imagination from a subset of the replayed states, evaluated in whole games."""
+    cfg = make_config(3, ["debug", preset], run_dir=str(tmp_path / "run"), progress=False, env=env,
+                      eval_envs=2, eval_max_steps=64, imag_starts=8, batch_length=8)
+    assert cfg.actor_lr == 1e-4 and cfg.imag_horizon == (30 if preset == "tetris_direct" else 4)
+    train(cfg)
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert np.isfinite(rows[-1]["loss/actor"][0]) and np.isfinite(rows[-1]["loss/critic"][0])
+    assert "episode/lines" in rows[-1] and "achievements/clear_1_line" in rows[-1]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["complete"] and {"eval/lines", "eval/pieces"} <= set(summary["eval"])  # None if no game ended
+
+
 @pytest.fixture(scope="module")
 def v3_two_seeds(tmp_path_factory):
     """V3 on Classic symbolic with two seeds and evaluation, uninterrupted (shared by two tests)."""
