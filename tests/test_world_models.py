@@ -540,7 +540,8 @@ def test_named_settings_outside_their_choices_are_user_errors(field, value, mess
 
 
 @pytest.mark.parametrize("version,settings", [
-    (3, dict(latent="gaussian", reward_head="symexp_twohot", critic_head="symexp_twohot", replay_value_scale=0.3)),
+    (3, dict(latent="gaussian", reward_head="symexp_twohot", critic_head="symexp_twohot", replay_value_scale=0.3,
+             imag_cont="mode")),
     (2, dict(return_norm="percentile", actor_grad="mix", critic_head="symlog_twohot", slow_critic="ema",
              slow_critic_returns=False, slow_critic_reg=1.0, imag_starts=5)),
 ], ids=["v3-gaussian-latent-symexp-heads-replay-value", "v2-return-norm-mixed-gradient-two-hot-critic-5-starts"])
@@ -613,6 +614,23 @@ def test_replay_value_loss_regresses_real_lambda_returns_bootstrapped_from_imagi
     weight = 1.0 - terminal[:-1]
     assert float(loss) == pytest.approx(float((weight * 0.5 * (values - expected) ** 2).mean()), rel=1e-5)
     assert expected[2, 1] == pytest.approx(reward[3, 1]), "the step before a terminal row sees only its reward"
+
+
+def test_mode_continuation_ends_imagined_episodes_outright():
+    """With ``--imag-cont mode`` nothing after a likely end is weighted, so a large reward on ending is
+    counted once, not again at every later imagined step (docs/results.md, Tetris)."""
+    from world_models.common.behavior import continuation
+
+    prob = jnp.array([0.9, 0.6, 0.3, 0.8])
+    np.testing.assert_array_equal(continuation(prob, "mode"), [1.0, 1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(continuation(prob, "prob"), prob)
+    # An imagined state the model thinks over (continue 0.45) and that pays 10 on ending, imagined on
+    # past its end: each later step pays the ending reward again, weighted by the continuation so far.
+    ending = jnp.full(6, 0.45)
+    collected = {readout: float((np.cumprod(np.concatenate([[1.0], continuation(ending, readout)[:-1]])) * 10.0).sum())
+                 for readout in ("prob", "mode")}
+    assert collected["mode"] == pytest.approx(10.0) and collected["prob"] > 18.0
+    assert make_config(3, ["tetris_placement"]).imag_cont == "mode" and make_config(3).imag_cont == "prob"
 
 
 def test_v2_crafter_preset_has_the_crafter_settings():

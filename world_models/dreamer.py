@@ -134,6 +134,10 @@ class DreamerConfig(RunConfig):
     lambda-returns of the real rewards on the replayed posterior states, bootstrapped from imagination."""
     imag_starts: int = 0
     """Imagine from this many posterior states of each batch, drawn at random; 0: from all of them."""
+    imag_cont: str = "prob"
+    """How imagined returns use the continue head: prob (discount by its probability, V2) or mode (0 or 1,
+    the DreamerV3 code). With prob, a state the model thinks half over keeps imagining past its end, so a
+    large reward on ending (Tetris' shaping on a bad board) can be collected again at every step."""
     # -- world-model losses
     free_nats: float = 1.0
     """V1: free nats on the mean KL; V2: on each balanced term; V3: free bits per step."""

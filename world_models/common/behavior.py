@@ -38,6 +38,12 @@ from world_models.common.world_model import WorldModel
 sg = jax.lax.stop_gradient
 
 
+
+def continuation(prob: jax.Array, readout: str) -> jax.Array:
+    """The continue head's probability as imagination uses it: as is (``prob``) or rounded to 0 or 1
+    (``mode``), which ends an imagined episode outright where the model thinks it more likely over."""
+    return prob if readout == "prob" else (prob > 0.5).astype(prob.dtype)
+
 class ReturnNorm(NamedTuple):
     """EMA of the 5th and 95th percentiles of imagined returns (V3)."""
 
@@ -128,7 +134,7 @@ class ActorCritic:
         traj = self.imagine(wm, wm_params, actor_params, start, key)
         feat = features(traj.states)  # [H + 1, N, F]
         reward = wm.reward(wm_params, feat[1:])
-        cont = jnp.concatenate([start_cont[None], wm.cont(wm_params, feat[1:])], 0)
+        cont = jnp.concatenate([start_cont[None], continuation(wm.cont(wm_params, feat[1:]), cfg.imag_cont)], 0)
         discount = cfg.gamma * cont
         value_params = target_params if cfg.slow_critic_returns else critic_params
         values = self.value(value_params, feat)

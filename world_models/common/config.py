@@ -30,6 +30,7 @@ CHOICES = {
     "actor_grad": ("dynamics", "reinforce", "mix"),
     "slow_critic": ("none", "copy", "ema"),
     "return_norm": ("none", "percentile"),
+    "imag_cont": ("prob", "mode"),
     "act": ("silu", "elu", "relu"),
 }
 
@@ -110,6 +111,7 @@ class ActorCriticConfig:
     return_norm: str
     retnorm_decay: float
     replay_value_scale: float
+    imag_cont: str
 
     def __post_init__(self):
         check_choices(self)
