@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.llm import LLMBackend, LLMError, LLMSpec, identity, observation_features
+from utils.llm import RESOLVED_FIELDS, LLMBackend, LLMError, LLMSpec, identity, observation_features
 from utils.obs_codec import decode_array, encoded_keys, is_encoded
 from utils.trajectories import (
     DatasetError,
@@ -54,8 +54,9 @@ LABEL_ARRAYS = ("text_obs", "hidden_state")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-# Fields a block may not know yet (written before a worker loaded the model): value meaning "unknown".
-_UNRESOLVED = {"hidden_size": None, "compute_dtype": "auto", "model_revision": None}
+# Fields a block may not know yet: written before a worker loaded the model (hidden size None,
+# compute dtype "auto", revision None), or by a version that did not record them (key absent).
+_UNRESOLVED = ("hidden_size", *RESOLVED_FIELDS)
 
 
 def labels_block(spec: LLMSpec, hidden_size: int | None,
@@ -81,13 +82,15 @@ def labels_of(manifest: dict[str, Any], **runtime: Any) -> LLMSpec:
 
 
 def _known(block: dict[str, Any], key: str) -> bool:
-    return key in block and block[key] != _UNRESOLVED.get(key, object())
+    return block.get(key) not in (None, "auto")
 
 
 def same_labels(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two label blocks describe the same hidden states. Fields not resolved yet on one
-    side (hidden size, ``auto`` dtype, unknown revision) match anything; every other field must be
-    equal, a missing one included."""
+    side (hidden size, ``auto`` dtype, unknown revision, or a backend, dtype or revision an older
+    manifest does not record) match anything; every other field must be equal, a missing one
+    included. (Consumers of a finished dataset compare with ``utils.llm.check_identity``, the same
+    rule with the dataset's block as the reference.)"""
     for key in set(a) | set(b):
         if key in _UNRESOLVED:
             if _known(a, key) and _known(b, key) and a[key] != b[key]:

@@ -251,7 +251,7 @@ def process_job(job: Job, backend: LLMBackend, queue: JobQueue, consumer: str = 
     The shard is labelled into this worker's staging folder and moved into the output only if
     ``still_held()``; otherwise it is deleted and None returned (the job was lost meanwhile)."""
     spec = job.spec()
-    labels = labels_block(spec, backend.hidden_size)
+    labels = labels_block(spec, backend.hidden_size, getattr(backend, "identity", None))
     out = Path(job.out)
     check_output_labels(out, labels)  # fail before spending compute on mismatched labels
     source = TrajectoryDataset(job.source)

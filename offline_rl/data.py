@@ -13,6 +13,7 @@ import dataclasses
 import math
 import multiprocessing
 import queue
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,13 +24,18 @@ import torch
 
 from utils.errors import UserError
 from utils.feature_norm import usable_std
+from utils.llm import RESOLVED_FIELDS
 from utils.trajectories import DatasetError, TrajectoryDataset
 
 FEATURES = ("none", "hidden_state")
 """Inputs besides the observation: nothing, or the labelled LLM hidden states."""
 
-LABEL_FIELDS = ("model", "layer", "pooling", "template", "template_hash", "hidden_size")
-"""Fields of a labelled dataset's ``labels`` block that a policy using its features depends on."""
+LABEL_FIELDS = ("model", "layer", "pooling", "template", "template_hash", "hidden_size", *RESOLVED_FIELDS)
+"""Fields of a labelled dataset's ``labels`` block that a policy using its features depends on: the
+feature identity that ``offline_rl.evaluate`` compares with the live features it computes
+(``utils.llm.check_identity``). The last three (``utils.llm.RESOLVED_FIELDS``: backend, resolved
+compute dtype, model revision) are missing, or ``auto`` / None, in datasets labelled before they
+were recorded: such a dataset still trains, with a note, and evaluation cannot check them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +103,15 @@ def _check_labels(dataset: TrajectoryDataset) -> tuple[dict[str, Any], int]:
     if not isinstance(labels, dict):
         raise DatasetError(f"{dataset.directory}: --features hidden_state needs a labelled dataset, "
                            f"but manifest.json has no 'labels' block; {fix}")
-    missing = [k for k in LABEL_FIELDS if k not in labels]
+    missing = [k for k in LABEL_FIELDS if k not in labels and k not in RESOLVED_FIELDS]
     if missing:
         raise DatasetError(f"{dataset.directory}: the manifest's labels block lacks "
                            f"{', '.join(missing)}; re-run the labelling, or train with --features none")
+    unrecorded = [k for k in RESOLVED_FIELDS if labels.get(k) in (None, "auto")]
+    if unrecorded:
+        print(f"note: {dataset.directory} was labelled before the features' {', '.join(unrecorded)} "
+              "were recorded; a policy trained on it is evaluated without checking them",
+              file=sys.stderr)
     for i in range(dataset.num_shards):
         path = dataset.shard_path(i)
         try:

@@ -15,6 +15,7 @@ sees exactly what labelling would have stored for the same observation.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from offline_rl.checkpoint import find_checkpoint, load_checkpoint, policies_from_checkpoint
+from offline_rl.data import LABEL_FIELDS
 from offline_rl.networks import resolve_device
 from utils.errors import UserError, exit_on_user_error
 from utils.evaluation import FirstEpisodes, eval_metrics
@@ -77,7 +79,13 @@ class EvalConfig:
 
 def make_feature_fn(payload: dict[str, Any], llm_model: str | None = None, batch_size: int = 64,
                     device: str = "auto") -> Callable[[np.ndarray], np.ndarray]:
-    """Observations -> the LLM features the policy was trained on, computed live."""
+    """Observations -> the LLM features the policy was trained on, computed live.
+
+    The live features' identity (``LABEL_FIELDS``: model, layer, pooling, prompt, hidden size,
+    backend, resolved compute dtype, model revision) must equal the labels' (``utils.llm.
+    check_identity``: fields an older labels block does not record get a note). ``llm_model``
+    loads the model from another place, so model and revision are then not compared (a note
+    names a revision that differs); backend and dtype still are."""
     from utils import llm
 
     labels = payload.get("labels") or {}
@@ -91,6 +99,7 @@ def make_feature_fn(payload: dict[str, Any], llm_model: str | None = None, batch
         raise UserError(f"{spec.model} gives hidden states of size {backend.hidden_size}, but the policy "
                         f"was trained on size {expected} (labels model {labels.get('model')}); "
                         "pass the labelling model with --llm-model")
+    check_live_features(labels, spec, backend, llm_model=llm_model)
     storage = np.dtype(labels.get("dtype", "float32"))
     env_name = payload["env_name"]
 
@@ -99,6 +108,29 @@ def make_feature_fn(payload: dict[str, Any], llm_model: str | None = None, batch
         return states.astype(storage).astype(np.float32)  # what the labelled dataset stores
 
     return features
+
+
+def live_identity(spec, backend) -> dict[str, Any]:
+    """The ``LABEL_FIELDS`` of features computed by ``backend`` (loaded from ``spec``)."""
+    from utils.llm import identity
+
+    return {**spec.to_manifest(), "hidden_size": int(backend.hidden_size),
+            **(getattr(backend, "identity", None) or identity(spec))}
+
+
+def check_live_features(labels: dict[str, Any], spec, backend, llm_model: str | None = None) -> None:
+    """Refuse live features that differ from the labelled ones the policy was trained on."""
+    from utils.llm import check_identity
+
+    fields = [k for k in LABEL_FIELDS if not (llm_model and k in ("model", "model_revision"))]
+    current = live_identity(spec, backend)
+    check_identity(labels, current, fields, subject="the policy's labelled dataset",
+                   fix="evaluate with the labels' backend and compute dtype (the same kind of "
+                       "device), and the same model weights, or relabel the dataset and retrain")
+    if llm_model and labels.get("model_revision") not in (None, current.get("model_revision")):
+        print(f"note: --llm-model {llm_model} has revision {current.get('model_revision')}, the labels "
+              f"{labels.get('model_revision')}; evaluating anyway (you said they are the same model)",
+              file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,19 +39,18 @@ from flax import struct
 
 from utils.errors import UserError
 from utils.feature_norm import z_normalise
-from utils.llm import LLMError, LLMSpec
+from utils.llm import RESOLVED_FIELDS, LLMError, LLMSpec, check_identity
 from utils.running_stats import RunningMeanStd
 
 # ---------------------------------------------------------------------------------------------------
 # Where hidden states come from: the in-process model or the server, behind one interface
 # ---------------------------------------------------------------------------------------------------
 
-IDENTITY_FIELDS = ("model", "layer", "pooling", "template_hash", "dim", "backend", "compute_dtype",
-                   "model_revision")
-"""What decides a feature vector; a resumed run must get its features from the same. The last three
-(``utils.llm.identity``: resolved dtype, engine, weights) are None for a server that does not
-report them, and are skipped when resuming a run folder saved before they were recorded."""
-RESOLVED_FIELDS = ("backend", "compute_dtype", "model_revision")
+IDENTITY_FIELDS = ("model", "layer", "pooling", "template_hash", "dim", *RESOLVED_FIELDS)
+"""What decides a feature vector; a resumed run must get its features from the same. The resolved
+ones (``utils.llm.RESOLVED_FIELDS``: engine, resolved dtype, weights) come from the backend, or from
+the server's /health; a run folder saved before they were recorded resumes with a note
+(``utils.llm.check_identity``, the rule labelled datasets and offline evaluation follow too)."""
 
 
 def open_encoder(spec: LLMSpec | None, server_url: str | None):
@@ -84,13 +83,10 @@ def encoder_identity(encoder, server_url: str | None = None) -> dict[str, Any]:
 
 
 def check_same_identity(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
-    """Refuse to continue a run with features from another model, layer, pooling or prompt."""
-    fields = [k for k in IDENTITY_FIELDS if k not in RESOLVED_FIELDS or k in saved]
-    different = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in fields
-                 if saved.get(k) != current.get(k)]
-    if different:
-        raise UserError(f"{where} was trained on other LLM features ({'; '.join(different)}); "
-                        "resume it with the same model, prompt, backend and dtype, or start a new run folder")
+    """Refuse to continue a run with features from another model, layer, pooling, prompt, backend,
+    compute dtype or model revision; fields the saved identity does not record get a note."""
+    check_identity(saved, current, IDENTITY_FIELDS, subject=where,
+                   fix="resume it with the same model, prompt, backend and dtype, or start a new run folder")
 
 
 # ---------------------------------------------------------------------------------------------------

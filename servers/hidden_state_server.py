@@ -58,12 +58,15 @@ from servers.schemas import (
 from utils.config import parse_config
 from utils.errors import UserError, exit_on_user_error
 from utils.hidden_state_client import BINARY_MEDIA_TYPE, WIRE_FORMATS, encode_vectors
-from utils.llm import LLMBackend, LLMSpec, make_backend, resolve_layer
+from utils.llm import RESOLVED_FIELDS, LLMBackend, LLMSpec, make_backend, resolve_layer
+from utils.llm import identity as llm_identity
 from utils.text_obs import TEXT_ENV_NAMES, obs_layout, render_texts
 
 AREA, COMMAND = "servers", "hidden_state_server"
 HIDDEN_STATES_PATH = "/v1/hidden_states"
 _MAX_REPORTED_ERRORS = 10
+_RESOLVED_HEADERS = {"backend": "X-Backend", "compute_dtype": "X-Compute-Dtype",
+                     "model_revision": "X-Model-Revision"}
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +284,13 @@ def create_app(backend: LLMBackend, spec: LLMSpec, *, max_batch: int = 64,
     layer_index = getattr(backend, "layer_index", None)
     if layer_index is None:
         layer_index = resolve_layer(spec.layer, backend.num_layers, spec.model)
+    # The feature identity clients compare (online_rl_llm.features.IDENTITY_FIELDS): the spec's
+    # fields plus what the backend resolved where the model loaded (utils.llm.RESOLVED_FIELDS).
+    resolved = getattr(backend, "identity", None) or llm_identity(spec)
     identity = {"model": spec.model, "layer": spec.layer, "layer_index": int(layer_index),
                 "pooling": spec.pooling, "template_hash": spec.template_hash(),
-                "dim": int(backend.hidden_size)}
+                "dim": int(backend.hidden_size), "thinking": bool(spec.thinking),
+                **{k: resolved.get(k) for k in RESOLVED_FIELDS}}
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -310,7 +317,9 @@ def create_app(backend: LLMBackend, spec: LLMSpec, *, max_batch: int = 64,
     app.add_exception_handler(UserError, _on_user_error)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     binary_headers = {"X-Layer-Index": str(identity["layer_index"]), "X-Pooling": spec.pooling,
-                      "X-Template-Hash": identity["template_hash"]}
+                      "X-Template-Hash": identity["template_hash"],
+                      **{header: str(identity[k]) for k, header in _RESOLVED_HEADERS.items()
+                         if identity[k] is not None}}
 
     @app.get("/health", response_model=HealthResponse,
              responses={503: {"model": HealthResponse, "description": "The model keeps failing."}},
@@ -320,7 +329,7 @@ def create_app(backend: LLMBackend, spec: LLMSpec, *, max_batch: int = 64,
         failing = s.failed_in_a_row >= limits.unhealthy_after
         answer = HealthResponse(
             **identity, num_layers=int(backend.num_layers), template=spec.template,
-            system_prompt=spec.system_prompt, backend=spec.backend, max_batch=max_batch,
+            system_prompt=spec.system_prompt, max_batch=max_batch,
             max_wait_ms=max_wait_ms, envs=list(TEXT_ENV_NAMES),
             status="failing" if failing else "ok",
             detail=(f"the last {s.failed_in_a_row} model calls failed; last error: "
@@ -495,8 +504,9 @@ def main(argv: list[str] | None = None) -> None:
                      limits=limits)
     identity = app.state.identity
     print(f"model ready in {time.perf_counter() - start:.1f} s: dim {identity['dim']}, layer index "
-          f"{identity['layer_index']} of {backend.num_layers}; max batch {cfg.max_batch}, max wait "
-          f"{cfg.max_wait_ms:g} ms", flush=True)
+          f"{identity['layer_index']} of {backend.num_layers}, {identity['compute_dtype']}, revision "
+          f"{identity['model_revision']}; max batch {cfg.max_batch}, max wait {cfg.max_wait_ms:g} ms",
+          flush=True)
     url = base_url(sock)
     sock.listen(2048)  # a client that reads the line below can connect at once
     print(f"serving on {url}  (POST {url}{HIDDEN_STATES_PATH}, GET {url}/health, docs {url}/docs)",

@@ -61,6 +61,12 @@ class HiddenStatesResponse(BaseModel):
     pooling: Literal["last", "mean"] = Field(description="How token states became one vector.")
     template_hash: str = Field(description="Hash of the prompt template and system prompt.")
     dim: int = Field(description="Length of each vector (the model's hidden size).")
+    thinking: bool = Field(default=False, description="Qwen3-style enable_thinking (in the template hash when on).")
+    backend: Optional[str] = Field(default=None, description="Engine: transformers, vllm or sglang.")
+    compute_dtype: Optional[str] = Field(
+        default=None, description="Resolved compute dtype (float32, bfloat16 or float16), never 'auto'.")
+    model_revision: Optional[str] = Field(
+        default=None, description="Hub snapshot commit, or 'local:' + a fingerprint of a local folder.")
     count: int = Field(description="Number of vectors (= texts or observations sent).")
     vectors: list[list[float]] = Field(description="float32 hidden states, [count, dim].")
     texts: Optional[list[str]] = Field(
@@ -81,7 +87,12 @@ class HealthResponse(BaseModel):
     template: str
     system_prompt: Optional[str]
     template_hash: str
+    thinking: bool = False
     backend: str
+    compute_dtype: Optional[str] = Field(
+        default=None, description="Resolved compute dtype (float32, bfloat16 or float16), never 'auto'.")
+    model_revision: Optional[str] = Field(
+        default=None, description="Hub snapshot commit, or 'local:' + a fingerprint of a local folder.")
     dim: int
     max_batch: int = Field(description="Most texts or observations one request may carry.")
     max_wait_ms: float = Field(description="How long a batch waits for more requests.")

@@ -350,6 +350,75 @@ def test_feature_identity_holds_the_resolved_fields(tiny_llm_path):
     check_same_identity(older, current, "run")  # run folders saved before these fields resume
 
 
+def _labelled_dataset(tmp_path, backend, drop: tuple[str, ...] = ()):
+    """Four labelled rows (the tiny model) whose labels block lacks ``drop``, as older labelling wrote."""
+    from benchmarks.labelling_throughput import write_synthetic_dataset
+    from labelling.labels import label_shard, update_manifest
+    from utils.trajectories import TrajectoryDataset
+
+    source = TrajectoryDataset(write_synthetic_dataset(tmp_path / "src", shards=1, steps=2, streams=2))
+    label_shard(source, 0, backend, tmp_path / "out")
+    block = labels_block(backend.spec, backend.hidden_size, backend.identity)
+    update_manifest(tmp_path / "src", tmp_path / "out", {k: v for k, v in block.items() if k not in drop})
+    return tmp_path / "out"
+
+
+def test_live_features_differing_only_in_dtype_or_backend_are_refused(tiny_llm_path, tmp_path,
+                                                                      monkeypatch, capsys):
+    """The one identity rule (``utils.llm.check_identity``) at offline evaluation: the live
+    features' LABEL_FIELDS (backend, resolved dtype and revision included) must equal the labels'."""
+    from offline_rl.data import LABEL_FIELDS, open_dataset
+    from offline_rl.evaluate import check_live_features, make_feature_fn
+    from utils.errors import UserError
+
+    assert set(llm.RESOLVED_FIELDS) <= set(LABEL_FIELDS)
+    backend = make_backend(LLMSpec(model=tiny_llm_path, device="cpu"))  # fp32 transformers
+    _, data = open_dataset(_labelled_dataset(tmp_path, backend), "hidden_state")
+    labels = data.labels
+    assert (labels["backend"], labels["compute_dtype"]) == ("transformers", "float32")
+    assert "note:" not in capsys.readouterr().err
+    payload = {"labels": labels, "network": {"feature_dim": backend.hidden_size},
+               "env_name": data.env_name}
+    make_feature_fn(payload)  # the same features: accepted
+    # The engine the labels name, standing in as the same CPU model: only the backend differs.
+    monkeypatch.setattr(llm, "make_backend", lambda spec, **_: backend)
+    for field, value in [("backend", "vllm"), ("compute_dtype", "bfloat16")]:
+        other = dict(payload, labels={**labels, field: value})
+        with pytest.raises(UserError, match=rf"labelled dataset was made with other LLM features than "
+                                            rf"these \({field}: '{value}' -> '[a-z0-9]+'\); evaluate "
+                                            "with the labels' backend and compute dtype"):
+            make_feature_fn(other)
+    with pytest.raises(LLMError, match="model_revision: 'local:other'"):
+        check_live_features({**labels, "model_revision": "local:other"}, backend.spec, backend)
+    # --llm-model loads the model from another place: revision noted, backend and dtype still checked
+    check_live_features({**labels, "model_revision": "local:other"}, backend.spec, backend, llm_model="copy")
+    assert "--llm-model copy has revision" in capsys.readouterr().err
+    with pytest.raises(LLMError, match="compute_dtype"):
+        check_live_features({**labels, "compute_dtype": "float16"}, backend.spec, backend, llm_model="copy")
+
+
+@pytest.mark.parametrize("older", [("compute_dtype", "model_revision"), ("backend", "compute_dtype", "model_revision")])
+def test_labels_without_the_resolved_fields_still_load_with_a_note(tiny_llm_path, tmp_path, capsys, older):
+    """Rule for datasets labelled before the identity recorded backend, dtype and revision: they
+    train and evaluate, with a note naming what cannot be checked (also for ``auto``)."""
+    from offline_rl.data import open_dataset
+    from offline_rl.evaluate import make_feature_fn
+
+    backend = make_backend(LLMSpec(model=tiny_llm_path, device="cpu"))
+    _, data = open_dataset(_labelled_dataset(tmp_path, backend, drop=older), "hidden_state")
+    err = capsys.readouterr().err
+    assert "labelled before the features' " + ", ".join(older) + " were recorded" in err
+    payload = {"labels": data.labels, "network": {"feature_dim": backend.hidden_size},
+               "env_name": data.env_name}
+    make_feature_fn(payload)
+    assert f"does not record the features' {', '.join(older)}" in capsys.readouterr().err
+    make_feature_fn(dict(payload, labels={**data.labels, "compute_dtype": "auto"}))  # enqueue-time value
+    assert "compute_dtype" in capsys.readouterr().err
+    # labelling into such a folder: unknown fields match, known ones must agree
+    full = labels_block(backend.spec, backend.hidden_size, backend.identity)
+    assert same_labels(data.labels, full) and not same_labels(data.labels, {**full, "layer": 1})
+
+
 # ----------------------------------------------------------------------------------------------
 # Extras: vllm / sglang / cuda resolve beside the project's pins
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from servers.schemas import HealthResponse, HiddenStatesResponse
 from utils import hidden_state_client as wire
 from utils.errors import UserError
 from utils.hidden_state_client import HiddenStateClient
-from utils.llm import LLMError, LLMSpec, make_backend, observation_features
+from utils.llm import RESOLVED_FIELDS, LLMError, LLMSpec, make_backend, model_revision, observation_features
 from utils.text_obs import TEXT_ENV_NAMES
 
 CLASSIC = "Craftax-Classic-Symbolic-v1"
@@ -431,6 +431,34 @@ def test_client_round_trip(client, backend, spec):
     assert states.dtype == np.float32 and states.shape == (len(TEXTS), backend.hidden_size)
     np.testing.assert_allclose(states, backend.hidden_states(TEXTS), atol=ATOL, rtol=0)
     assert client.hidden_states([]).shape == (0, backend.hidden_size)
+
+
+def test_server_reports_the_resolved_feature_identity(http, url, client, backend, spec):
+    """/health, JSON and binary answers carry what the backend resolved (backend, compute dtype,
+    model revision), so a run recorded in process and one through the server compare equal, and
+    one recorded in bf16 refuses fp32 server features."""
+    from online_rl_llm.features import check_same_identity, encoder_identity
+
+    health = http.get("/health").json()
+    assert {k: health[k] for k in RESOLVED_FIELDS} == backend.identity
+    assert health["compute_dtype"] == "float32" and health["model_revision"] == model_revision(spec.model)
+    assert health["thinking"] is False
+    answer = http.post(URL_PATH, json={"texts": TEXTS[:1]}).json()
+    assert {k: answer[k] for k in RESOLVED_FIELDS} == backend.identity
+    binary = http.post(URL_PATH + "?format=f32", json={"texts": TEXTS[:1]})
+    assert (binary.headers["x-backend"], binary.headers["x-compute-dtype"], binary.headers["x-model-revision"]) \
+        == (backend.identity["backend"], "float32", backend.identity["model_revision"])
+    assert client.identity == backend.identity
+    via_server, in_process = encoder_identity(client, url), encoder_identity(backend)
+    assert {**via_server, "source": None, "url": None} == {**in_process, "source": None, "url": None}
+    check_same_identity(in_process, via_server, "run folder")  # a run may move to the server
+    with pytest.raises(UserError, match="compute_dtype: 'bfloat16' -> 'float32'"):
+        check_same_identity({**in_process, "compute_dtype": "bfloat16"}, via_server, "run folder")
+    with pytest.raises(UserError, match="backend: 'vllm' -> 'transformers'"):
+        check_same_identity({**in_process, "backend": "vllm"}, via_server, "run folder")
+    thinking = spec.replace(thinking=True)  # in the template hash: the client must rebuild it
+    with serve_in_background(create_app(backend, thinking)) as base, HiddenStateClient(base) as c:
+        assert c.spec.thinking and c.spec.template_hash() == thinking.template_hash() != spec.template_hash()
 
 
 def test_client_observations_and_backend_protocol(client, backend):

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.llm import LLMError, LLMSpec
+from utils.llm import RESOLVED_FIELDS, LLMError, LLMSpec
 
 __all__ = ["HiddenStateClient", "BINARY_MEDIA_TYPE", "SHAPE_HEADER", "DTYPE_HEADER", "WIRE_FORMATS",
            "WireError", "encode_vectors", "decode_vectors"]
@@ -91,7 +91,17 @@ class HiddenStateClient:
         info = self.info()
         return LLMSpec(model=info["model"], layer=int(info["layer"]), pooling=info["pooling"],
                        template=info["template"], system_prompt=info.get("system_prompt"),
-                       backend=info.get("backend", "transformers"))
+                       backend=info.get("backend", "transformers"),
+                       dtype=info.get("compute_dtype") or "auto",
+                       thinking=bool(info.get("thinking", False)))
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What the server resolved where its model loaded (``utils.llm.RESOLVED_FIELDS``: backend,
+        compute dtype, model revision), like a local backend's ``identity``; None for the fields
+        an older server does not report (a recorded identity then refuses it)."""
+        info = self.info()
+        return {k: info.get(k) for k in RESOLVED_FIELDS}
 
     # -- hidden states ---------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ import hashlib
 import inspect
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -69,6 +70,7 @@ __all__ = [
     "LLMError", "LLMSpec", "LLMBackend", "TransformersBackend", "VLLMBackend", "SGLangBackend",
     "make_backend", "observation_features", "model_dims", "model_config", "resolve_layer",
     "check_spec", "load_tokenizer", "PromptBuilder", "identity", "model_revision",
+    "RESOLVED_FIELDS", "identity_differences", "check_identity",
     "truncation_overrides", "pool_states", "pool_token_states", "check_not_unit_norm",
     "require_vllm", "require_sglang", "sglang_engine_options", "sglang_prompt_states",
     "vllm_engine_options", "vllm_pooler_options", "vllm_pooling_switches",
@@ -398,6 +400,52 @@ def identity(spec: LLMSpec, *, cuda_available: bool | None = None) -> dict[str, 
         device = _resolve_device(spec, cuda_available)
     return {"backend": spec.backend, "compute_dtype": _resolve_dtype(spec, device),
             "model_revision": model_revision(spec.model)}
+
+
+RESOLVED_FIELDS = ("backend", "compute_dtype", "model_revision")
+""":func:`identity`'s fields, part of every feature identity (labelled datasets' labels blocks,
+offline checkpoints, PPO-LLM run folders, the hidden-state server's /health). Records written
+before they were recorded lack them; records written before a model was loaded (a freshly
+enqueued labels block) or by a spec with ``dtype="auto"`` hold ``auto`` / None."""
+
+
+def _resolved(value: Any) -> bool:
+    return value is not None and value != "auto"
+
+
+def identity_differences(recorded: dict[str, Any], current: dict[str, Any],
+                         fields: Sequence[str]) -> tuple[list[str], list[str]]:
+    """How ``current`` (the features about to be computed) differs from ``recorded`` (what a
+    dataset, checkpoint or run folder was made with) over ``fields``: ``(differences, unchecked)``.
+
+    The one rule every consumer of recorded features follows: each field must be equal, except
+    that a :data:`RESOLVED_FIELDS` field ``recorded`` lacks or holds unresolved (``auto``, None)
+    is *unchecked* (a record made before these fields existed still loads; callers print a note
+    naming them). A resolved recorded value against an unknown current one (a server too old to
+    report it) is a difference. ``differences`` read ``"field: recorded -> current"``."""
+    differences, unchecked = [], []
+    for key in fields:
+        if key in RESOLVED_FIELDS and not _resolved(recorded.get(key)):
+            unchecked.append(key)
+        elif recorded.get(key) != current.get(key):
+            differences.append(f"{key}: {recorded.get(key)!r} -> {current.get(key)!r}")
+    return differences, unchecked
+
+
+def check_identity(recorded: dict[str, Any], current: dict[str, Any], fields: Sequence[str], *,
+                   subject: str, fix: str) -> list[str]:
+    """Raise LLMError when ``current`` features differ from ``recorded`` ones in any of ``fields``
+    (:func:`identity_differences`): ``"{subject} was made with other LLM features than these
+    (field: recorded -> current; ...); {fix}"``.
+    Prints a note for the fields ``recorded`` does not hold and returns them."""
+    differences, unchecked = identity_differences(recorded, current, fields)
+    if differences:
+        raise LLMError(f"{subject} was made with other LLM features than these "
+                       f"({'; '.join(differences)}); {fix}")
+    if unchecked:
+        print(f"note: {subject} does not record the features' {', '.join(unchecked)} (saved before "
+              "they were recorded, or never resolved), so those are not checked", file=sys.stderr)
+    return unchecked
 
 
 def _text_config(config):
