@@ -577,22 +577,26 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, tiny_llm_path, capsys):
         assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
 
 
-def test_one_command_starts_a_working_server(tiny_llm_path, backend):
-    """`python -m servers.hidden_state_server --model PATH` serves; SIGTERM stops it cleanly."""
+def start_cli_server(model_path: str) -> tuple[subprocess.Popen, str]:
+    """``python -m servers.hidden_state_server --model PATH --preset debug`` on a free port, as a user
+    starts it: the process and the URL it said it serves on."""
     root = Path(__file__).resolve().parent.parent
     process = subprocess.Popen(
-        [sys.executable, "-m", "servers.hidden_state_server", "--model", tiny_llm_path,
+        [sys.executable, "-m", "servers.hidden_state_server", "--model", model_path,
          "--preset", "debug", "--port", "0", "--log-level", "warning"],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": str(root)})
+    base = next((m.group(1) for line in process.stdout if (m := re.search(r"serving on (http://\S+)", line))), None)
+    if base is None:
+        process.kill()
+        pytest.fail(f"the server never said where it listens: {process.communicate(timeout=30)[0][-2000:]}")
+    return process, base
+
+
+def test_one_command_starts_a_working_server(tiny_llm_path, backend):
+    """`python -m servers.hidden_state_server --model PATH` serves; SIGTERM stops it cleanly."""
+    process, base = start_cli_server(tiny_llm_path)
     try:
-        base = None
-        for line in process.stdout:
-            found = re.search(r"serving on (http://\S+)", line)
-            if found:
-                base = found.group(1)
-                break
-        assert base, "the server never said where it listens"
         health = httpx.get(base + "/health", timeout=30).json()
         assert health["max_batch"] == 16  # the debug preset
         body = post_json(base, {"texts": TEXTS}).json()
@@ -664,16 +668,8 @@ def rss_mb(pid: int) -> float:
 @pytest.fixture(scope="module")
 def cli_server(tiny_llm_path):
     """The real command line in its own process, default limits: (url, pid) for RSS readings."""
-    root = Path(__file__).resolve().parent.parent
-    process = subprocess.Popen(
-        [sys.executable, "-m", "servers.hidden_state_server", "--model", tiny_llm_path,
-         "--preset", "debug", "--port", "0", "--log-level", "warning"],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(root)})
+    process, base = start_cli_server(tiny_llm_path)
     try:
-        base = next((m.group(1) for line in process.stdout
-                     if (m := re.search(r"serving on (http://\S+)", line))), None)
-        assert base, "the server never said where it listens"
         yield base, process.pid
     finally:
         process.terminate()
