@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.llm import RESOLVED_FIELDS, LLMBackend, LLMError, LLMSpec, identity, observation_features
+from utils.llm import RESOLVED_FIELDS, LLMBackend, LLMError, LLMSpec, identity, is_resolved, observation_features
 from utils.obs_codec import decode_array, encoded_keys, is_encoded
 from utils.trajectories import (
     DatasetError,
@@ -81,10 +81,6 @@ def labels_of(manifest: dict[str, Any], **runtime: Any) -> LLMSpec:
     return LLMSpec.from_manifest(block, **runtime)
 
 
-def _known(block: dict[str, Any], key: str) -> bool:
-    return block.get(key) not in (None, "auto")
-
-
 def same_labels(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two label blocks describe the same hidden states. Fields not resolved yet on one
     side (hidden size, ``auto`` dtype, unknown revision, or a backend, dtype or revision an older
@@ -93,7 +89,7 @@ def same_labels(a: dict[str, Any], b: dict[str, Any]) -> bool:
     rule with the dataset's block as the reference.)"""
     for key in set(a) | set(b):
         if key in _UNRESOLVED:
-            if _known(a, key) and _known(b, key) and a[key] != b[key]:
+            if is_resolved(a.get(key)) and is_resolved(b.get(key)) and a[key] != b[key]:
                 return False
         elif a.get(key) != b.get(key):
             return False
@@ -102,7 +98,7 @@ def same_labels(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def merge_labels(current: dict[str, Any], labels: dict[str, Any]) -> dict[str, Any]:
     """``labels`` with the fields it does not know yet taken from ``current`` (same labels)."""
-    known = {k: current[k] for k in _UNRESOLVED if _known(current, k) and not _known(labels, k)}
+    known = {k: current[k] for k in _UNRESOLVED if is_resolved(current.get(k)) and not is_resolved(labels.get(k))}
     return {**labels, **known}
 
 

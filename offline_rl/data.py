@@ -24,7 +24,7 @@ import torch
 
 from utils.errors import UserError
 from utils.feature_norm import usable_std
-from utils.llm import RESOLVED_FIELDS
+from utils.llm import RESOLVED_FIELDS, is_resolved
 from utils.trajectories import DatasetError, TrajectoryDataset
 
 FEATURES = ("none", "hidden_state")
@@ -107,7 +107,7 @@ def _check_labels(dataset: TrajectoryDataset) -> tuple[dict[str, Any], int]:
     if missing:
         raise DatasetError(f"{dataset.directory}: the manifest's labels block lacks "
                            f"{', '.join(missing)}; re-run the labelling, or train with --features none")
-    unrecorded = [k for k in RESOLVED_FIELDS if labels.get(k) in (None, "auto")]
+    unrecorded = [k for k in RESOLVED_FIELDS if not is_resolved(labels.get(k))]
     if unrecorded:
         print(f"note: {dataset.directory} was labelled before the features' {', '.join(unrecorded)} "
               "were recorded; a policy trained on it is evaluated without checking them",

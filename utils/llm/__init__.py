@@ -70,7 +70,7 @@ __all__ = [
     "LLMError", "LLMSpec", "LLMBackend", "TransformersBackend", "VLLMBackend", "SGLangBackend",
     "make_backend", "observation_features", "model_dims", "model_config", "resolve_layer",
     "check_spec", "load_tokenizer", "PromptBuilder", "identity", "model_revision",
-    "RESOLVED_FIELDS", "identity_differences", "check_identity",
+    "RESOLVED_FIELDS", "is_resolved", "identity_differences", "check_identity",
     "truncation_overrides", "pool_states", "pool_token_states", "check_not_unit_norm",
     "require_vllm", "require_sglang", "sglang_engine_options", "sglang_prompt_states",
     "vllm_engine_options", "vllm_pooler_options", "vllm_pooling_switches",
@@ -409,7 +409,8 @@ before they were recorded lack them; records written before a model was loaded (
 enqueued labels block) or by a spec with ``dtype="auto"`` hold ``auto`` / None."""
 
 
-def _resolved(value: Any) -> bool:
+def is_resolved(value: Any) -> bool:
+    """Whether a recorded identity value is known: not missing (None) and not ``auto``."""
     return value is not None and value != "auto"
 
 
@@ -425,7 +426,7 @@ def identity_differences(recorded: dict[str, Any], current: dict[str, Any],
     report it) is a difference. ``differences`` read ``"field: recorded -> current"``."""
     differences, unchecked = [], []
     for key in fields:
-        if key in RESOLVED_FIELDS and not _resolved(recorded.get(key)):
+        if key in RESOLVED_FIELDS and not is_resolved(recorded.get(key)):
             unchecked.append(key)
         elif recorded.get(key) != current.get(key):
             differences.append(f"{key}: {recorded.get(key)!r} -> {current.get(key)!r}")

@@ -38,11 +38,11 @@ from world_models.common.world_model import WorldModel
 sg = jax.lax.stop_gradient
 
 
-
 def continuation(prob: jax.Array, readout: str) -> jax.Array:
     """The continue head's probability as imagination uses it: as is (``prob``) or rounded to 0 or 1
     (``mode``), which ends an imagined episode outright where the model thinks it more likely over."""
     return prob if readout == "prob" else (prob > 0.5).astype(prob.dtype)
+
 
 class ReturnNorm(NamedTuple):
     """EMA of the 5th and 95th percentiles of imagined returns (V3)."""
