@@ -20,6 +20,7 @@ KEY = jax.random.PRNGKey(0)
 DIRECT = TetrisEnv("direct")
 PLACEMENT = TetrisEnv("placement")
 LINES_ONLY = TetrisEnv("direct", reward_mode="lines_only")
+SURVIVAL = TetrisEnv("direct", reward_mode="survival")
 # Gravity far away so that single actions can be checked in isolation.
 NO_GRAVITY = DIRECT.default_params.replace(gravity_period=10**6)
 
@@ -186,6 +187,17 @@ def test_lines_only_reward_is_lines_cleared():
     assert float(step(LINES_ONLY, s, Action.HARD_DROP)[2]) == 0.0
 
 
+def test_survival_reward_is_the_standard_reward_without_shaping():
+    board = _clear_setup([18, 19], [])
+    for placement, lines in (((I, 1, 0, -2), 2), ((S, 0, 5, 0), 0)):  # two lines cleared; a drop that leaves a hole
+        _, _, standard, _, info = step(DIRECT, with_piece(fresh(), *placement, board), Action.HARD_DROP)
+        _, _, survival, _, _ = step(SURVIVAL, with_piece(fresh(SURVIVAL), *placement, board), Action.HARD_DROP)
+        assert int(info["lines_cleared"]) == lines and abs(float(info["shaping"])) > 1e-3
+        assert float(survival) == pytest.approx(float(standard) - float(info["shaping"]), abs=1e-5)
+        assert float(survival) == pytest.approx(NO_GRAVITY.piece_reward + NO_GRAVITY.score_reward_scale
+                                                * NO_GRAVITY.line_scores[lines], abs=1e-5)
+
+
 def test_standard_shaping_penalises_holes():
     s = with_piece(fresh(), S, 0, 5, 0)  # flat S on the floor leaves a hole under its right end
     _, _, hole_reward, _, info = step(DIRECT, s, Action.HARD_DROP)
@@ -229,6 +241,12 @@ def test_game_over_on_spawn_collision_and_frozen_after():
     _, again, reward, done, info = step(DIRECT, out, Action.HARD_DROP)
     assert bool(done) and float(reward) == 0.0 and not bool(info["topped_out"])
     np.testing.assert_array_equal(np.asarray(again.board), np.asarray(out.board))
+    # survival: the penalty without the shaping's payback of phi(board), which is what a world model
+    # imagines collecting again (docs/results.md, Tetris).
+    s = with_piece(fresh(SURVIVAL), O, 0, 10, 0, board)
+    _, out, reward, done, info = step(SURVIVAL, s, Action.HARD_DROP)
+    assert bool(done) and bool(info["topped_out"]) and -ref_potential(board, p) > 0.1
+    assert float(reward) == pytest.approx(p.piece_reward - p.game_over_penalty, abs=1e-6)
     # lines_only stays lines only: no penalty, no survival reward.
     s = with_piece(fresh(LINES_ONLY), O, 0, 10, 0, board)
     _, out, reward, done, _ = step(LINES_ONLY, s, Action.HARD_DROP)

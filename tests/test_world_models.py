@@ -543,8 +543,9 @@ def test_named_settings_outside_their_choices_are_user_errors(field, value, mess
     (3, dict(latent="gaussian", reward_head="symexp_twohot", critic_head="symexp_twohot", replay_value_scale=0.3,
              imag_cont="mode")),
     (2, dict(return_norm="percentile", actor_grad="mix", critic_head="symlog_twohot", slow_critic="ema",
-             slow_critic_returns=False, slow_critic_reg=1.0, imag_starts=5)),
-], ids=["v3-gaussian-latent-symexp-heads-replay-value", "v2-return-norm-mixed-gradient-two-hot-critic-5-starts"])
+             slow_critic_returns=False, slow_critic_reg=1.0, imag_starts=5, dyn_inputs="split")),
+], ids=["v3-gaussian-latent-symexp-heads-replay-value",
+        "v2-return-norm-mixed-gradient-two-hot-critic-5-starts-split-dynamics-inputs"])
 def test_mixed_settings_train_a_chunk(version, settings):
     """Ablations are flags on top of a version's preset: the whole program compiles and trains."""
     from utils.envs import VecEnv
@@ -570,6 +571,9 @@ def test_mixed_settings_train_a_chunk(version, settings):
         assert np.all(np.asarray(metrics["loss/return_scale"])[0][trained] >= 1.0)
         assert program.agent.ac.critic_out.size == cfg.bins and program.agent.wm.reward_out.size == 1
         assert program.agent.ac.critic_out.kind == "symlog_twohot" and "loss/replay_value" not in metrics
+    rssm_layers = set(carry.agent.params["wm"]["rssm"]["params"])
+    if settings.get("dyn_inputs") == "split":
+        assert {"deter_in", "stoch_in", "action_in"} <= rssm_layers and "img_in" not in rssm_layers
 
 
 # ---------------------------------------------------------------------------------------------------

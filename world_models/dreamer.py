@@ -132,6 +132,10 @@ class DreamerConfig(RunConfig):
     replay_value_scale: float = 0.0
     """Weight of the replay-value loss (current DreamerV3 code: 0.3; papers: 0): the critic also regresses
     lambda-returns of the real rewards on the replayed posterior states, bootstrapped from imagination."""
+    dyn_inputs: str = "joint"
+    """How the previous sample and action enter the RSSM's GRU: joint (V1-V3 papers: one dense layer over
+    their concatenation) or split (current DreamerV3 code: a normalised layer each for the previous
+    deter, sample and action, so a few action dims are not drowned by a 1,024-wide sample)."""
     imag_starts: int = 0
     """Imagine from this many posterior states of each batch, drawn at random; 0: from all of them."""
     imag_cont: str = "prob"

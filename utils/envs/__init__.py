@@ -120,7 +120,7 @@ def floor_metrics(state) -> dict:
 
 
 def _register_tetris() -> None:
-    """``Tetris-<Direct|Placement>-<Standard|LinesOnly>-v0``: the action and reward modes in the name."""
+    """``Tetris-<Direct|Placement>-<Standard|Survival|LinesOnly>-v0``: the action and reward modes in the name."""
 
     def build_for(action_mode, reward_mode):
         def build(**options):
@@ -131,7 +131,8 @@ def _register_tetris() -> None:
         return build
 
     for action_mode, action_label in (("direct", "Direct"), ("placement", "Placement")):
-        for reward_mode, reward_label in (("standard", "Standard"), ("lines_only", "LinesOnly")):
+        for reward_mode, reward_label in (("standard", "Standard"), ("survival", "Survival"),
+                                          ("lines_only", "LinesOnly")):
             register(
                 f"Tetris-{action_label}-{reward_label}-v0",
                 EnvFamily(

@@ -26,6 +26,10 @@ Rules chosen (see also ``TetrisParams``):
 Rewards (weights in ``TetrisParams``; reasoning in docs/tetris.md):
 
 - ``lines_only``: the number of lines cleared this step.
+- ``survival``: ``standard`` without the shaping: line score + survival - game-over penalty. For
+  world models: the shaping's payback of the board's potential on the step that tops out (up to
+  about +18 on a bad board) is a reward a learned model can imagine collecting again and again
+  (docs/results.md, Tetris); without shaping no step pays more than a line clear.
 - ``standard``: score_reward_scale * line score + piece_reward per locked piece
   - game_over_penalty on the step that tops out + shaping F = shaping_discount * phi(s') - phi(s),
   with the potential phi = -(height_weight * aggregate height + holes_weight * holes
@@ -74,7 +78,7 @@ from utils.envs.tetris_render import render_pixels
 Array = jax.Array
 
 ACTION_MODES = ("direct", "placement")
-REWARD_MODES = ("standard", "lines_only")
+REWARD_MODES = ("standard", "survival", "lines_only")
 OBS_DIM = 2 * BOARD_H * BOARD_W + 3 * NUM_PIECES + 2
 NUM_PLACEMENTS = NUM_ROTATIONS * BOARD_W
 PLACEMENT_HOLD = NUM_PLACEMENTS  # the action after the 40 placements
@@ -251,13 +255,13 @@ class TetrisEnv(EnvironmentNoAutoReset):
 
         topped_out = new_state.game_over  # the input state is not game over (else frozen below)
         shaping = _shaping(state.board, new_state.board, topped_out, params)
-        if self.reward_mode == "standard":
+        if self.reward_mode in ("standard", "survival"):
             reward = (
                 params.score_reward_scale * score
                 + params.piece_reward * move["lock"]
                 - params.game_over_penalty * topped_out
-                + shaping
             )
+            reward = reward + shaping if self.reward_mode == "standard" else reward
         else:
             reward = lines.astype(jnp.float32)
 

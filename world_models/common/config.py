@@ -31,6 +31,7 @@ CHOICES = {
     "slow_critic": ("none", "copy", "ema"),
     "return_norm": ("none", "percentile"),
     "imag_cont": ("prob", "mode"),
+    "dyn_inputs": ("joint", "split"),
     "act": ("silu", "elu", "relu"),
 }
 
@@ -61,6 +62,7 @@ class WorldModelConfig:
     min_std: float
     deter: int
     hidden: int
+    dyn_inputs: str
     units: int
     layers: int
     act: str

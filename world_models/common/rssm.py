@@ -53,22 +53,36 @@ class GRU(nn.Module):
 
 
 class RSSM(nn.Module):
+    """``dyn_inputs`` says how the previous sample and action enter the GRU: ``joint`` (the papers)
+    through one dense layer over ``concat(stoch, action)``, where a 17-wide action is outnumbered by a
+    1,024-wide sample; ``split`` (current DreamerV3 code) through a normalised layer each for the
+    previous ``deter``, sample and action, so the action's embedding is as wide as the sample's."""
+
     spec: LatentSpec
     deter: int
     hidden: int
     act: str = "silu"
     norm: bool = True
+    dyn_inputs: str = "joint"
 
     def setup(self):
         stats_size = self.spec.stats_shape[0] * self.spec.stats_shape[1]
-        self.img_in = DenseStack(self.hidden, 1, self.act, self.norm)
+        if self.dyn_inputs == "split":
+            self.deter_in, self.stoch_in, self.action_in = (
+                DenseStack(self.hidden, 1, self.act, self.norm) for _ in range(3))
+        else:
+            self.img_in = DenseStack(self.hidden, 1, self.act, self.norm)
         self.gru = GRU(self.deter, self.norm)
         self.prior_net = Head(stats_size, self.hidden, 1, self.act, self.norm)
         self.post_net = Head(stats_size, self.hidden, 1, self.act, self.norm)
 
     def img_core(self, deter, stoch, action):
         """``(deter, prior stats)`` of the next step from the previous state and action."""
-        deter = self.gru(deter, self.img_in(jnp.concatenate([stoch, action], -1)))
+        if self.dyn_inputs == "split":
+            x = jnp.concatenate([self.deter_in(deter), self.stoch_in(stoch), self.action_in(action)], -1)
+        else:
+            x = self.img_in(jnp.concatenate([stoch, action], -1))
+        deter = self.gru(deter, x)
         return deter, self.spec.stats_from_raw(self.prior_net(deter))
 
     def post_stats(self, deter, embed):

@@ -46,7 +46,7 @@ class WorldModel:
         else:
             self.encoder = MLPEncoder(cfg.units, cfg.layers, symlog_inputs=cfg.symlog_inputs, **style)
             self.decoder = MLPDecoder(math.prod(self.obs_shape), cfg.units, cfg.layers, **style)
-        self.rssm = RSSM(self.spec, cfg.deter, cfg.hidden, **style)
+        self.rssm = RSSM(self.spec, cfg.deter, cfg.hidden, dyn_inputs=cfg.dyn_inputs, **style)
         self.reward_out = dists.ScalarHead.make(cfg.reward_head, cfg.bins)
         self.reward_head = Head(self.reward_out.size, cfg.units, cfg.layers, out_scale=self.reward_out.out_scale,
                                 **style)
