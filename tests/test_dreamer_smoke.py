@@ -135,55 +135,28 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 
-class TargetEnv:
-    """Every step shows a target action (one-hot, plus the time); choosing it pays 1. Episodes last 8
-    steps, so the best return is 8 and a uniform policy's 8/3. The reward depends on the previous
-    observation and the action, so the world model must carry both to predict it."""
-
-    num_actions = 3
-    length = 8
-    default_params = None
-
-    def observation_space(self, params):
-        return jax.ShapeDtypeStruct((self.num_actions + 1,), np.float32)
-
-    def _obs(self, target, t):
-        return jax.numpy.concatenate([jax.nn.one_hot(target, self.num_actions), jax.numpy.stack([t / self.length])])
-
-    def reset(self, key, params):
-        target = jax.random.randint(key, (), 0, self.num_actions)
-        return self._obs(target, 0.0), (jax.numpy.int32(0), target)
-
-    def step(self, key, state, action, params):
-        t, target = state
-        reward = (action == target).astype(np.float32)
-        t = t + 1
-        new_target = jax.random.randint(key, (), 0, self.num_actions)
-        return self._obs(new_target, t.astype(np.float32)), (t, new_target), reward, t >= self.length, {}
-
-
-#: Learning rates for ~2,000 gradient steps: V1 and V2 learn at their papers'; V3's (1e-4 model, 3e-5 actor
-#: and critic) need far more steps -- with them, or with only the actor's and critic's raised, its
-#: policy stays at chance here -- so it gets 10x.
-BANDIT_LEARNING_RATES = {1: {}, 2: {}, 3: dict(model_lr=1e-3, actor_lr=3e-4, critic_lr=3e-4)}
+#: Chunks of 100 updates (4 gradient steps each once 32 steps per env are stored) each version may take,
+#: at its paper's learning rates. V1 and V2 solve the task in ~2,000 gradient steps; V3's rates (1e-4 world
+#: model, 3e-5 actor and critic) are made for long training: its reward head predicts the average reward
+#: until ~8,500 gradient steps, then learns the task within ~1,000 more (docs/world_models.md, "Small
+#: gradient budgets"). A run stops as soon as it has solved the task.
+BANDIT_CHUNKS = {1: 5, 2: 5, 3: 32}
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_every_version_learns_a_contextual_bandit_through_its_world_model(version):
-    from utils.envs import VecEnv
-    from world_models.dreamer import init_seeds, make_train
+    from utils.testing.bandit import bandit_run, chunk_summary
 
-    env = VecEnv(TargetEnv(), name="Target", num_envs=8, reset_ratio=1, achievement_names=("a",),
-                 achievements_fn=lambda state: jax.numpy.zeros(1))
-    cfg = make_config(version, ["debug"], num_envs=8, collect_steps=2, train_ratio=32.0, prefill=32, replay_size=4096,
-                      batch_size=8, batch_length=16, deter=64, hidden=64, units=64, stoch=8, classes=8, layers=1,
-                      imag_horizon=8, symbolic_storage="float32", **BANDIT_LEARNING_RATES[version])
-    program = make_train(cfg, env)
-    carry = init_seeds(program, env, jax.random.PRNGKey(0)[None])
-    chunk = jax.jit(lambda c: program.train_chunk(c, 100))
-    for _ in range(5):
+    _, carry, chunk = bandit_run(version)
+    for chunks in range(1, BANDIT_CHUNKS[version] + 1):
         carry, (stats, metrics) = chunk(carry)
-    assert int(carry.agent.grad_steps[0]) == 4 * (500 - 15)  # 4 per update once 32 steps per env are stored
-    returns = float(np.asarray(stats.return_sum).sum() / np.asarray(stats.count).sum())
-    assert returns > 4.5, f"return over the last 100 updates {returns:.2f} (best 8, chance 2.67)"
-    assert float(np.nanmean(np.asarray(metrics["loss/actor_entropy"]))) < 0.9  # ln 3 = 1.10 at chance
+        summary = chunk_summary(stats, metrics)
+        returns, entropy = summary["return"], summary["entropy"]
+        if chunks >= 5 and returns > 4.5 and entropy < 0.9:
+            break
+    assert int(carry.agent.grad_steps[0]) == 4 * (100 * chunks - 15)  # from the update that stores 32 steps per env
+    grad_steps = int(carry.agent.grad_steps[0])
+    assert returns > 4.5, (f"return over the last 100 updates {returns:.2f} after {grad_steps} gradient steps "
+                           f"(best 8, chance 2.67); reward head {summary['reward_pred_pos']:.2f} on rewarded, "
+                           f"{summary['reward_pred_zero']:.2f} on unrewarded steps")
+    assert entropy < 0.9  # ln 3 = 1.10 at chance
