@@ -18,10 +18,21 @@ import yaml
 from utils.jax_setup import enable_compilation_cache
 
 
+def parse_value(text: str):
+    """A number if it reads as one (YAML takes ``1e-4`` for a string), else the YAML value."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", type=int, default=3, choices=[1, 2, 3])
-    parser.add_argument("--chunks", type=int, default=25, help="chunks of 100 updates (400 gradient steps)")
+    parser.add_argument("--chunks", type=int, default=25, help="chunks of updates, one row each")
+    parser.add_argument("--updates-per-chunk", type=int, default=100, help="updates per chunk (4 gradient steps each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a Dreamer field on top of the version's settings (repeatable)")
@@ -31,11 +42,11 @@ def main(argv: list[str] | None = None) -> None:
         field, sep, value = item.partition("=")
         if not sep:
             parser.error(f"--set takes FIELD=VALUE, got {item!r}")
-        overrides[field] = yaml.safe_load(value)
+        overrides[field] = parse_value(value)
     enable_compilation_cache()
     from utils.testing.bandit import bandit_run, chunk_summary
 
-    _, carry, chunk = bandit_run(args.version, args.seed, **overrides)
+    _, carry, chunk = bandit_run(args.version, args.seed, args.updates_per_chunk, **overrides)
     start = time.perf_counter()
     print("| gradient steps | return | actor entropy | reward head, rewarded / unrewarded steps | recon | s |")
     print("|---|---|---|---|---|---|")

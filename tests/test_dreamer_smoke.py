@@ -160,3 +160,14 @@ def test_every_version_learns_a_contextual_bandit_through_its_world_model(versio
                            f"(best 8, chance 2.67); reward head {summary['reward_pred_pos']:.2f} on rewarded, "
                            f"{summary['reward_pred_zero']:.2f} on unrewarded steps")
     assert entropy < 0.9  # ln 3 = 1.10 at chance
+
+
+def test_bandit_benchmark_prints_a_row_per_chunk(capsys):
+    from benchmarks.dreamer_bandit import main
+
+    # V1's own actor rate through --set: the program of the bandit test above, from the compilation cache
+    main(["--version", "1", "--chunks", "2", "--set", "actor_lr=8e-5"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[0] for row in rows] == ["| 340", "| 740"], "gradient steps after each chunk"
+    with pytest.raises(SystemExit):
+        main(["--set", "deter"])
