@@ -3,6 +3,7 @@ the replay, the world-model loss and the actor-critic gradients. End-to-end runs
 test_dreamer_smoke.py."""
 
 import dataclasses
+import json
 import re
 
 import jax
@@ -672,3 +673,28 @@ def test_world_model_diagnostics_on_a_fixed_batch():
     top = np.asarray(post.stats).argmax(-1).reshape(-1, cfg.stoch)  # [steps, latents]
     used = np.mean([len(set(top[:, i])) for i in range(cfg.stoch)])
     assert float(metrics["diag/post_used_classes"]) == pytest.approx(used) and 1 <= used <= cfg.classes
+
+
+def test_dreamer_curve_table_weights_returns_by_episodes_and_reads_each_seed(tmp_path, capsys):
+    from benchmarks.dreamer_curve import curve_rows, main
+
+    rows = [
+        {"step": 1000, "episode/return": [1.0, 5.0], "episode/count": [1.0, 1.0], "diag/reward_pred_pos": [0.1, 0.2]},
+        {"step": 2000, "episode/return": [4.0, 5.0], "episode/count": [3.0, 1.0], "diag/reward_pred_pos": [0.3, 0.4],
+         "loss/actor_entropy": [2.0, 1.0], "perf/grad_steps": [10.0, 10.0]},
+        {"step": 3000, "episode/count": [0.0, 0.0], "diag/reward_pred_pos": [float("nan"), 0.5]},
+    ]
+    first, second = curve_rows(rows, window=2000)
+    assert (first["start"], first["end"], first["episodes"]) == (0, 2000, 4.0)
+    assert first["return"] == pytest.approx((1.0 + 3 * 4.0) / 4) and first["reward_pos"] == pytest.approx(0.3)
+    assert second["return"] is None and second["reward_pos"] is None, "no episode ended; NaN is no value"
+    assert curve_rows(rows, window=2000, seed=1)[1]["reward_pos"] == pytest.approx(0.5)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    main([str(run), "--window", "2000"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].startswith("| 0-2k | 3.25 | 4 | 2.00 | 0.300 |") and table[3].startswith("| 2-4k | - | 0 |")
+    with pytest.raises(SystemExit) as missing:
+        main([str(tmp_path / "nowhere")])
+    assert missing.value.code == 2
