@@ -13,9 +13,42 @@ from __future__ import annotations
 import argparse
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import yaml
 
 from utils.jax_setup import enable_compilation_cache
+from utils.testing.bandit import TargetEnv
+
+#: A small model on 8 envs: 4 gradient steps of 8 x 16 replayed steps per update of 16 env steps.
+BANDIT_FIELDS = dict(num_envs=8, collect_steps=2, train_ratio=32.0, prefill=32, replay_size=4096, batch_size=8,
+                     batch_length=16, deter=64, hidden=64, units=64, stoch=8, classes=8, layers=1, imag_horizon=8,
+                     symbolic_storage="float32")
+
+
+def bandit_run(version: int, seed: int = 0, updates_per_chunk: int = 100, **overrides):
+    """``(program, carry, chunk)``: Dreamer ``version`` (its paper's settings, ``overrides`` on top) on the
+    bandit, one seed; ``chunk(carry)`` runs ``updates_per_chunk`` updates, compiled."""
+    from utils.envs import VecEnv
+    from world_models.dreamer import init_seeds, make_config, make_train
+
+    env = VecEnv(TargetEnv(), name="Target", num_envs=BANDIT_FIELDS["num_envs"], reset_ratio=1,
+                 achievement_names=("a",), achievements_fn=lambda state: jnp.zeros(1))
+    cfg = make_config(version, ["debug"], **{**BANDIT_FIELDS, **overrides})
+    program = make_train(cfg, env)
+    carry = init_seeds(program, env, jax.random.PRNGKey(seed)[None])
+    return program, carry, jax.jit(lambda c: program.train_chunk(c, updates_per_chunk))
+
+
+def chunk_summary(stats, metrics) -> dict[str, float]:
+    """Return over the chunk's episodes, actor entropy and the reward head's mean prediction on rewarded
+    and unrewarded replayed steps."""
+    mean = lambda key: float(np.nanmean(np.asarray(metrics[key])))
+    return {"return": float(np.asarray(stats.return_sum).sum() / max(1, np.asarray(stats.count).sum())),
+            "entropy": mean("loss/actor_entropy"), "reward_pred_pos": mean("diag/reward_pred_pos"),
+            "reward_pred_zero": mean("diag/reward_pred_zero"), "recon": mean("loss/recon")}
+
 
 
 def parse_value(text: str):
@@ -44,8 +77,6 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--set takes FIELD=VALUE, got {item!r}")
         overrides[field] = parse_value(value)
     enable_compilation_cache()
-    from utils.testing.bandit import bandit_run, chunk_summary
-
     _, carry, chunk = bandit_run(args.version, args.seed, args.updates_per_chunk, **overrides)
     start = time.perf_counter()
     print("| gradient steps | return | actor entropy | reward head, rewarded / unrewarded steps | recon | s |")

@@ -145,7 +145,7 @@ BANDIT_CHUNKS = {1: 5, 2: 5, 3: 32}
 
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_every_version_learns_a_contextual_bandit_through_its_world_model(version):
-    from utils.testing.bandit import bandit_run, chunk_summary
+    from benchmarks.dreamer_bandit import bandit_run, chunk_summary
 
     _, carry, chunk = bandit_run(version)
     for chunks in range(1, BANDIT_CHUNKS[version] + 1):

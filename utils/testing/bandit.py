@@ -3,8 +3,9 @@
 Every step shows a target action; choosing it pays 1 at the next step. The world model has to carry the
 previous observation and the action to predict that reward, and the actor learns from imagined rewards
 only, so solving it exercises the whole loop: collection, replay, world model, imagination, actor.
-``tests/test_dreamer_smoke.py`` asserts each version solves it; ``benchmarks/dreamer_bandit.py`` prints
-how the reward head and the policy get there.
+``tests/test_dreamer_smoke.py`` asserts each version solves it; ``benchmarks/dreamer_bandit.py`` (which
+also builds the Dreamer run on it: utils may not import an algorithm area) prints how the reward head
+and the policy get there.
 """
 
 from __future__ import annotations
@@ -38,32 +39,3 @@ class TargetEnv:
         t = t + 1
         new_target = jax.random.randint(key, (), 0, self.num_actions)
         return self._obs(new_target, t.astype(np.float32)), (t, new_target), reward, t >= self.length, {}
-
-
-#: A small model on 8 envs: 4 gradient steps of 8 x 16 replayed steps per update of 16 env steps.
-BANDIT_FIELDS = dict(num_envs=8, collect_steps=2, train_ratio=32.0, prefill=32, replay_size=4096, batch_size=8,
-                     batch_length=16, deter=64, hidden=64, units=64, stoch=8, classes=8, layers=1, imag_horizon=8,
-                     symbolic_storage="float32")
-
-
-def bandit_run(version: int, seed: int = 0, updates_per_chunk: int = 100, **overrides):
-    """``(program, carry, chunk)``: Dreamer ``version`` (its paper's settings, ``overrides`` on top) on the
-    bandit, one seed; ``chunk(carry)`` runs ``updates_per_chunk`` updates, compiled."""
-    from utils.envs import VecEnv
-    from world_models.dreamer import init_seeds, make_config, make_train
-
-    env = VecEnv(TargetEnv(), name="Target", num_envs=BANDIT_FIELDS["num_envs"], reset_ratio=1,
-                 achievement_names=("a",), achievements_fn=lambda state: jnp.zeros(1))
-    cfg = make_config(version, ["debug"], **{**BANDIT_FIELDS, **overrides})
-    program = make_train(cfg, env)
-    carry = init_seeds(program, env, jax.random.PRNGKey(seed)[None])
-    return program, carry, jax.jit(lambda c: program.train_chunk(c, updates_per_chunk))
-
-
-def chunk_summary(stats, metrics) -> dict[str, float]:
-    """Return over the chunk's episodes, actor entropy and the reward head's mean prediction on rewarded
-    and unrewarded replayed steps."""
-    mean = lambda key: float(np.nanmean(np.asarray(metrics[key])))
-    return {"return": float(np.asarray(stats.return_sum).sum() / max(1, np.asarray(stats.count).sum())),
-            "entropy": mean("loss/actor_entropy"), "reward_pred_pos": mean("diag/reward_pred_pos"),
-            "reward_pred_zero": mean("diag/reward_pred_zero"), "recon": mean("loss/recon")}
