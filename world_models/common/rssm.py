@@ -56,7 +56,8 @@ class RSSM(nn.Module):
     """``dyn_inputs`` says how the previous sample and action enter the GRU: ``joint`` (the papers)
     through one dense layer over ``concat(stoch, action)``, where a 17-wide action is outnumbered by a
     1,024-wide sample; ``split`` (current DreamerV3 code) through a normalised layer each for the
-    previous ``deter``, sample and action, so the action's embedding is as wide as the sample's."""
+    previous ``deter``, sample and action, so the action's embedding is as wide as the sample's (its
+    block-diagonal GRU and extra hidden layer are left out: the GRU here stays one dense layer)."""
 
     spec: LatentSpec
     deter: int
