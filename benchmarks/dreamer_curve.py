@@ -19,6 +19,7 @@ from pathlib import Path
 
 from utils.errors import UserError, exit_on_user_error
 from utils.io import read_jsonl
+from utils.training import weighted_final
 
 COLUMNS = ("env steps", "return", "episodes", "actor entropy", "reward head: +", "0", "-", "recon / mean", "grad steps")
 
@@ -40,14 +41,13 @@ def curve_rows(rows: list[dict], window: int, seed: int = 0) -> list[dict]:
         windows.setdefault((row["step"] - 1) // window, []).append(row)
     table = []
     for index, group in sorted(windows.items()):
-        episodes = [(seed_value(r, "episode/return", seed), seed_value(r, "episode/count", seed) or 0.0)
-                    for r in group]
-        episodes = [(value, count) for value, count in episodes if value is not None and count > 0]
-        count = sum(c for _, c in episodes)
+        window_mean = weighted_final(group, fraction=1.0)  # the episode weighting of every run's summary
+        returns = window_mean.get("episode/return", {}).get("per_seed") or [None] * (seed + 1)
+        count = window_mean["episodes"][seed] if window_mean else 0.0
         last = group[-1]
         table.append({
             "start": index * window, "end": (index + 1) * window, "episodes": count,
-            "return": sum(v * c for v, c in episodes) / count if count else None,
+            "return": returns[seed] if count else None,
             **{key: seed_value(last, metric, seed) for key, metric in (
                 ("entropy", "loss/actor_entropy"), ("reward_pos", "diag/reward_pred_pos"),
                 ("reward_zero", "diag/reward_pred_zero"), ("reward_neg", "diag/reward_pred_neg"),
