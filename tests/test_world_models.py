@@ -542,10 +542,10 @@ def test_named_settings_outside_their_choices_are_user_errors(field, value, mess
 
 @pytest.mark.parametrize("version,settings", [
     (3, dict(latent="gaussian", reward_head="symexp_twohot", critic_head="symexp_twohot", replay_value_scale=0.3,
-             imag_cont="mode")),
+             imag_cont="mode", imag_starts=6)),
     (2, dict(return_norm="percentile", actor_grad="mix", critic_head="symlog_twohot", slow_critic="ema",
              slow_critic_returns=False, slow_critic_reg=1.0, imag_starts=5, dyn_inputs="split")),
-], ids=["v3-gaussian-latent-symexp-heads-replay-value",
+], ids=["v3-gaussian-latent-symexp-heads-replay-value-6-starts",
         "v2-return-norm-mixed-gradient-two-hot-critic-5-starts-split-dynamics-inputs"])
 def test_mixed_settings_train_a_chunk(version, settings):
     """Ablations are flags on top of a version's preset: the whole program compiles and trains."""
@@ -619,6 +619,36 @@ def test_replay_value_loss_regresses_real_lambda_returns_bootstrapped_from_imagi
     weight = 1.0 - terminal[:-1]
     assert float(loss) == pytest.approx(float((weight * 0.5 * (values - expected) ** 2).mean()), rel=1e-5)
     assert expected[2, 1] == pytest.approx(reward[3, 1]), "the step before a terminal row sees only its reward"
+
+
+def test_replay_value_bootstraps_from_the_critic_where_no_imagination_started():
+    """With ``imag_starts`` only the picked replayed states have an imagined return; the rest bootstrap
+    from the critic's value, so the replay-value loss works at any number of imagination starts."""
+    from utils.envs import VecEnv
+    from world_models.dreamer import init_seeds, make_train
+
+    env = VecEnv(CountingEnv(), name="Counting", num_envs=2, reset_ratio=1, achievement_names=("a",),
+                 achievements_fn=lambda state: jnp.zeros(1))
+    cfg = tiny_config(3, num_envs=2, batch_size=2, batch_length=4, imag_starts=3, replay_value_scale=0.3)
+    program = make_train(cfg, env)
+    params = jax.tree.map(lambda x: x[0], init_seeds(program, env, jax.random.PRNGKey(0)[None]).agent.params)
+    agent, T, B = program.agent, 4, 2
+    leaves, tree = jax.tree.flatten(params["critic"])  # V3's output layer starts at zero: values would all be 0
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    params["critic"] = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    post = agent.wm.initial_state((T, B))
+    post = post._replace(deter=jax.random.normal(jax.random.PRNGKey(1), post.deter.shape))
+    batch = {"reward": jnp.arange(T * B, dtype=jnp.float32).reshape(T, B), "is_terminal": jnp.zeros((T, B), bool)}
+    picked, start_returns = jnp.array([6, 0, 3]), jnp.array([100.0, 200.0, 300.0])
+    targets = agent._replay_targets(params, post, batch, start_returns, picked)
+    boot = np.asarray(targets.boot).reshape(-1)
+    np.testing.assert_array_equal(boot[[6, 0, 3]], [100.0, 200.0, 300.0])
+    values = np.asarray(agent.ac.value(params["critic"], features(post))).reshape(-1)
+    others = [i for i in range(T * B) if i not in (6, 0, 3)]
+    np.testing.assert_allclose(boot[others], values[others], rtol=1e-6)
+    assert len(set(np.round(values[others], 6))) > 1, "distinct states, distinct values"
+    everything = agent._replay_targets(params, post, batch, jnp.arange(T * B, dtype=jnp.float32), None)
+    np.testing.assert_array_equal(np.asarray(everything.boot), np.arange(T * B).reshape(T, B))
 
 
 def test_mode_continuation_ends_imagined_episodes_outright():

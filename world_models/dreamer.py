@@ -131,7 +131,8 @@ class DreamerConfig(RunConfig):
     """Lambda-returns bootstrap from the slow critic (V2) instead of the critic (V1/V3)."""
     replay_value_scale: float = 0.0
     """Weight of the replay-value loss (current DreamerV3 code: 0.3; papers: 0): the critic also regresses
-    lambda-returns of the real rewards on the replayed posterior states, bootstrapped from imagination."""
+    lambda-returns of the real rewards on the replayed posterior states, bootstrapped from imagination (with
+    imag_starts, from the critic's value where no imagination started)."""
     dyn_inputs: str = "joint"
     """How the previous sample and action enter the RSSM's GRU: joint (V1-V3 papers: one dense layer over
     their concatenation) or split (current DreamerV3 code: a normalised layer each for the previous

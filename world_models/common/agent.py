@@ -84,18 +84,19 @@ class Agent:
         flat = lambda x: x.reshape((-1,) + x.shape[2:])
         start = jax.tree.map(lambda x: flat(jax.lax.stop_gradient(x)), post)
         start_cont = flat(1.0 - batch["is_terminal"].astype(jnp.float32))
+        picked = None
         if cfg.imag_starts:
             imag_key, pick_key = jax.random.split(imag_key)
-            (start, start_cont) = self._random_starts(pick_key, (start, start_cont))
+            picked = self._random_starts(pick_key, start_cont.shape[0])
+            start, start_cont = jax.tree.map(lambda x: x[picked], (start, start_cont))
         grads, (traj, returns, weight, retnorm, actor_metrics) = jax.grad(self.ac.actor_loss, has_aux=True)(
             params["actor"], self.wm, params["wm"], params["critic"], params["slow_critic"], state.retnorm,
             start, start_cont, imag_key)
         params["actor"], opt_state["actor"] = self._apply("actor", grads, params["actor"], opt_state["actor"])
 
         replay = None
-        if cfg.ac.replay_value_scale:  # imagination started from every replayed state, in [T, B] order
-            replay = ReplayTargets(features(jax.lax.stop_gradient(post)), batch["reward"], batch["is_terminal"],
-                                   returns[0].reshape(batch["reward"].shape))
+        if cfg.ac.replay_value_scale:
+            replay = self._replay_targets(params, post, batch, returns[0], picked)
         grads, critic_metrics = jax.grad(self.ac.critic_loss, has_aux=True)(
             params["critic"], params["slow_critic"], traj, returns, weight, replay)
         params["critic"], opt_state["critic"] = self._apply("critic", grads, params["critic"], opt_state["critic"])
@@ -112,13 +113,27 @@ class Agent:
         metrics = {**metrics, **actor_metrics, **critic_metrics}
         return AgentState(params, opt_state, retnorm, grad_steps), metrics
 
-    def _random_starts(self, key: jax.Array, tree):
-        """``imag_starts`` of the replayed posterior states (leading axis), drawn without replacement:
-        imagination costs in proportion to its start states, and neighbouring steps of a sequence
-        are near duplicates. ``world_models.dreamer.validate`` checks that the batch holds enough."""
-        count = jax.tree.leaves(tree)[0].shape[0]
-        index = jax.random.choice(key, count, (self.cfg.imag_starts,), replace=False)
-        return jax.tree.map(lambda x: x[index], tree)
+    def _random_starts(self, key: jax.Array, count: int) -> jax.Array:
+        """Indices of ``imag_starts`` of the ``count`` replayed posterior states, drawn without
+        replacement: imagination costs in proportion to its start states, and neighbouring steps of a
+        sequence are near duplicates. ``world_models.dreamer.validate`` checks that the batch holds enough."""
+        return jax.random.choice(key, count, (self.cfg.imag_starts,), replace=False)
+
+    def _replay_targets(self, params: dict, post, batch: dict, start_returns: jax.Array,
+                        picked: jax.Array | None) -> ReplayTargets:
+        """What the replay-value loss regresses on, in the batch's ``[T, B]`` order. Each replayed state
+        bootstraps from its imagined return (DreamerV3's ``repl_loss``); when imagination started from
+        only ``picked`` states, the others bootstrap from the value that imagined returns bootstrap
+        from (the critic, or the slow critic with ``slow_critic_returns``), so the loss's real rewards
+        reach the critic at any number of imagination starts."""
+        feat = features(jax.lax.stop_gradient(post))
+        shape = batch["reward"].shape
+        if picked is None:
+            boot = start_returns
+        else:
+            value_params = params["slow_critic"] if self.cfg.ac.slow_critic_returns else params["critic"]
+            boot = jax.lax.stop_gradient(self.ac.value(value_params, feat)).reshape(-1).at[picked].set(start_returns)
+        return ReplayTargets(feat, batch["reward"], batch["is_terminal"], boot.reshape(shape))
 
     def _apply(self, name: str, grads, params, opt_state):
         updates, opt_state = self.optimizers[name].update(grads, opt_state, params)

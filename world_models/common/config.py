@@ -151,9 +151,6 @@ class AgentConfig:
                             "--slow-critic-returns and --slow-critic-reg need --slow-critic copy or ema")
         if self.imag_starts < 0:
             raise UserError(f"--imag-starts must be >= 0 (0: every replayed state), got {self.imag_starts}")
-        if self.imag_starts and self.ac.replay_value_scale:
-            raise UserError("--replay-value-scale bootstraps from the imagined return of every replayed state; "
-                            "it needs --imag-starts 0")
 
     @classmethod
     def from_fields(cls, source: Any) -> "AgentConfig":
