@@ -621,6 +621,20 @@ def test_replay_value_loss_regresses_real_lambda_returns_bootstrapped_from_imagi
     assert expected[2, 1] == pytest.approx(reward[3, 1]), "the step before a terminal row sees only its reward"
 
 
+def test_diagnostics_average_over_the_gradient_steps_whose_batch_had_such_steps():
+    """A batch without a rewarded step has no reward-head mean on rewarded steps (NaN); the update's value
+    is the mean over the batches that had some, while a NaN loss is not hidden."""
+    from world_models.dreamer import grad_step_means
+
+    means = grad_step_means({"diag/reward_pred_pos": jnp.array([jnp.nan, 0.2, jnp.nan, 0.4]),
+                             "diag/reward_pred_neg": jnp.full(4, jnp.nan),
+                             "loss/model": jnp.array([1.0, jnp.nan, 3.0, 4.0]),
+                             "loss/kl": jnp.array([1.0, 2.0, 3.0, 6.0])})
+    assert float(means["diag/reward_pred_pos"]) == pytest.approx(0.3)
+    assert np.isnan(float(means["diag/reward_pred_neg"])), "no batch had such a step"
+    assert np.isnan(float(means["loss/model"])) and float(means["loss/kl"]) == 3.0
+
+
 def test_replay_value_bootstraps_from_the_critic_where_no_imagination_started():
     """With ``imag_starts`` only the picked replayed states have an imagined return; the rest bootstrap
     from the critic's value, so the replay-value loss works at any number of imagination starts."""

@@ -392,7 +392,7 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
             return agent.train_step(agent_state, batch, step_key)
 
         agent_state, metrics = jax.lax.scan(grad_step, agent_state, jax.random.split(key, grad_steps))
-        return agent_state, jax.tree.map(jnp.mean, metrics)
+        return agent_state, grad_step_means(metrics)
 
     def collect(carry: TrainCarry) -> tuple[TrainCarry, EpisodeStats]:
         """``collect_steps`` steps of every env, written to replay; stats summed over the steps."""
@@ -473,6 +473,13 @@ def compiler_options(cfg: DreamerConfig, env: envs.VecEnv) -> dict | None:
 
 def seed_keys(cfg: DreamerConfig) -> jax.Array:
     return training.seed_keys(cfg.seed, cfg.num_seeds)
+
+
+def grad_step_means(metrics: dict) -> dict:
+    """One value per metric for an update's gradient steps (leading axis). The diagnostics
+    (``diag/...``) are means over the batch's steps of one kind (e.g. rewarded steps) and are NaN for a
+    batch that has none, so they average over the batches that have some; a NaN loss still shows."""
+    return {k: jnp.nanmean(v, 0) if k.startswith("diag/") else jnp.mean(v, 0) for k, v in metrics.items()}
 
 
 def chunk_means(metrics: dict) -> dict[str, np.ndarray]:
