@@ -50,7 +50,6 @@ def chunk_summary(stats, metrics) -> dict[str, float]:
             "reward_pred_zero": mean("diag/reward_pred_zero"), "recon": mean("loss/recon")}
 
 
-
 def parse_value(text: str):
     """A number if it reads as one (YAML takes ``1e-4`` for a string), else the YAML value."""
     for kind in (int, float):
