@@ -51,6 +51,18 @@ def test_run_folder_resumes_same_config_and_refuses_a_different_one(tmp_path):
         open_run_dir(dataclasses.replace(cfg, lr=1e-3), tmp_path / "run")
 
 
+def test_only_algorithms_without_a_schedule_over_the_run_may_change_its_length(tmp_path):
+    from world_models.dreamer import DreamerConfig
+
+    ppo = PPOConfig(run_dir=str(tmp_path / "ppo"))
+    open_run_dir(ppo, tmp_path / "ppo")
+    with pytest.raises(UserError, match=r"total_steps: 1000000 -> 2000000"):  # its learning rate anneals over it
+        open_run_dir(dataclasses.replace(ppo, total_steps=2_000_000), tmp_path / "ppo")
+    dreamer = DreamerConfig(run_dir=str(tmp_path / "dreamer"))
+    open_run_dir(dreamer, tmp_path / "dreamer")
+    assert open_run_dir(dataclasses.replace(dreamer, total_steps=2_000_000), tmp_path / "dreamer") is True
+
+
 def test_a_run_saved_before_fields_were_added_or_removed_resumes_with_a_note(tmp_path, capsys):
     import yaml
 

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from utils.errors import UserError
 from utils.io import read_jsonl
 from world_models.dreamer import make_config, train
 
@@ -98,6 +99,21 @@ def test_killed_run_resumes_to_the_same_state_and_metrics(tmp_path, v3_two_seeds
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/") or k == "perf/grad_steps"}
                           for r in rows]
     assert strip(read_jsonl(f"{full_cfg.run_dir}/metrics.jsonl")) == strip(read_jsonl(tmp_path / "killed" / "metrics.jsonl"))
+
+
+def test_finished_run_extends_to_a_larger_budget_as_if_given_it_from_the_start(tmp_path, v3_two_seeds):
+    """Re-running a finished run with a larger --total-steps continues it (Dreamer has no schedule over
+    the run's length); a changed learning rate is still refused."""
+    full_cfg, uninterrupted = v3_two_seeds
+    short_cfg = dataclasses.replace(full_cfg, run_dir=str(tmp_path / "short"), total_steps=full_cfg.total_steps // 2)
+    assert train(short_cfg)["summary"]["complete"]
+    extended = train(dataclasses.replace(short_cfg, total_steps=full_cfg.total_steps))
+    assert extended["summary"]["complete"] and extended["summary"]["env_steps_per_seed"] == full_cfg.total_steps
+    for a, b in zip(jax.tree.leaves(uninterrupted["carry"]), jax.tree.leaves(extended["carry"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [r["step"] for r in read_jsonl(tmp_path / "short" / "metrics.jsonl")] == [64, 128, 192, 256]
+    with pytest.raises(UserError, match=r"model_lr"):
+        train(dataclasses.replace(short_cfg, total_steps=2 * full_cfg.total_steps, model_lr=1.0))
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, ClassVar, Sequence, TypeVar
 
 import yaml
 
@@ -59,6 +59,11 @@ class RunConfig:
     """wandb mode: disabled, offline or online (needs the 'wandb' extra)."""
     wandb_project: str = "craftax-baselines"
     """wandb project name."""
+
+    #: Fields that only say how long to train, for algorithms where nothing else depends on them (no
+    #: schedule over the run): re-running a folder with a new value continues the run to the new length
+    #: instead of being refused. Empty here: PPO's learning rate anneals over ``total_steps``.
+    LENGTH_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
 
 def load_presets(area: str, algo: str) -> dict[str, dict[str, Any]]:
@@ -299,14 +304,16 @@ def to_dict(config: Any) -> dict[str, Any]:
     return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
 
 
-def differing_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Fields that change what a run computes, listed as 'name: saved -> current'.
+def differing_fields(saved: dict[str, Any], current: dict[str, Any],
+                     length_fields: frozenset[str] = frozenset()) -> list[str]:
+    """Fields that change what a run computes, listed as 'name: saved -> current' (``length_fields``:
+    fields that only set how long the run is, so a new value extends or shortens it).
 
     Only fields both configs have are compared: a field on one side only was added or removed by a
     later version of the code (see :func:`fields_on_one_side`), and refusing to resume every run saved
     before it would strand them; the presets keep their old behaviour when fields are split or added.
     """
-    keys = (set(saved) & set(current)) - PRESENTATION_FIELDS
+    keys = (set(saved) & set(current)) - PRESENTATION_FIELDS - length_fields
     return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in sorted(keys) if saved[k] != current[k]]
 
 

@@ -1,7 +1,10 @@
 """Run folders: ``runs/<area>/<algo>/<env>/<run-name>/`` with the resolved config and resume rules.
 
 Re-running a command with the same folder resumes it; a folder whose saved config computes
-something different is refused with the differing fields named, so two runs are never mixed.
+something different is refused with the differing fields named, so two runs are never mixed. Where an
+algorithm's config declares ``LENGTH_FIELDS`` (Dreamer: ``total_steps``), a new value of those continues
+the run to the new length: a finished 100k run re-run with ``--total-steps 300000`` trains on from its
+last checkpoint.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def open_run_dir(config: Any, path: Path) -> bool:
     check_output_path(path, flag, "dir")
     saved = read_saved_config(path, flag)
     if saved is not None:
-        differences = differing_fields(saved, current)
+        differences = differing_fields(saved, current, getattr(config, "LENGTH_FIELDS", frozenset()))
         if differences:
             raise UserError(
                 f"run folder {path} holds a run with a different config ({'; '.join(differences)}); "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import warnings
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,10 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 @dataclasses.dataclass
 class DreamerConfig(RunConfig):
     """Dreamer V1/V2/V3 (defaults: the chosen version's paper settings; see --preset debug / xs..xl / cpu)."""
+
+    #: No schedule depends on the run's length (the replay buffer, learning rates and the actor's
+    #: entropy are constant), so a finished run extends when re-run with a larger --total-steps.
+    LENGTH_FIELDS: ClassVar[frozenset[str]] = frozenset({"total_steps"})
 
     version: int = 3
     """Dreamer version 1, 2 or 3: shorthand for the preset v<k> (that paper's named settings and sizes,
