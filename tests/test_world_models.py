@@ -739,6 +739,13 @@ def test_dreamer_curve_table_weights_returns_by_episodes_and_reads_each_seed(tmp
     main([str(run), "--window", "2000"])
     table = capsys.readouterr().out.splitlines()
     assert table[2].startswith("| 0-2k | 3.25 | 4 | 2.00 | 0.300 |") and table[3].startswith("| 2-4k | - | 0 |")
+    rows[1]["episode/lines"] = [2.0, 0.0]
+    rows[0]["episode/lines"] = [0.0, 0.0]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    main([str(run), "--window", "2000", "--episode-metrics", "lines"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| env steps | return | episodes | lines | actor entropy |")
+    assert table[2].startswith("| 0-2k | 3.25 | 4 | 1.5 | 2.00 |"), "episode-weighted: (0 + 3 * 2) / 4"
     with pytest.raises(SystemExit) as missing:
         main([str(tmp_path / "nowhere")])
     assert missing.value.code == 2
