@@ -689,9 +689,10 @@ def test_v2_crafter_preset_has_the_crafter_settings():
     assert grad_steps_per_update(cfg) == 16, "160 replayed steps per env step: 16 x 5 x 160 / (16 x 50)"
 
 
-def test_craftax_cpu_preset_speeds_up_imagination_and_the_world_model_only():
+def test_craftax_cpu_preset_speeds_up_imagination_and_the_world_model_and_keeps_the_actor_exploring():
     base, cfg = make_config(3, ["xs", "cpu"]), make_config(3, ["xs", "cpu", "craftax_cpu"])
     assert (cfg.imag_starts, cfg.model_lr) == (64, 1e-3) and cfg.imag_starts < cfg.batch_size * cfg.batch_length
+    assert (base.actor_entropy, cfg.actor_entropy) == (3e-4, 3e-3), "DreamerV2's Crafter entropy bonus"
     assert (cfg.actor_lr, cfg.critic_lr, cfg.train_ratio) == (base.actor_lr, base.critic_lr, base.train_ratio) == (3e-5, 3e-5, 32)
     assert grad_steps_per_update(cfg) == 4, "train ratio 32: 16 envs x 4 steps x 32 / (16 x 32)"
 
