@@ -529,6 +529,8 @@ def plot_comparison(results: list[MethodResult], title: str, out_path: str | Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from utils.plotting import label_env_steps
+
     panels = ["return", "achievement rate"]
     fig, axes = plt.subplots(1, len(panels), figsize=(11, 4))
     for ax, key in zip(axes, panels):
@@ -542,7 +544,7 @@ def plot_comparison(results: list[MethodResult], title: str, out_path: str | Pat
             finite = np.isfinite(mean)  # rows before any episode ended have no value: draw the rest joined
             ax.plot(steps[finite], mean[finite], marker="o" if finite.sum() < 30 else None, markersize=3,
                     label=f"{result.name} ({values.shape[1]} seed{'s' if values.shape[1] > 1 else ''})")
-        ax.set_xlabel("env steps (per seed)")
+        label_env_steps(ax)
         ax.set_ylabel("episode return" if key == "return" else "mean achievement success (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(loc="best", fontsize="small")

@@ -424,6 +424,25 @@ def test_plot_pools_seeds_of_runs_and_computes_mean_and_spread(tmp_path):
     assert exit_info.value.code == 2 and not (tmp_path / "q.png").exists()
 
 
+def test_env_step_ticks_are_short_enough_not_to_run_into_each_other():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils.plotting import label_env_steps, short_steps
+
+    assert [short_steps(v) for v in (0, 500, 12_500, 200_000, 1_500_000, 2e9)] == \
+        ["0", "500", "12.5k", "200k", "1.5M", "2B"]
+    fig, ax = plt.subplots()
+    ax.plot([0, 200_000], [0, 1])
+    label_env_steps(ax)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    plt.close(fig)
+    assert "200k" in labels and max(map(len, labels)) <= 4 and ax.get_xlabel() == "env steps (per seed)"
+
+
 def test_gif_frames_keep_their_delay(tmp_path):
     """Pillow takes milliseconds: a 10 fps GIF must show each frame for 100 ms, not for ~0."""
     from PIL import Image

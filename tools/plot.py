@@ -27,7 +27,7 @@ import tyro
 from utils.config import cli
 from utils.errors import UserError, exit_on_user_error
 from utils.io import check_output_path, read_jsonl
-from utils.plotting import curve
+from utils.plotting import curve, label_env_steps
 
 WALL_KEY = "perf/wall_seconds"
 
@@ -154,7 +154,10 @@ def plot_curves(curves: Sequence[Curve], out: str | Path, *, metric: str, x: str
         if seeds > 1:
             ax.fill_between(c.x, low, high, alpha=0.2, color=line.get_color())
     band_name = "min-max" if spread == "minmax" else "+-1 std"
-    ax.set_xlabel("env steps (per seed)" if x == "steps" else "wall-clock seconds")
+    if x == "steps":
+        label_env_steps(ax)
+    else:
+        ax.set_xlabel("wall-clock seconds")
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} (mean over seeds, band: {band_name})")
     ax.grid(alpha=0.3)

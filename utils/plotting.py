@@ -28,6 +28,22 @@ def curve(rows: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(steps), padded
 
 
+def short_steps(steps: float) -> str:
+    """Tick label for an env-step count: '200k', '1.5M' (full numbers run into each other at 200k+)."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(steps) >= scale:
+            return f"{steps / scale:g}{suffix}"
+    return f"{steps:g}"
+
+
+def label_env_steps(ax) -> None:
+    """The x axis of every learning curve: env steps per seed, with short tick labels."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xlabel("env steps (per seed)")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: short_steps(value)))
+
+
 def plot_learning_curve(metrics_path: str | Path, out_path: str | Path, key: str = "episode/return",
                         title: str | None = None) -> Path:
     import matplotlib
@@ -46,7 +62,7 @@ def plot_learning_curve(metrics_path: str | Path, out_path: str | Path, key: str
         if values.shape[1] > 1:
             ax.fill_between(steps, low, high, alpha=0.25, label="min-max over seeds")
         ax.legend(loc="lower right")
-    ax.set_xlabel("env steps (per seed)")
+    label_env_steps(ax)
     ax.set_ylabel(key)
     ax.set_title(title or str(Path(metrics_path).parent.name))
     ax.grid(alpha=0.3)
