@@ -697,6 +697,17 @@ def test_craftax_cpu_preset_speeds_up_imagination_and_the_world_model_and_keeps_
     assert grad_steps_per_update(cfg) == 4, "train ratio 32: 16 envs x 4 steps x 32 / (16 x 32)"
 
 
+def test_tetris_placement_preset_gives_the_world_model_the_craftax_cpu_rate():
+    """Both CPU presets are paced by how soon the reward head learns a rare reward (line clears,
+    achievements), so both give the world model 10x V3's rate (docs/results.md, Tetris)."""
+    base = make_config(3, ["xs", "cpu"])
+    tetris = make_config(3, ["xs", "cpu", "tetris_placement"])
+    craftax = make_config(3, ["xs", "cpu", "craftax_cpu"])
+    assert tetris.model_lr == craftax.model_lr == 10 * base.model_lr
+    assert (tetris.actor_lr, tetris.critic_lr, tetris.imag_starts) == (1e-4, 1e-4, 64)
+    assert tetris.checkpoint_every < base.checkpoint_every, "a run of a session's length loses minutes when cut"
+
+
 def test_world_model_diagnostics_on_a_fixed_batch():
     from world_models.common.world_model import WorldModel
 
