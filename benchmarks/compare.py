@@ -13,10 +13,11 @@ an interrupted comparison where it stopped (finished runs are skipped).
     python -m benchmarks.compare classic_2m --slurm --partition gpu --account proj   # submit it
     python -m benchmarks.compare classic_2m --collect         # only (re)write the table and plot
 
-The table (return, achievement rate, evaluation return, steps/s) and the plot (mean learning curve of
-every method) go into ``docs/results.md`` between ``<!-- compare:<suite>:begin -->`` and
-``<!-- compare:<suite>:end -->`` (the block is appended if missing, replaced otherwise), the figure
-into ``docs/figures/``. Suite flags may use ``${VAR}`` for site paths (e.g. a model folder); they are
+Collecting writes the suite's record, ``docs/data/<suite>.json`` (per seed: curve, final and
+evaluation metrics; per process: wall and CPU seconds, machine, commit; ``benchmarks.records``), then
+``benchmarks.report`` renders it into ``docs/results.md`` between ``<!-- report:<suite>:begin -->`` and
+``<!-- report:<suite>:end -->`` (appended if missing) with intervals over seeds, and draws its figure
+into ``docs/figures/``; ``python -m benchmarks.report`` redraws every block from the data alone. Suite flags may use ``${VAR}`` for site paths (e.g. a model folder); they are
 expanded where the run starts.
 """
 
@@ -34,15 +35,14 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import yaml
 
+from benchmarks import records
 from utils.errors import UserError, exit_on_user_error
-from utils.io import atomic_write_json, atomic_write_text, check_output_path, read_jsonl
+from utils.io import atomic_write_json, check_output_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
@@ -50,11 +50,9 @@ DEFAULT_RUNS_ROOT = "runs/compare"
 DEFAULT_RESULTS_MD = "docs/results.md"
 TASK_RECORD = "compare_task.json"  # written by this script into each run folder
 
-#: Maximum episode return (one point per achievement), for the "% of max" column.
-MAX_RETURN = {"Craftax-Symbolic-v1": 226.0, "Craftax-Pixels-v1": 226.0,
-              "Craftax-Classic-Symbolic-v1": 22.0, "Craftax-Classic-Pixels-v1": 22.0}
-
-_SUITE_KEYS = {"description", "envs", "seeds", "first_seed", "budget", "flags", "methods", "slurm"}
+_SUITE_KEYS = {"description", "envs", "seeds", "first_seed", "budget", "flags", "methods", "slurm",
+               "seed_role", "headline", "equal_compute", "references"}
+_REFERENCE_KEYS = {"env", "label", "value", "source"}
 _METHOD_KEYS = {"module", "presets", "flags", "seeds_together"}
 _SLURM_KEYS = {"time", "gres", "cpus_per_task", "mem"}
 
@@ -88,6 +86,14 @@ class Suite:
     slurm: dict[str, Any]
     overrides: tuple[str, ...] = ()
     """The command-line flags that changed the file's values (shown in the reproduce command)."""
+    seed_role: str | None = None
+    """"report": no seed of the suite was used to choose any preset; "tuning": they were."""
+    headline: bool = False
+    """A headline table of docs/results.md: the report flags it while it has fewer than 5 seeds."""
+    equal_compute: bool = False
+    """Also tabulate and plot each method's return at equal training time (methods of unequal cost)."""
+    references: tuple[dict, ...] = ()
+    """Published or earlier figures at the same budget: ``{env, label, value, source}``."""
 
 
 def suite_path(name_or_path: str) -> Path:
@@ -173,10 +179,18 @@ def load_suite(name_or_path: str, *, budget: int | None = None, seeds: int | Non
         if env not in ENV_NAMES:  # found now, not after the first methods of a suite have trained
             where = "fix --env" if envs else f"fix 'envs' in {path}"
             raise UserError(f"unknown env {env!r}; valid names: {', '.join(ENV_NAMES)}; {where}")
+    if raw.get("seed_role") not in (None, "report", "tuning"):
+        raise UserError(f"{path}: 'seed_role' must be report or tuning, got {raw['seed_role']!r}")
+    references = raw.get("references") or []
+    for ref in references:
+        if not isinstance(ref, dict) or set(ref) != _REFERENCE_KEYS or not isinstance(ref["value"], (int, float)):
+            raise UserError(f"{path}: each reference needs exactly {', '.join(sorted(_REFERENCE_KEYS))} "
+                            f"(value a number), got {ref!r}")
     return Suite(name=path.stem, path=path, description=str(raw.get("description", "")).strip(), envs=suite_envs,
                  seeds=values["seeds"], first_seed=values["first_seed"], budget=values["budget"],
                  flags=_strings(raw.get("flags"), "flags"), methods=tuple(parsed), slurm=dict(slurm),
-                 overrides=tuple(overrides))
+                 overrides=tuple(overrides), seed_role=raw.get("seed_role"), headline=bool(raw.get("headline")),
+                 equal_compute=bool(raw.get("equal_compute")), references=tuple(references))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,17 +296,42 @@ def run_task(task: Task, runs_root: str | Path, in_process: bool = False) -> int
     run_dir = task.run_dir(runs_root)
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = _read_json(run_dir / TASK_RECORD) or {}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds(in_process)
     if in_process:
         status = _run_in_process(task.method.module, argv)
     else:
         status = _run_subprocess([sys.executable, "-m", task.method.module, *argv])
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds(in_process) - cpu_start
     atomic_write_json(run_dir / TASK_RECORD, {
         "module": task.method.module, "argv": argv, "returncode": status, "machine": host_description(),
         "wall_seconds": round(float(previous.get("wall_seconds", 0.0)) + seconds, 1),
+        "cpu_seconds": round(float(previous.get("cpu_seconds", 0.0)) + cpu_seconds, 1),
+        "commit": git_commit(),
     })
     return status
+
+
+def _cpu_seconds(in_process: bool) -> float:
+    """User + system CPU seconds of this process (in-process runs) or of its finished children: the
+    compute a run cost, which wall time on a shared machine does not measure."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF if in_process else resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``+dirty`` when it has uncommitted changes), so a figure names the code."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _run_in_process(module: str, argv: list[str]) -> int:
@@ -341,220 +380,8 @@ def run_suite(tasks: list[Task], runs_root: str | Path, in_process: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------
-# Collecting: summaries and curves of every method, seeds merged
+# Collecting: the suite's record in docs/data, then its block through benchmarks.report
 # ---------------------------------------------------------------------------------------------------
-
-
-def merge_summaries(summaries: list[dict]) -> dict:
-    """One summary for runs that each trained some of a method's seeds: per-seed lists joined."""
-    if len(summaries) == 1:
-        return summaries[0]
-    final: dict[str, Any] = {}
-    for key in {k for s in summaries for k in s.get("final", {}) if k != "episodes"}:
-        per_seed = [v for s in summaries
-                    for v in s["final"].get(key, {}).get("per_seed", [None] * s.get("num_seeds", 1))]
-        finite = [v for v in per_seed if v is not None]
-        final[key] = {"mean": float(np.mean(finite)) if finite else None, "per_seed": per_seed}
-    evals = {key: [v for s in summaries for v in s.get("eval", {}).get(key, [None] * s.get("num_seeds", 1))]
-             for key in {k for s in summaries for k in s.get("eval", {})}}
-    sps = [s["median_sps"] for s in summaries if s.get("median_sps")]
-    return {**summaries[0], "final": final, "eval": evals, "complete": all(s.get("complete") for s in summaries),
-            "env_steps_per_seed": min(s.get("env_steps_per_seed", 0) for s in summaries),
-            "num_seeds": sum(s.get("num_seeds", 1) for s in summaries),
-            "median_sps": float(np.mean(sps)) if sps else None}
-
-
-def achievement_rate(final: dict) -> dict | None:
-    """Mean over the env's achievements of their success rate (%), per seed and over seeds."""
-    keys = sorted(k for k in final if k.startswith("achievements/"))
-    if not keys:
-        return None
-    table = np.array([[np.nan if v is None else v for v in final[k]["per_seed"]] for k in keys], dtype=np.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per_seed = table.mean(0)  # a seed with no finished episode has no rate: NaN
-        mean = np.nanmean(per_seed)
-    return {"mean": None if not np.isfinite(mean) else float(mean),
-            "per_seed": [None if not np.isfinite(v) else float(v) for v in per_seed]}
-
-
-def run_curves(rows: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{"return": (steps, [T, seeds]), "achievement rate": ...}`` from one run's metrics rows."""
-    from utils.plotting import curve
-
-    curves = {"return": curve(rows, "episode/return")}
-    keys = sorted({k for r in rows for k in r if k.startswith("achievements/")})
-    if keys:
-        rate_rows = []
-        for row in rows:
-            if any(row.get(k) is not None for k in keys):
-                table = np.array([[np.nan if v is None else v for v in (row.get(k) or [])] for k in keys])
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    rate_rows.append({"step": row["step"], "rate": [None if not np.isfinite(v) else float(v)
-                                                                    for v in table.mean(0)]})
-        curves["achievement rate"] = curve(rate_rows, "rate")
-    return curves
-
-
-def merge_seed_curves(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Join the seed columns of several runs' curves on the union of their steps (NaN where missing)."""
-    steps = sorted({int(s) for part_steps, _ in parts for s in part_steps})
-    index = {s: i for i, s in enumerate(steps)}
-    columns = []
-    for part_steps, values in parts:
-        block = np.full((len(steps), values.shape[1] if values.ndim == 2 else 0), np.nan)
-        for row, s in enumerate(part_steps):
-            block[index[int(s)]] = values[row]
-        columns.append(block)
-    return np.asarray(steps), np.concatenate(columns, 1) if columns else np.zeros((0, 0))
-
-
-@dataclasses.dataclass
-class MethodResult:
-    name: str
-    summary: dict | None  # None: no run of this method has finished a chunk yet
-    curves: dict[str, tuple[np.ndarray, np.ndarray]]
-    machines: list[str]
-
-
-def collect_method(tasks: list[Task], runs_root: str | Path) -> MethodResult:
-    summaries, parts, machines = [], {}, []
-    for task in tasks:
-        run_dir = task.run_dir(runs_root)
-        summary = _read_json(run_dir / "summary.json")
-        if summary is not None:
-            summaries.append(summary)
-        if (run_dir / "metrics.jsonl").exists():
-            for key, value in run_curves(read_jsonl(run_dir / "metrics.jsonl")).items():
-                parts.setdefault(key, []).append(value)
-        record = _read_json(run_dir / TASK_RECORD)
-        if record and record.get("machine") and record["machine"] not in machines:
-            machines.append(record["machine"])
-    complete_set = len(summaries) == len(tasks)
-    summary = merge_summaries(summaries) if summaries else None
-    if summary is not None and not complete_set:
-        summary = {**summary, "complete": False}
-    return MethodResult(tasks[0].method.name, summary, {k: merge_seed_curves(v) for k, v in parts.items()}, machines)
-
-
-def collect(suite: Suite, runs_root: str | Path) -> dict[str, list[MethodResult]]:
-    """``{env: [one MethodResult per method, suite order]}``."""
-    tasks = suite_tasks(suite)
-    return {env: [collect_method([t for t in tasks if t.env == env and t.method == m], runs_root)
-                  for m in suite.methods] for env in suite.envs}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tables and plot
-# ---------------------------------------------------------------------------------------------------
-
-
-def fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:,.{digits}f}{suffix}"
-
-
-def mean_and_seeds(entry: dict | None, digits: int = 2) -> str:
-    """``mean (seed 0, seed 1, ...)``."""
-    if not entry or entry.get("mean") is None:
-        return "n/a"
-    seeds = ", ".join(fmt(v, digits) for v in entry["per_seed"])
-    return f"{entry['mean']:.{digits}f} ({seeds})"
-
-
-def eval_mean(values: list | None) -> float | None:
-    finite = [v for v in values or [] if v is not None]
-    return sum(finite) / len(finite) if finite else None
-
-
-def summary_table(summaries: dict[str, dict | None], env: str, with_speed: bool = True) -> list[str]:
-    """The main table: one row per method (``None`` summary: not run yet)."""
-    best = MAX_RETURN.get(env)
-    header = ["method", "env steps/seed", "return (per seed)", "% of max", "achievement rate (per seed)",
-              "eval return"] + (["steps/s"] if with_speed else [])
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for name, s in summaries.items():
-        if s is None:
-            lines.append(f"| {name} | not run yet |" + " |" * (len(header) - 2))
-            continue
-        ret = s.get("final", {}).get("episode/return", {})
-        pct = fmt(100 * ret["mean"] / best, 2, "%") if best and ret.get("mean") is not None else "n/a"
-        steps = f"{s.get('env_steps_per_seed', 0):,}" + ("" if s.get("complete") else " (incomplete)")
-        row = [name, steps, mean_and_seeds(ret), pct, mean_and_seeds(achievement_rate(s.get("final", {})), 1),
-               fmt(eval_mean(s.get("eval", {}).get("eval/return")))]
-        if with_speed:
-            row.append(fmt(s.get("median_sps"), 0))
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
-
-
-def floors_table(summaries: dict[str, dict | None]) -> list[str]:
-    """Full Craftax's floor statistics, when the runs logged any."""
-    found = {n: s for n, s in summaries.items() if s}
-    floors = sorted({k for s in found.values() for k in s["final"] if k.startswith("floors/")})
-    if not floors:
-        return []
-    lines = ["| method | " + " | ".join(k.removeprefix("floors/") for k in floors) + " |",
-             "|---|" + "---|" * len(floors)]
-    for name, s in found.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(s["final"].get(k, {}).get("mean"), 3) for k in floors) + " |")
-    return lines
-
-
-def achievement_table(summaries: dict[str, dict | None]) -> list[str]:
-    """Success rate of every achievement some method unlocked (rows all zero are left out)."""
-    found = {n: s for n, s in summaries.items() if s}
-    keys = sorted({k for s in found.values() for k in s["final"] if k.startswith("achievements/")})
-    if not keys:
-        return []
-    lines = ["| achievement (% of episodes) | " + " | ".join(found) + " |", "|---|" + "---|" * len(found)]
-    for key in keys:
-        cells = [s["final"].get(key, {}).get("mean") for s in found.values()]
-        if all(c is not None and c == 0 for c in cells):
-            continue
-        lines.append(f"| {key.removeprefix('achievements/')} | " + " | ".join(fmt(c, 1) for c in cells) + " |")
-    return lines
-
-
-def markdown_tables(summaries: dict[str, dict | None], env: str, with_speed: bool = True) -> str:
-    """Main table, then floors (full Craftax) and per-achievement tables, separated by blank lines."""
-    blocks = [summary_table(summaries, env, with_speed), floors_table(summaries), achievement_table(summaries)]
-    return "\n\n".join("\n".join(b) for b in blocks if b)
-
-
-def plot_comparison(results: list[MethodResult], title: str, out_path: str | Path) -> Path:
-    """Return and achievement rate against env steps: each method's mean over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from utils.plotting import label_env_steps
-
-    panels = ["return", "achievement rate"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(11, 4))
-    for ax, key in zip(axes, panels):
-        for result in results:
-            steps, values = result.curves.get(key, (np.zeros(0), np.zeros((0, 0))))
-            if len(steps) == 0 or values.size == 0:
-                continue
-            with warnings.catch_warnings():  # rows where no seed finished an episode are NaN
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean = np.nanmean(values, axis=1)
-            finite = np.isfinite(mean)  # rows before any episode ended have no value: draw the rest joined
-            ax.plot(steps[finite], mean[finite], marker="o" if finite.sum() < 30 else None, markersize=3,
-                    label=f"{result.name} ({values.shape[1]} seed{'s' if values.shape[1] > 1 else ''})")
-        label_env_steps(ax)
-        ax.set_ylabel("episode return" if key == "return" else "mean achievement success (%)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(loc="best", fontsize="small")
-    fig.suptitle(title)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
 
 
 def reproduce_command(suite: Suite) -> str:
@@ -562,68 +389,53 @@ def reproduce_command(suite: Suite) -> str:
     return shlex.join(["python", "-m", "benchmarks.compare", target, *suite.overrides])
 
 
-def results_block(suite: Suite, results: dict[str, list[MethodResult]], figures: dict[str, str]) -> str:
-    """The markdown between the suite's markers in results.md."""
-    seeds = list(range(suite.first_seed, suite.first_seed + suite.seeds))
-    lines = [f"### Comparison `{suite.name}`", ""]
-    if suite.description:
-        lines += [suite.description, ""]
-    lines += [f"{suite.budget:,} env steps per seed, seeds {', '.join(map(str, seeds))}; suite "
-              f"`benchmarks/suites/{suite.path.name}`. Command:", "", "```bash", reproduce_command(suite), "```", "",
-              "Return: episode-weighted mean over the last 10% of logged updates (per seed in brackets). Achievement "
-              "rate: mean over the env's achievements of the % of episodes that unlocked each, same window. Eval "
-              "return: the final evaluation. Steps/s: median env steps per second of one training process (all its "
-              "seeds together); the methods ran one after another or on different nodes, so compare speeds only "
-              "between runs on the same idle machine. Env steps/seed can exceed the budget by up to one compiled "
-              "chunk of updates.", ""]
-    for env, methods in results.items():
-        machines = sorted({m for r in methods for m in r.machines})
-        lines += [f"#### {env}", "", f"Machine: {'; '.join(machines) if machines else 'not recorded'}.", "",
-                  markdown_tables({r.name: r.summary for r in methods}, env), ""]
-        if env in figures:
-            lines += [f"![{suite.name} learning curves on {env}]({figures[env]})", ""]
-    return "\n".join(lines).rstrip() + "\n"
+def method_record(tasks: list[Task], runs_root: str | Path, steps: list[int]) -> dict:
+    """One method on one env: its resolved config, its training processes and one entry per seed."""
+    method = tasks[0].method
+    entry = {"module": method.module, "presets": list(method.presets), "flags": list(method.flags),
+             "config": {}, "processes": [], "runs": []}
+    for task in tasks:
+        run_dir = task.run_dir(runs_root)
+        runs = records.run_entries(run_dir, task.seeds, steps)
+        if not runs:
+            continue
+        entry["config"] = entry["config"] or records.run_config(run_dir)
+        task_record = _read_json(run_dir / TASK_RECORD) or {}
+        entry["processes"].append({"seeds": list(task.seeds), "wall_seconds": task_record.get("wall_seconds"),
+                                   "cpu_seconds": task_record.get("cpu_seconds"),
+                                   "machine": task_record.get("machine"), "commit": task_record.get("commit")})
+        entry["runs"] += runs
+    return entry
 
 
-# ---------------------------------------------------------------------------------------------------
-# results.md: the suite's block between markers
-# ---------------------------------------------------------------------------------------------------
+def suite_record(suite: Suite, runs_root: str | Path) -> dict:
+    """The record ``benchmarks.report`` renders (layout: ``benchmarks.records``)."""
+    tasks = suite_tasks(suite)
+    steps = records.curve_steps(suite.budget)
+    return {
+        "name": suite.name, "title": f"Comparison `{suite.name}`", "description": suite.description,
+        "command": reproduce_command(suite), "suite": f"benchmarks/suites/{suite.path.name}",
+        "budget": suite.budget, "seeds": list(range(suite.first_seed, suite.first_seed + suite.seeds)),
+        "seed_role": suite.seed_role, "headline": suite.headline, "equal_compute": suite.equal_compute,
+        "references": [dict(r) for r in suite.references], "curve_steps": steps,
+        "envs": {env: {"methods": {m.name: method_record([t for t in tasks if t.env == env and t.method == m],
+                                                         runs_root, steps) for m in suite.methods}}
+                 for env in suite.envs},
+    }
 
 
-def markers(suite_name: str) -> tuple[str, str]:
-    return f"<!-- compare:{suite_name}:begin -->", f"<!-- compare:{suite_name}:end -->"
+def write_results(suite: Suite, runs_root: str | Path, results_md: str | Path,
+                  data_dir: str | Path | None = None) -> str:
+    """Write the suite's record (``data_dir``, default ``data/`` beside ``results_md``), then regenerate
+    its block and figure in ``results_md`` from the record alone; returns the block."""
+    from benchmarks import report
 
-
-def replace_block(text: str, suite_name: str, block: str) -> str:
-    """``text`` with the suite's block replaced (or appended when its markers are missing)."""
-    begin, end = markers(suite_name)
-    wrapped = f"{begin}\n{block.rstrip()}\n{end}"
-    start = text.find(begin)
-    if start < 0:
-        if end in text:
-            raise UserError(f"results file has {end} without {begin}; fix the markers by hand")
-        return (text.rstrip() + "\n\n" if text.strip() else "") + wrapped + "\n"
-    stop = text.find(end, start)
-    if stop < 0:
-        raise UserError(f"results file has {begin} without {end}; fix the markers by hand")
-    return text[:start] + wrapped + text[stop + len(end):]
-
-
-def write_results(suite: Suite, runs_root: str | Path, results_md: str | Path) -> str:
-    """Collect the suite's runs, plot every env, and write the block into ``results_md``."""
     results_md = Path(results_md)
-    results = collect(suite, runs_root)
-    figures = {}
-    for env, methods in results.items():
-        if any(len(r.curves.get("return", ([],))[0]) for r in methods):
-            name = f"compare_{suite.name}_{env}.png"
-            plot_comparison(methods, f"{suite.name}: {env}", results_md.parent / "figures" / name)
-            figures[env] = f"figures/{name}"
-    block = results_block(suite, results, figures)
-    old = results_md.read_text() if results_md.exists() else ""
-    atomic_write_text(results_md, replace_block(old, suite.name, block))
-    atomic_write_json(Path(runs_root) / suite.name / "results.json",
-                      {env: {r.name: r.summary for r in methods} for env, methods in results.items()})
+    data_dir = Path(data_dir) if data_dir is not None else results_md.parent / "data"
+    record = suite_record(suite, runs_root)
+    path = records.write(data_dir / f"{suite.name}.json", record)
+    report.write(results_md, data_dir)
+    block, _ = report.render_record(records.read(path), path.name)
     return block
 
 

@@ -11,45 +11,33 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
-
 from benchmarks.common import machine_description, time_compiled
 from benchmarks.env_throughput import measure_env_sps
+from benchmarks.ppo_family_sps import compiled_chunk
 from online_rl import ppo
-from utils.config import parse_config
 from utils.jax_setup import enable_compilation_cache
 
 
-def measure_ppo_sps(cfg: ppo.PPOConfig, updates: int, repeats: int) -> dict:
-    from utils import envs
-
-    env = envs.make(cfg.env, cfg.num_envs, reset_ratio=cfg.reset_ratio)
-    _, init, train_chunk = ppo.make_train(cfg, env, total_updates=10_000, save_rollout=False)
-    carry = jax.jit(init)(jax.random.PRNGKey(cfg.seed))
-    run = jax.jit(lambda c: train_chunk(c, updates))
-    state = {"carry": carry}
-
-    def step():
-        state["carry"], metrics, _ = run(state["carry"])
-        return metrics
-
-    compile_s, run_s = time_compiled(step, repeats)
+def measure_ppo_sps(argv: list[str], updates: int, repeats: int) -> tuple[dict, ppo.PPOConfig]:
+    """PPO's steps/s through the same compiled chunk the family benchmark times (so the two cannot
+    drift apart when ``make_train`` changes), and the config it ran."""
+    run, cfg = compiled_chunk("ppo", argv, updates)
+    compile_s, run_s = time_compiled(run, repeats)
     return {
         "ppo_steps_per_second": updates * cfg.num_envs * cfg.num_steps / run_s,
         "ppo_compile_seconds": compile_s - run_s,
-    }
+    }, cfg
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--updates", type=int, default=2, help="PPO updates per timed call")
     parser.add_argument("--repeats", type=int, default=3)
-    args, rest = parser.parse_known_args()
+    args, rest = parser.parse_known_args(argv)
     enable_compilation_cache()
-    cfg = parse_config(ppo.PPOConfig, ppo.AREA, ppo.ALGO, rest)
+    ppo_result, cfg = measure_ppo_sps(rest, args.updates, args.repeats)
     result = {"env": cfg.env, "num_envs": cfg.num_envs, "preset": list(cfg.preset),
-              "layer_width": cfg.layer_width, "num_layers": cfg.num_layers}
-    result.update(measure_ppo_sps(cfg, args.updates, args.repeats))
+              "layer_width": cfg.layer_width, "num_layers": cfg.num_layers, **ppo_result}
     env_steps = args.updates * cfg.num_steps
     env = measure_env_sps(cfg.env, cfg.num_envs, env_steps, args.repeats, cfg.reset_ratio)
     result["env_steps_per_second"] = env["steps_per_second"]

@@ -9,11 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from benchmarks import compare
+from benchmarks import compare, records, report
 from tests.test_scripts import module_help, sbatch_directives
 from utils.errors import UserError
 
@@ -101,43 +100,17 @@ methods:
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_runs_of_single_seeds_merge_into_one_method_summary():
-    def summary(ret, wood, sps):
-        return {"num_seeds": 1, "complete": True, "env_steps_per_seed": 100, "median_sps": sps,
-                "final": {"episode/return": {"mean": ret, "per_seed": [ret]},
-                          "achievements/collect_wood": {"mean": wood, "per_seed": [wood]},
-                          "achievements/eat_cow": {"mean": 0.0, "per_seed": [0.0]}},
-                "eval": {"eval/return": [ret + 1]}}
-
-    merged = compare.merge_summaries([summary(1.0, 50.0, 10.0), summary(3.0, None, 30.0)])
-    assert merged["final"]["episode/return"] == {"mean": 2.0, "per_seed": [1.0, 3.0]}
-    assert merged["eval"]["eval/return"] == [2.0, 4.0] and merged["num_seeds"] == 2 and merged["median_sps"] == 20.0
-    rate = compare.achievement_rate(merged["final"])
-    assert rate["per_seed"] == [25.0, None] and rate["mean"] == 25.0  # a seed without episodes has no rate
-
-
-def test_curves_merge_on_steps_and_average_achievements():
-    rows = [{"step": 10, "episode/return": [1.0], "achievements/a": [100.0], "achievements/b": [0.0]},
-            {"step": 20, "episode/return": [2.0], "achievements/a": [50.0], "achievements/b": [50.0]}]
-    curves = compare.run_curves(rows)
-    np.testing.assert_allclose(curves["achievement rate"][1][:, 0], [50.0, 50.0])
-    other = (np.array([20, 30]), np.array([[5.0], [6.0]]))
-    steps, values = compare.merge_seed_curves([curves["return"], other])
-    assert steps.tolist() == [10, 20, 30]
-    np.testing.assert_array_equal(values, [[1.0, np.nan], [2.0, 5.0], [np.nan, 6.0]])
-
-
 def test_results_block_is_appended_once_then_replaced_in_place():
     text = "# Results\n\nintro\n"
-    once = compare.replace_block(text, "s", "table v1\n")
-    assert once.startswith(text) and once.count("<!-- compare:s:begin -->") == 1 and "table v1" in once
+    once = report.replace_block(text, "s", "table v1\n")
+    assert once.startswith(text) and once.count("<!-- report:s:begin -->") == 1 and "table v1" in once
     after = once + "\n## Later section\n"
-    twice = compare.replace_block(after, "s", "table v2\n")
+    twice = report.replace_block(after, "s", "table v2\n")
     assert "table v1" not in twice and "table v2" in twice and twice.endswith("## Later section\n")
-    assert compare.replace_block(twice, "s", "table v2\n") == twice
-    assert compare.replace_block(twice, "other", "x").count("<!-- compare:s:end -->") == 1
+    assert report.replace_block(twice, "s", "table v2\n") == twice
+    assert report.replace_block(twice, "other", "x").count("<!-- report:s:end -->") == 1
     with pytest.raises(UserError, match="without"):
-        compare.replace_block("<!-- compare:s:begin -->\nno end\n", "s", "x")
+        report.replace_block("<!-- report:s:begin -->\nno end\n", "s", "x")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,20 +142,25 @@ def test_suite_runs_every_method_and_writes_the_table(debug_runs, capsys):
     runs, results, first_output = debug_runs
     assert "[1/1] ppo on Craftax-Classic-Symbolic-v1 (seed0): starting" in first_output
     text = results.read_text()
-    assert text.startswith("# Results\n\n## Before\n\ntext\n\n<!-- compare:classic_debug:begin -->\n")
-    begin, end = text.index("<!-- compare:classic_debug:begin -->"), text.index("<!-- compare:classic_debug:end -->")
+    assert text.startswith("# Results\n\n## Before\n\ntext\n\n<!-- report:classic_debug:begin -->\n")
+    begin, end = text.index("<!-- report:classic_debug:begin -->"), text.index("<!-- report:classic_debug:end -->")
     block = text[begin:end]
-    assert text.endswith("<!-- compare:classic_debug:end -->\n"), "a missing block is appended"
+    assert text.endswith("<!-- report:classic_debug:end -->\n"), "a missing block is appended"
     assert f"python -m benchmarks.compare classic_debug --budget {BUDGET}" in block
-    rows = {line.split("|")[1].strip(): line for line in block.splitlines() if re.match(r"\| ppo", line)}
+    main_table = block.split("| method | seeds |")[1].split("\n\n")[0]
+    rows = {line.split("|")[1].strip(): line for line in main_table.splitlines() if re.match(r"\| ppo", line)}
     assert set(rows) == {"ppo", "ppo_rnn"}
     for name, row in rows.items():
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[1] == f"{BUDGET:,}", f"{name} trained {cells[1]} env steps, not the budget"
-        assert re.fullmatch(r"-?\d+\.\d\d \(-?\d+\.\d\d\)", cells[2]), f"{name}: no return: {row}"
-        assert float(cells[-1].replace(",", "")) > 0, f"{name}: no steps/s: {row}"
-    figure = results.parent / "figures" / "compare_classic_debug_Craftax-Classic-Symbolic-v1.png"
-    assert figure.stat().st_size > 10_000 and "(figures/compare_classic_debug_Craftax-Classic-Symbolic-v1.png)" in block
+        assert cells[8] == f"{BUDGET:,}", f"{name} trained {cells[8]} env steps, not the budget"
+        assert re.fullmatch(r"-?\d+\.\d\d \(one seed\)", cells[2]), f"{name}: no return: {row}"
+        assert float(cells[9].replace(",", "")) > 0, f"{name}: no CPU seconds: {row}"
+    figure = results.parent / "figures" / "report_classic_debug_Craftax-Classic-Symbolic-v1.png"
+    assert figure.stat().st_size > 10_000 and "(figures/report_classic_debug_Craftax-Classic-Symbolic-v1.png)" in block
+    record = records.read(results.parent / "data" / "classic_debug.json")
+    runs_of = record["envs"]["Craftax-Classic-Symbolic-v1"]["methods"]["ppo"]["runs"]
+    assert [r["seed"] for r in runs_of] == [0] and len(runs_of[0]["curve"]["episode/return"]) == records.CURVE_POINTS
+    assert report.check(results, results.parent / "data") == [], "the block is what the record alone generates"
     for method in ("ppo", "ppo_rnn"):
         run_dir = runs / "classic_debug" / "Craftax-Classic-Symbolic-v1" / method / "seed0"
         assert (run_dir / "summary.json").exists() and (run_dir / "metrics.jsonl").exists()

@@ -1,0 +1,212 @@
+"""The data behind every generated figure: one compact JSON record per comparison in ``docs/data/``.
+
+``runs/`` is not committed, so a figure that lives only in a run folder cannot be recomputed. A record
+keeps what the report needs to rebuild its tables, intervals and plots without training: per seed, the
+learning curve at fixed env-step points, the final and evaluation metrics and the training seconds to
+each point; per training process, the wall and CPU seconds, the machine and the commit; per method,
+its resolved config. ``benchmarks.compare`` writes one per suite; ``benchmarks.report`` reads them all.
+
+Layout (``SCHEMA``)::
+
+    {"schema", "name", "title", "description", "command", "suite", "budget", "seeds", "seed_role",
+     "headline", "equal_compute", "references": [{"env", "label", "value", "source"}],
+     "curve_steps": [K env steps],
+     "envs": {env: {"methods": {method: {"module", "presets", "flags", "config",
+                                         "processes": [{"seeds", "wall_seconds", "cpu_seconds", "machine",
+                                                        "commit"}],
+                                         "runs": [{"seed", "env_steps", "final": {metric: value},
+                                                   "eval": {metric: value},
+                                                   "curve": {"episode/return": [K], "achievement_rate": [K]},
+                                                   "train_seconds": [K]}]}}}}}
+
+Curve points are the episode-weighted means of the logged rows in each window ``(step[k-1], step[k]]``
+(so a point summarises every episode of its window, not one noisy chunk), ``null`` where no episode
+ended in it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import yaml
+
+from utils.errors import UserError
+from utils.io import atomic_write_text, read_jsonl
+
+SCHEMA = "craftax-baselines/record/1"
+CURVE_POINTS = 20
+#: The cap on all of docs/data (issue: comparisons that decide), checked by ``benchmarks.report --check``.
+MAX_DATA_BYTES = 20 * 1024 * 1024
+#: Metrics of the summary's ``final`` block kept per seed (the rest, e.g. losses, stay in the run folder).
+FINAL_PREFIXES = ("episode/", "achievements/", "floors/")
+
+
+def curve_steps(budget: int, points: int = CURVE_POINTS) -> list[int]:
+    return [round(budget * (k + 1) / points) for k in range(points)]
+
+
+def _values(row: dict, key: str, seeds: int) -> np.ndarray:
+    value = row.get(key)
+    if value is None:
+        return np.full(seeds, np.nan)
+    value = value if isinstance(value, list) else [value] * seeds
+    return np.array([np.nan if v is None else float(v) for v in value], dtype=np.float64)
+
+
+def achievement_rate_rows(rows: list[dict]) -> list[dict]:
+    """Each row with ``achievement_rate``: the mean over the env's achievements of their success rate
+    (%), per seed, the single number the tables call "achievement rate"."""
+    keys = sorted({k for r in rows for k in r if k.startswith("achievements/")})
+    if not keys:
+        return rows
+    out = []
+    for row in rows:
+        seeds = len(row.get("episode/count") or []) or 1
+        table = np.array([_values(row, k, seeds) for k in keys])
+        with np.errstate(invalid="ignore"):
+            rate = table.mean(0)
+        out.append({**row, "achievement_rate": [None if not np.isfinite(v) else float(v) for v in rate]})
+    return out
+
+
+def window_curve(rows: list[dict], key: str, steps: list[int], seeds: int) -> np.ndarray:
+    """``[points, seeds]``: the episode-weighted mean of ``key`` over the rows of each window."""
+    out = np.full((len(steps), seeds), np.nan)
+    edges = [0, *steps]
+    for k in range(len(steps)):
+        window = [r for r in rows if edges[k] < r["step"] <= edges[k + 1] and r.get("episode/count") is not None]
+        if not window:
+            continue
+        counts = np.array([_values(r, "episode/count", seeds) for r in window])
+        values = np.array([_values(r, key, seeds) for r in window])
+        weights = np.where(np.isfinite(values), np.nan_to_num(counts), 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[k] = (np.nan_to_num(values) * weights).sum(0) / weights.sum(0)
+    return out
+
+
+def train_seconds(rows: list[dict], steps: list[int], seeds: int) -> list[float | None]:
+    """Seconds of training up to each curve point, summed over the logged chunks (each chunk's env steps
+    over its ``perf/sps``), so a resumed run counts only the time it trained, not the gaps between."""
+    elapsed, total, previous = [], 0.0, 0
+    for row in rows:
+        delta = row["step"] - previous
+        previous = row["step"]
+        if row.get("perf/sps"):
+            total += delta * seeds / row["perf/sps"]
+        elapsed.append((row["step"], total))
+    out: list[float | None] = []
+    for step in steps:
+        reached = [seconds for s, seconds in elapsed if s <= step]
+        last = elapsed[-1][0] if elapsed else 0
+        out.append(round(reached[-1], 1) if reached and step <= last else None)
+    return out
+
+
+def _clean(value: Any, digits: int = 4) -> Any:
+    """JSON-safe and small: NaN becomes null, floats keep ``digits`` significant figures."""
+    if isinstance(value, dict):
+        return {k: _clean(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v, digits) for v in value]
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if not math.isfinite(value):
+            return None
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def run_entries(run_dir: Path, seeds: Iterable[int], steps: list[int]) -> list[dict]:
+    """One entry per seed of a run folder (its seeds vmapped in one process)."""
+    seeds = list(seeds)
+    summary_path, metrics_path = run_dir / "summary.json", run_dir / "metrics.jsonl"
+    if not summary_path.exists() or not metrics_path.exists():
+        return []
+    summary = json.loads(summary_path.read_text())
+    rows = achievement_rate_rows(read_jsonl(metrics_path))
+    n = len(seeds)
+    curves = {key: window_curve(rows, key, steps, n) for key in ("episode/return", "achievement_rate")
+              if any(key in r for r in rows)}
+    seconds = train_seconds(rows, steps, n)
+    final = summary.get("final", {})
+    evals = summary.get("eval", {})
+    entries = []
+    for i, seed in enumerate(seeds):
+        per_seed = {k: v["per_seed"][i] for k, v in final.items()
+                    if k.startswith(FINAL_PREFIXES) and isinstance(v, dict) and len(v.get("per_seed", [])) == n}
+        rates = [v for k, v in per_seed.items() if k.startswith("achievements/")]
+        if rates and all(v is not None for v in rates):
+            per_seed["achievement_rate"] = float(np.mean(rates))
+        entries.append({
+            "seed": seed,
+            "env_steps": summary.get("env_steps_per_seed"),
+            "complete": bool(summary.get("complete")),
+            "final": per_seed,
+            "eval": {k: v[i] for k, v in evals.items() if isinstance(v, list) and len(v) == n
+                     and k in ("eval/return", "eval/length")},
+            "curve": {k: v[:, i].tolist() for k, v in curves.items()},
+            "train_seconds": seconds,
+        })
+    return _clean(entries)
+
+
+def run_config(run_dir: Path) -> dict:
+    """The run's resolved config without its presentation fields (which say where, not what)."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return {}
+    config = yaml.safe_load(path.read_text()) or {}
+    for key in ("run_dir", "run_name", "progress", "tensorboard", "wandb", "wandb_project", "checkpoint_every",
+                "seed", "num_seeds"):
+        config.pop(key, None)
+    return _clean(config, 6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------
+
+
+def write(path: str | Path, record: dict) -> Path:
+    """One record, keys sorted and one method per line block, so a re-collection diffs readably."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({**record, "schema": SCHEMA}, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def read(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is not a readable JSON record: {error}") from None
+    if record.get("schema") != SCHEMA:
+        raise UserError(f"{path} has schema {record.get('schema')!r}, not {SCHEMA!r}: re-collect it with "
+                        "python -m benchmarks.compare SUITE --collect")
+    return record
+
+
+def load_all(data_dir: str | Path) -> dict[str, dict]:
+    """Every record in ``data_dir`` by name (files of other schemas, e.g. raw benchmark output, are not
+    records and are left alone)."""
+    records = {}
+    for path in sorted(Path(data_dir).glob("*.json")):
+        try:
+            head = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if isinstance(head, dict) and head.get("schema") == SCHEMA:
+            records[head["name"]] = head
+    return records
+
+
+def total_size(data_dir: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(data_dir).rglob("*") if p.is_file())

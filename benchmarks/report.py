@@ -1,0 +1,432 @@
+"""Rebuild every generated table and figure of docs/results.md from docs/data alone, with no training.
+
+Each comparison record in ``docs/data/*.json`` (``benchmarks.records``; written by
+``python -m benchmarks.compare SUITE``) becomes one block of the page between
+``<!-- report:NAME:begin -->`` and ``<!-- report:NAME:end -->``: its tables with the interquartile mean
+and mean of each method and their 95% stratified-bootstrap intervals, the difference to the suite's
+first method with its interval and the only verdict the page may print ("above"/"below" when the
+interval excludes 0 with at least 3 seeds a side, else "level"), the probability of improvement,
+references at the same budget, return at equal training time where the suite asks for it, and a
+plot with interval bands. A record without a block in the page gets one appended; text outside the
+markers is never touched.
+
+    python -m benchmarks.report            # rewrite the blocks and any figure whose data changed
+    python -m benchmarks.report --check    # exit 1, with a diff, if the page or a figure is stale
+
+A figure carries the hash of the data it was drawn from in its PNG metadata, so ``--check`` can tell a
+stale figure without comparing pixels (which differ between matplotlib versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import records, stats
+from utils.errors import UserError, exit_on_user_error
+from utils.io import atomic_write_text
+
+DEFAULT_RESULTS_MD = "docs/results.md"
+RETURN = "episode/return"
+#: Maximum episode return (one point per achievement): "% of max" and the performance profiles.
+MAX_RETURN = {"Craftax-Symbolic-v1": 226.0, "Craftax-Pixels-v1": 226.0,
+              "Craftax-Classic-Symbolic-v1": 22.0, "Craftax-Classic-Pixels-v1": 22.0}
+HASH_KEY = "report-data-sha256"
+NEW_BLOCKS = "<!-- report:new-blocks -->"
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- report:{name}:begin -->", f"<!-- report:{name}:end -->"
+
+
+def replace_block(text: str, name: str, block: str) -> str:
+    """``text`` with the named block replaced. A new block goes just before ``NEW_BLOCKS`` (the end of
+    the page's headline section), or at the end of a page without that marker."""
+    begin, end = markers(name)
+    wrapped = f"{begin}\n{block.rstrip()}\n{end}"
+    start = text.find(begin)
+    if start < 0:
+        if end in text:
+            raise UserError(f"results file has {end} without {begin}; fix the markers by hand")
+        if NEW_BLOCKS in text:
+            return text.replace(NEW_BLOCKS, f"{wrapped}\n\n{NEW_BLOCKS}", 1)
+        return (text.rstrip() + "\n\n" if text.strip() else "") + wrapped + "\n"
+    stop = text.find(end, start)
+    if stop < 0:
+        raise UserError(f"results file has {begin} without {end}; fix the markers by hand")
+    return text[:start] + wrapped + text[stop + len(end):]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Numbers of one env of a record
+# ---------------------------------------------------------------------------------------------------
+
+
+def final_scores(method: dict, metric: str = RETURN) -> np.ndarray:
+    """Per-seed final value of ``metric`` for the seeds that have one."""
+    values = [run["final"].get(metric) for run in method["runs"]]
+    return np.array([v for v in values if v is not None], dtype=np.float64)
+
+
+def eval_scores(method: dict) -> np.ndarray:
+    values = [run.get("eval", {}).get("eval/return") for run in method["runs"]]
+    return np.array([v for v in values if v is not None], dtype=np.float64)
+
+
+def fmt(value, digits: int = 2) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:,.{digits}f}"
+
+
+def estimate_text(scores: np.ndarray, stat: str, seed: int) -> str:
+    if scores.size == 0:
+        return "n/a"
+    if scores.size == 1:
+        return f"{scores[0]:.2f} (one seed)"
+    return stats.interval(scores, stat, seed=seed).text()
+
+
+def cpu_seconds_per_seed(method: dict) -> float | None:
+    processes = method.get("processes", [])
+    cpu = [p.get("cpu_seconds") for p in processes]
+    if not processes or any(c is None for c in cpu):
+        return None
+    return sum(cpu) / max(1, sum(len(p["seeds"]) for p in processes))
+
+
+def seeds_text(seeds: list[int]) -> str:
+    if seeds and seeds == list(range(seeds[0], seeds[0] + len(seeds))) and len(seeds) > 2:
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def main_table(env: str, methods: dict[str, dict], references: list[dict]) -> list[str]:
+    best = MAX_RETURN.get(env)
+    header = ["method", "seeds", "return IQM [95% CI]", "return mean [95% CI]", "per seed",
+              "% of max (IQM)", "achievement rate IQM [95% CI]", "eval return (mean)", "env steps/seed",
+              "CPU-s per seed"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for i, (name, method) in enumerate(methods.items()):
+        scores = final_scores(method)
+        if scores.size == 0:
+            lines.append(f"| {name} | 0 | no finished run |" + " |" * (len(header) - 3))
+            continue
+        rates = final_scores(method, "achievement_rate")
+        steps = {run.get("env_steps") for run in method["runs"]}
+        incomplete = not all(run.get("complete") for run in method["runs"])
+        evals = eval_scores(method)
+        missing = len(method["runs"]) - scores.size
+        row = [name, str(len(method["runs"])) + (f" ({missing} with no finished episode)" if missing else ""),
+               estimate_text(scores, "IQM", i), estimate_text(scores, "mean", i),
+               ", ".join(f"{v:.2f}" for v in scores),
+               fmt(100 * stats.iqm(scores) / best, 1) + "%" if best else "n/a",
+               estimate_text(rates, "IQM", i) if rates.size else "n/a",
+               fmt(evals.mean()) if evals.size else "n/a",
+               ", ".join(f"{s:,}" for s in sorted(s for s in steps if s)) + (" (incomplete)" if incomplete else ""),
+               fmt(cpu_seconds_per_seed(method), 0)]
+        lines.append("| " + " | ".join(row) + " |")
+    for ref in references:
+        if ref.get("env") == env:
+            cells = [f"reference: {ref['label']}", "", fmt(ref["value"]), "", "", "", "", "", "", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    sources = [f"{r['label']}: {r['source']}" for r in references if r.get("env") == env]
+    if sources:
+        lines += ["", "References (not re-run here): " + "; ".join(sources) + "."]
+    return lines
+
+
+def difference_table(methods: dict[str, dict]) -> list[str]:
+    """Every method against the first (the suite's baseline), on the final return."""
+    names = list(methods)
+    if len(names) < 2:
+        return []
+    base_name = names[0]
+    base = final_scores(methods[base_name])
+    if base.size == 0:
+        return []
+    lines = [f"Each method against `{base_name}` (final return; IQM difference and P(method > {base_name}), "
+             "stratified bootstrap 95% intervals over seeds):", "",
+             f"| method | IQM difference [95% CI] | P(method > {base_name}) [95% CI] | verdict |", "|---|---|---|---|"]
+    for i, name in enumerate(names[1:], 1):
+        scores = final_scores(methods[name])
+        if scores.size == 0:
+            continue
+        diff = stats.difference(scores, base, "IQM", seed=i)
+        poi = stats.probability_of_improvement(scores, base, seed=i)
+        word = diff.verdict if diff.verdict != "too few seeds" else (
+            f"no claim (fewer than {stats.MIN_SEEDS_CLAIM} seeds)")
+        lines.append(f"| {name} | {diff.estimate.text()} | {poi.text()} | {word} |")
+    return lines
+
+
+def value_at_seconds(run: dict, seconds: float) -> float | None:
+    """The run's return at the last curve point it reached within ``seconds`` of training."""
+    best = None
+    for value, elapsed in zip(run["curve"].get(RETURN, []), run.get("train_seconds", [])):
+        if elapsed is not None and elapsed <= seconds and value is not None:
+            best = value
+    return best
+
+
+def equal_time_table(methods: dict[str, dict]) -> list[str]:
+    """Each method's return after as much training time as the fastest-finishing method needed: the
+    equal-compute view that equal env steps hide (a world model spends far more per step)."""
+    totals = {}
+    for name, method in methods.items():
+        finished = [run["train_seconds"][-1] for run in method["runs"] if run.get("train_seconds")
+                    and run["train_seconds"][-1] is not None]
+        if finished:
+            totals[name] = float(np.median(finished))
+    if len(totals) < 2:
+        return []
+    budget = min(totals.values())
+    lines = [f"Equal training time: each method's return after {budget:,.0f} s of training per process "
+             "(the median time the quickest method took for the whole budget; its last curve point reached "
+             "within that time):", "", "| method | training s for the budget (median) | return at equal time, "
+             "IQM [95% CI] | seeds with a point |", "|---|---|---|---|"]
+    for i, (name, method) in enumerate(methods.items()):
+        values = np.array([v for v in (value_at_seconds(run, budget) for run in method["runs"]) if v is not None])
+        lines.append(f"| {name} | {fmt(totals.get(name), 0)} | {estimate_text(values, 'IQM', i)} | "
+                     f"{values.size} of {len(method['runs'])} |")
+    return lines
+
+
+def achievement_table(methods: dict[str, dict]) -> list[str]:
+    keys = sorted({k for m in methods.values() for run in m["runs"] for k in run["final"]
+                   if k.startswith("achievements/")})
+    if not keys:
+        return []
+    lines = ["| achievement (% of episodes, mean over seeds) | " + " | ".join(methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for key in keys:
+        cells = []
+        for method in methods.values():
+            values = final_scores(method, key)
+            cells.append(float(values.mean()) if values.size else None)
+        if all(c is not None and c == 0 for c in cells):
+            continue
+        lines.append(f"| {key.removeprefix('achievements/')} | " + " | ".join(fmt(c, 1) for c in cells) + " |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------------
+
+
+def data_hash(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def figure_hash(path: Path) -> str | None:
+    """The data hash a figure was drawn from (its PNG metadata), None for a missing or foreign file."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.text.get(HASH_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _steps_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    from utils.plotting import label_env_steps
+
+    label_env_steps(ax)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, min_n_ticks=3))  # short labels, few ticks: never collide
+
+
+def plot_env(title: str, steps: list[int], methods: dict[str, dict], equal_compute: bool, path: Path,
+             digest: str) -> None:
+    """Return against env steps (mean over seeds, 95% bootstrap band), achievement rate, and with
+    ``equal_compute`` return against training seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [RETURN] + (["achievement_rate"] if any("achievement_rate" in run["curve"] for m in methods.values()
+                                                     for run in m["runs"]) else [])
+    panels += ["time"] if equal_compute else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for name, method in methods.items():
+            key = RETURN if panel == "time" else panel
+            curves = [run["curve"].get(key) for run in method["runs"] if run["curve"].get(key)]
+            if not curves:
+                continue
+            values = np.array([[np.nan if v is None else v for v in c] for c in curves], dtype=np.float64).T
+            mean, low, high = stats.curve_bands(values, seed=0)
+            if panel == "time":
+                seconds = np.array([[np.nan if s is None else s for s in run.get("train_seconds", [])]
+                                    for run in method["runs"] if run["curve"].get(key)], dtype=np.float64)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    x = np.nanmedian(seconds, axis=0)
+            else:
+                x = np.asarray(steps, dtype=np.float64)
+            ok = np.isfinite(mean) & np.isfinite(x)
+            line, = ax.plot(x[ok], mean[ok], marker="o" if ok.sum() < 5 else None, markersize=3,
+                            label=f"{name} ({len(curves)} seeds)")
+            ax.fill_between(x[ok], low[ok], high[ok], color=line.get_color(), alpha=0.2, linewidth=0)
+        if panel == "time":
+            ax.set_xlabel("training seconds (median over seeds)")
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5, min_n_ticks=3))
+        else:
+            _steps_axis(ax)
+        ax.set_ylabel("episode return" if panel != "achievement_rate" else "mean achievement success (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(loc="best", fontsize="small")
+    fig.suptitle(f"{title} (mean over seeds, 95% bootstrap band)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, metadata={HASH_KEY: digest})
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A record's block
+# ---------------------------------------------------------------------------------------------------
+
+
+def seed_role_text(record: dict) -> str:
+    role = record.get("seed_role")
+    if role == "report":
+        return "reporting seeds: none of them was used to choose any preset"
+    if role == "tuning":
+        return "tuning seeds: the presets were chosen on these, so the figures are not an unbiased report"
+    return "the seeds' role in tuning is not stated"
+
+
+def render_record(record: dict, data_name: str) -> tuple[str, dict[str, tuple]]:
+    """The block's markdown, and the figures it references: ``{relative path: plot arguments}``."""
+    seeds = record.get("seeds", [])
+    lines = [f"### {record.get('title') or 'Comparison `' + record['name'] + '`'}", ""]
+    if record.get("description"):
+        lines += [record["description"].strip(), ""]
+    lines += [f"{record['budget']:,} env steps per seed; seeds {seeds_text(seeds)} ({seed_role_text(record)}). "
+              f"Data: `docs/data/{data_name}`. Command:", "", "```bash", record["command"], "```", ""]
+    if record.get("headline") and len(seeds) < stats.MIN_SEEDS_HEADLINE:
+        lines += [f"**Not yet a headline table: {len(seeds)} seeds, {stats.MIN_SEEDS_HEADLINE} needed.**", ""]
+    lines += ["Return: per seed, the episode-weighted mean over the last 10% of logged updates; IQM and mean "
+              "over seeds with 95% stratified-bootstrap intervals (Agarwal et al., 2021). A method is "
+              "\"above\" or \"below\" another only when the interval of the difference excludes 0 with at "
+              "least 3 seeds a side; otherwise \"level\". CPU-s per seed: the training processes' CPU seconds "
+              "over the seeds they trained.", ""]
+    figures = {}
+    for env, entry in record["envs"].items():
+        methods = entry["methods"]
+        machines = sorted({p.get("machine") for m in methods.values() for p in m.get("processes", [])
+                           if p.get("machine")})
+        commits = sorted({p.get("commit") for m in methods.values() for p in m.get("processes", [])
+                          if p.get("commit")})
+        lines += [f"#### {env}", "", f"Machine: {'; '.join(machines) or 'not recorded'}. "
+                  f"Commit: {', '.join(c[:10] + ('+dirty' if c.endswith('+dirty') else '') for c in commits) or 'not recorded'}.",
+                  "", *main_table(env, methods, record.get("references", [])), ""]
+        for block in (difference_table(methods),
+                      equal_time_table(methods) if record.get("equal_compute") else [],
+                      achievement_table(methods)):
+            if block:
+                lines += [*block, ""]
+        if any(run["curve"] for m in methods.values() for run in m["runs"]):
+            rel = f"figures/report_{record['name']}_{env}.png"
+            title = f"{record['name']}: {env}"
+            payload = [title, record["curve_steps"], methods, bool(record.get("equal_compute"))]
+            figures[rel] = (title, record["curve_steps"], methods, bool(record.get("equal_compute")),
+                            data_hash(payload))
+            lines += [f"![{record['name']} learning curves on {env}]({rel})", ""]
+    return "\n".join(lines).rstrip() + "\n", figures
+
+
+# ---------------------------------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------------------------------
+
+
+def build(results_md: Path, data_dir: Path) -> tuple[str, dict[str, tuple]]:
+    """The page with every record's block regenerated, and every figure the blocks reference."""
+    text = results_md.read_text() if results_md.exists() else ""
+    all_figures: dict[str, tuple] = {}
+    for name, record in records.load_all(data_dir).items():
+        block, figures = render_record(record, f"{name}.json")
+        text = replace_block(text, name, block)
+        all_figures.update(figures)
+    return text, all_figures
+
+
+def stale_figures(figures: dict[str, tuple], root: Path) -> list[str]:
+    return [rel for rel, args in figures.items() if figure_hash(root / rel) != args[-1]]
+
+
+def write(results_md: Path, data_dir: Path) -> list[str]:
+    """Rewrite the page's blocks and redraw the figures whose data changed; returns the files written."""
+    text, figures = build(results_md, data_dir)
+    written = []
+    if not results_md.exists() or results_md.read_text() != text:
+        atomic_write_text(results_md, text)
+        written.append(str(results_md))
+    for rel in stale_figures(figures, results_md.parent):
+        plot_env(*figures[rel][:4], results_md.parent / rel, figures[rel][4])
+        written.append(rel)
+    return written
+
+
+def check(results_md: Path, data_dir: Path) -> list[str]:
+    """Problems that ``write`` would fix: a diff of the page, stale figures, data over the size cap."""
+    text, figures = build(results_md, data_dir)
+    current = results_md.read_text() if results_md.exists() else ""
+    problems = []
+    if text != current:
+        diff = difflib.unified_diff(current.splitlines(), text.splitlines(), str(results_md), "regenerated",
+                                    lineterm="", n=1)
+        problems.append("the page differs from its data:\n" + "\n".join(list(diff)[:80]))
+    problems += [f"figure {rel} is missing or was drawn from other data" for rel in stale_figures(
+        figures, results_md.parent)]
+    size = records.total_size(data_dir)
+    if size > records.MAX_DATA_BYTES:
+        problems.append(f"{data_dir} holds {size:,} bytes, over the {records.MAX_DATA_BYTES:,} cap")
+    return problems
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-md", default=DEFAULT_RESULTS_MD, help="the page (default %(default)s)")
+    parser.add_argument("--data-dir", help="the records (default: data/ beside the page)")
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if anything is stale")
+    parser.add_argument("--out", help="write the regenerated page (and its figures) under this folder instead")
+    args = parser.parse_args(argv)
+    results_md = Path(args.results_md)
+    data_dir = Path(args.data_dir) if args.data_dir else results_md.parent / "data"
+    if not data_dir.is_dir():
+        raise UserError(f"no data folder {data_dir}; pass --data-dir")
+    if args.check:
+        problems = check(results_md, data_dir)
+        for problem in problems:
+            print(problem)
+        if problems:
+            print("run: python -m benchmarks.report", file=sys.stderr)
+        return 1 if problems else 0
+    if args.out:
+        out = Path(args.out) / results_md.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if results_md.exists():
+            out.write_text(results_md.read_text())
+        results_md = out
+    for path in write(results_md, data_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,234 @@
+"""Comparisons that decide: the statistics (benchmarks/stats.py), the data records (benchmarks/records.py)
+and the page they regenerate (benchmarks/report.py), including the check that docs/results.md matches
+docs/data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import records, report, stats
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_iqm_is_the_mean_of_the_middle_half():
+    assert stats.iqm([1, 2, 3, 4, 100]) == pytest.approx(3.0)  # cuts one from each end of five
+    assert stats.iqm([1, 2, 3]) == pytest.approx(2.0)  # three runs: nothing to cut, the plain mean
+    x = np.arange(8.0)  # eight runs: two cut from each end
+    assert stats.iqm(x) == pytest.approx(np.mean(x[2:6]))
+    with pytest.raises(ValueError, match="NaN"):
+        stats.as_scores([1.0, float("nan")])
+
+
+def test_interval_brackets_the_estimate_and_narrows_with_more_seeds():
+    rng = np.random.default_rng(1)
+    few = rng.normal(5.0, 1.0, 5)
+    many = rng.normal(5.0, 1.0, 200)
+    a, b = stats.interval(few, "mean", seed=0), stats.interval(many, "mean", seed=0)
+    assert a.low <= a.value <= a.high and b.low <= b.value <= b.high
+    assert b.high - b.low < (a.high - a.low) / 3
+    assert b.low < 5.0 < b.high
+    assert stats.interval(few, seed=3) == stats.interval(few, seed=3), "the same seed gives the same interval"
+
+
+def test_stratified_bootstrap_keeps_each_task():
+    """With two tasks of very different scale, every resample keeps both: the IQM interval of the
+    pooled scores never collapses onto one task's values."""
+    scores = np.stack([np.full(4, 1.0), np.full(4, 100.0)], axis=1)  # [runs, tasks]
+    e = stats.interval(scores, "mean", seed=0)
+    assert e.low == pytest.approx(50.5) and e.high == pytest.approx(50.5)
+
+
+def test_difference_verdicts_need_an_interval_that_excludes_zero_and_three_seeds():
+    low = np.array([1.0, 1.1, 0.9, 1.05, 0.95])
+    high = low + 2.0
+    assert stats.difference(high, low).verdict == "above"
+    assert stats.difference(low, high).verdict == "below"
+    assert stats.difference(low + 0.01, low).verdict == "level"
+    assert stats.difference(high[:2], low[:2]).verdict == "too few seeds"
+    d = stats.difference(high, low)
+    assert d.estimate.low > 0 and d.estimate.value == pytest.approx(2.0)
+
+
+def test_probability_of_improvement_counts_pairs_and_half_ties():
+    a, b = np.array([3.0, 4.0, 5.0]), np.array([1.0, 2.0, 3.0])
+    # pairs: a=3 beats 1,2 and ties 3 -> 2.5; a=4 and a=5 beat all three -> 6: (2.5 + 6) / 9
+    assert stats.probability_of_improvement(a, b).value == pytest.approx(8.5 / 9)
+    assert stats.probability_of_improvement(b, b).value == pytest.approx(0.5)
+    e = stats.probability_of_improvement(a + 10, b)
+    assert e.value == e.low == e.high == 1.0
+
+
+def test_performance_profile_falls_with_the_threshold():
+    scores = np.array([[10.0, 40.0], [20.0, 50.0], [30.0, 60.0]])
+    fraction, low, high = stats.performance_profile(scores, [0, 25, 45, 100])
+    np.testing.assert_allclose(fraction, [1.0, 4 / 6, 2 / 6, 0.0])
+    assert np.all(np.diff(fraction) <= 0) and np.all(low <= fraction) and np.all(fraction <= high)
+
+
+def test_curve_bands_skip_runs_without_a_value():
+    values = np.array([[np.nan, np.nan], [1.0, np.nan], [1.0, 3.0]])
+    mean, low, high = stats.curve_bands(values)
+    assert np.isnan(mean[0]) and mean[1] == 1.0 and mean[2] == 2.0 and low[2] >= 1.0 and high[2] <= 3.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_run(folder: Path, rows: list[dict], summary: dict) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "config.yaml").write_text("env: X\nlr: 0.0003\nrun_dir: /somewhere\nseed: 4\n")
+    return folder
+
+
+ROWS = [  # two seeds; 100 env steps per seed per row, 50 env steps/s over both seeds
+    {"step": 100, "episode/count": [1, 0], "episode/return": [1.0, None], "achievements/a": [100.0, None],
+     "perf/sps": 50.0},
+    {"step": 200, "episode/count": [3, 1], "episode/return": [3.0, 2.0], "achievements/a": [0.0, 50.0],
+     "perf/sps": 50.0},
+    {"step": 300, "episode/count": [1, 1], "episode/return": [5.0, 4.0], "achievements/a": [100.0, 100.0],
+     "perf/sps": 100.0},
+]
+
+
+def test_window_curve_weights_episodes_and_leaves_empty_windows_null():
+    curve = records.window_curve(ROWS, "episode/return", [150, 300, 450], 2)
+    assert curve[0].tolist()[0] == 1.0 and np.isnan(curve[0, 1])
+    assert curve[1].tolist() == pytest.approx([(3 * 3 + 5) / 4, (2 + 4) / 2])  # episode-weighted
+    assert np.isnan(curve[2]).all()
+
+
+def test_train_seconds_sum_the_chunks_and_stop_at_the_last_row():
+    # each row: 100 steps x 2 seeds over its sps: 4 s, 4 s, 2 s
+    assert records.train_seconds(ROWS, [100, 250, 300, 400], 2) == [4.0, 8.0, 10.0, None]
+
+
+def test_run_entries_split_a_vmapped_run_into_seeds(tmp_path):
+    summary = {"complete": True, "env_steps_per_seed": 300,
+               "final": {"episode/return": {"mean": 4.5, "per_seed": [5.0, 4.0]},
+                         "achievements/a": {"mean": 100.0, "per_seed": [100.0, 100.0]},
+                         "loss/total": {"mean": 1.0, "per_seed": [1.0, 1.0]}},
+               "eval": {"eval/return": [6.0, None]}}
+    run = write_run(tmp_path / "run", ROWS, summary)
+    entries = records.run_entries(run, [10, 11], [150, 300])
+    assert [e["seed"] for e in entries] == [10, 11]
+    assert entries[1]["final"] == {"episode/return": 4.0, "achievements/a": 100.0, "achievement_rate": 100.0}
+    assert entries[0]["eval"] == {"eval/return": 6.0} and entries[1]["eval"] == {"eval/return": None}
+    assert entries[1]["curve"]["episode/return"] == [None, 3.0]
+    assert entries[0]["train_seconds"] == [4.0, 10.0]
+    assert records.run_config(run) == {"env": "X", "lr": 0.0003}, "where and which seed are not the config"
+    assert records.run_entries(tmp_path / "missing", [0], [1]) == []
+
+
+def test_records_refuse_other_schemas(tmp_path):
+    path = records.write(tmp_path / "r.json", {"name": "r"})
+    assert records.read(path)["schema"] == records.SCHEMA
+    (tmp_path / "raw.json").write_text('{"env": "x"}')  # raw benchmark output: not a record
+    assert list(records.load_all(tmp_path)) == ["r"]
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="schema"):
+        records.read(tmp_path / "raw.json")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------------
+
+
+def synthetic_record(name: str = "toy", seeds: int = 5) -> dict:
+    steps = records.curve_steps(1000, 4)
+
+    def method(offset: float, cpu: float) -> dict:
+        runs = []
+        for i in range(seeds):
+            final = offset + 0.1 * i
+            runs.append({"seed": 100 + i, "env_steps": 1000, "complete": True,
+                         "final": {"episode/return": final, "achievements/a": 10.0 * final,
+                                   "achievement_rate": 10.0 * final},
+                         "eval": {"eval/return": final}, "curve": {"episode/return": [0.5 * final, final, final,
+                                                                                        final]},
+                         "train_seconds": [cpu * k for k in (1, 2, 3, 4)]})
+        return {"module": "m", "presets": [], "flags": [], "config": {},
+                "processes": [{"seeds": list(range(100, 100 + seeds)), "wall_seconds": 10.0,
+                               "cpu_seconds": cpu * seeds, "machine": "test box", "commit": "abc"}],
+                "runs": runs}
+
+    return {"schema": records.SCHEMA, "name": name, "title": f"Toy `{name}`", "description": "A toy.",
+            "command": f"python -m benchmarks.compare {name}", "budget": 1000, "seeds": list(range(100, 100 + seeds)),
+            "seed_role": "report", "headline": True, "equal_compute": True,
+            "references": [{"env": "Craftax-Classic-Symbolic-v1", "label": "paper", "value": 9.0, "source": "a paper"}],
+            "curve_steps": steps,
+            "envs": {"Craftax-Classic-Symbolic-v1": {"methods": {
+                "base": method(1.0, 10.0), "better": method(3.0, 100.0), "same": method(1.05, 10.0)}}}}
+
+
+def test_block_says_above_only_when_the_interval_excludes_zero():
+    block, figures = report.render_record(synthetic_record(), "toy.json")
+    differences = block.split("| verdict |")[1].split("\n\n")[0]
+    rows = {line.split("|")[1].strip(): line for line in differences.splitlines() if line.startswith("| ")}
+    assert rows["better"].rstrip().endswith("| above |") and rows["same"].rstrip().endswith("| level |")
+    main_rows = [line for line in block.splitlines() if line.startswith("| reference: paper")]
+    assert "reporting seeds" in block and "100-104" in block and "Not yet a headline" not in block
+    assert main_rows and "a paper" in block
+    assert "| better | 400 | n/a | 0 of 5 |" in block, "at the quickest method's time 'better' has no point yet"
+    assert "Equal training time" in block  # 'better' costs 10x the time: at equal time it has fewer points
+    assert list(figures) == ["figures/report_toy_Craftax-Classic-Symbolic-v1.png"]
+
+
+def test_two_seeds_make_no_claim_and_a_headline_needs_five():
+    block, _ = report.render_record(synthetic_record(seeds=2), "toy.json")
+    assert "no claim (fewer than 3 seeds)" in block and "above" not in block.split("verdict |")[1]
+    assert "Not yet a headline table: 2 seeds, 5 needed." in block
+
+
+def test_equal_time_reads_each_run_at_the_quickest_methods_budget():
+    run = {"curve": {"episode/return": [1.0, 2.0, None, 4.0]}, "train_seconds": [10, 20, 30, 40]}
+    assert report.value_at_seconds(run, 35) == 2.0 and report.value_at_seconds(run, 5) is None
+
+
+def test_page_regenerates_from_data_and_a_hand_edit_is_caught(tmp_path):
+    docs = tmp_path / "docs"
+    records.write(docs / "data" / "toy.json", synthetic_record())
+    page = docs / "results.md"
+    page.write_text("# Results\n\nHand-written text stays.\n")
+    assert report.main(["--results-md", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# Results\n\nHand-written text stays.\n\n<!-- report:toy:begin -->")
+    figure = docs / "figures" / "report_toy_Craftax-Classic-Symbolic-v1.png"
+    assert figure.stat().st_size > 10_000 and report.figure_hash(figure)
+    assert report.check(page, docs / "data") == []
+    assert report.main(["--results-md", str(page), "--check"]) == 0
+    page.write_text(text.replace("| base | 5 |", "| base | 6 |"))  # a hand edit of a generated table
+    problems = report.check(page, docs / "data")
+    assert len(problems) == 1 and "| base | 6 |" in problems[0]
+    assert report.main(["--results-md", str(page), "--check"]) == 1
+    page.write_text(text)
+    record = synthetic_record()
+    record["envs"]["Craftax-Classic-Symbolic-v1"]["methods"]["base"]["runs"][0]["curve"]["episode/return"][0] = 0.0
+    records.write(docs / "data" / "toy.json", record)  # a curve changed: the table is the same, the figure not
+    assert report.check(page, docs / "data") == [f"figure {figure.relative_to(docs)} is missing or was drawn "
+                                                 "from other data"]
+
+
+def test_the_committed_page_is_what_its_data_generates(tmp_path):
+    """docs/results.md and its figures as ``python -m benchmarks.report`` regenerates them from docs/data:
+    regenerated into a temporary folder, and compared."""
+    assert report.main(["--results-md", str(REPO / "docs" / "results.md"), "--out", str(tmp_path)]) == 0
+    regenerated = (tmp_path / "results.md").read_text()
+    assert regenerated == (REPO / "docs" / "results.md").read_text(), "run: python -m benchmarks.report"
+    assert report.check(REPO / "docs" / "results.md", REPO / "docs" / "data") == []
+    assert records.total_size(REPO / "docs" / "data") < records.MAX_DATA_BYTES
