@@ -38,6 +38,9 @@ from utils.errors import UserError
 from utils.io import atomic_write_text, read_jsonl
 
 SCHEMA = "craftax-baselines/record/1"
+#: An aggregate names records and methods to pool across tasks (``{"schema", "name", "title",
+#: "description", "records": [names], "methods": [names]}``); the report renders it, nothing writes it.
+AGGREGATE_SCHEMA = "craftax-baselines/aggregate/1"
 CURVE_POINTS = 20
 #: The cap on all of docs/data (issue: comparisons that decide), checked by ``benchmarks.report --check``.
 MAX_DATA_BYTES = 20 * 1024 * 1024
@@ -194,18 +197,18 @@ def read(path: str | Path) -> dict:
     return record
 
 
-def load_all(data_dir: str | Path) -> dict[str, dict]:
-    """Every record in ``data_dir`` by name (files of other schemas, e.g. raw benchmark output, are not
-    records and are left alone)."""
-    records = {}
+def load_all(data_dir: str | Path, schema: str = SCHEMA) -> dict[str, dict]:
+    """Every file of ``schema`` in ``data_dir`` by name (files of other schemas, e.g. raw benchmark
+    output, are left alone)."""
+    found = {}
     for path in sorted(Path(data_dir).glob("*.json")):
         try:
             head = json.loads(path.read_text())
         except ValueError:
             continue
-        if isinstance(head, dict) and head.get("schema") == SCHEMA:
-            records[head["name"]] = head
-    return records
+        if isinstance(head, dict) and head.get("schema") == schema:
+            found[head["name"]] = head
+    return found
 
 
 def total_size(data_dir: str | Path) -> int:

@@ -340,11 +340,92 @@ def render_record(record: dict, data_name: str) -> tuple[str, dict[str, tuple]]:
         if any(run["curve"] for m in methods.values() for run in m["runs"]):
             rel = f"figures/report_{record['name']}_{env}.png"
             title = f"{record['name']}: {env}"
-            payload = [title, record["curve_steps"], methods, bool(record.get("equal_compute"))]
-            figures[rel] = (title, record["curve_steps"], methods, bool(record.get("equal_compute")),
-                            data_hash(payload))
+            args = (title, record["curve_steps"], methods, bool(record.get("equal_compute")))
+            figures[rel] = (plot_env, args, data_hash(list(args)))
             lines += [f"![{record['name']} learning curves on {env}]({rel})", ""]
     return "\n".join(lines).rstrip() + "\n", figures
+
+
+# ---------------------------------------------------------------------------------------------------
+# Aggregates: methods across the tasks of several records, on a normalised score
+# ---------------------------------------------------------------------------------------------------
+
+
+def normalised_scores(aggregate: dict, loaded: dict[str, dict]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """``{method: [runs, tasks]}`` of the final return as % of each env's maximum, over the tasks (record,
+    env) of the aggregate that every method has run; each task keeps as many runs as its smallest method."""
+    columns: dict[str, list[np.ndarray]] = {m: [] for m in aggregate["methods"]}
+    tasks = []
+    for name in aggregate["records"]:
+        for env, entry in loaded.get(name, {"envs": {}})["envs"].items():
+            if env not in MAX_RETURN:
+                raise UserError(f"aggregate {aggregate['name']}: {env} has no maximum return to normalise by")
+            found = {m: final_scores(entry["methods"][m]) for m in aggregate["methods"] if m in entry["methods"]}
+            if len(found) < len(aggregate["methods"]) or min(v.size for v in found.values()) == 0:
+                continue
+            runs = min(v.size for v in found.values())
+            for method, values in found.items():
+                columns[method].append(100 * values[:runs] / MAX_RETURN[env])
+            tasks.append(f"{name}: {env}")
+    if not tasks:
+        return {}, []
+    runs = min(len(c) for cols in columns.values() for c in cols)
+    return {m: np.stack([c[:runs] for c in cols], axis=1) for m, cols in columns.items()}, tasks
+
+
+def plot_profile(title: str, scores: dict[str, list], path: Path, digest: str) -> None:
+    """Performance profiles: the fraction of runs (over seeds and tasks) above each normalised score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = max(max(max(row) for row in values) for values in scores.values())
+    thresholds = np.linspace(0, top * 1.05 + 1e-9, 101)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, values in scores.items():
+        fraction, low, high = stats.performance_profile(np.array(values), thresholds, reps=500)
+        line, = ax.plot(thresholds, fraction, label=method)
+        ax.fill_between(thresholds, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("normalised score τ (% of the maximum return)")
+    ax.set_ylabel("fraction of runs with score > τ")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, metadata={HASH_KEY: digest})
+    plt.close(fig)
+
+
+def render_aggregate(aggregate: dict, loaded: dict[str, dict], data_name: str) -> tuple[str, dict[str, tuple]]:
+    """One table over every task of the aggregate's records (IQM of the normalised score, intervals from
+    the stratified bootstrap, which resamples seeds within each task) and a performance profile."""
+    scores, tasks = normalised_scores(aggregate, loaded)
+    missing = [name for name in aggregate["records"] if name not in loaded]
+    lines = [f"### {aggregate['title']}", "", aggregate.get("description", "").strip(), "",
+             f"Data: `docs/data/{data_name}` over the records {', '.join(f'`{r}`' for r in aggregate['records'])}"
+             + (f"; not measured yet: {', '.join(f'`{r}`' for r in missing)}." if missing else "."), ""]
+    if not tasks:
+        return "\n".join(lines + ["No task has a finished run of every method yet."]) + "\n", {}
+    runs = next(iter(scores.values())).shape[0]
+    base_name = aggregate["methods"][0]
+    lines += [f"Tasks: {'; '.join(tasks)}; {runs} seeds per task. Score: final return as % of the env's maximum.",
+              "", f"| method | IQM [95% CI] | mean [95% CI] | P(method > {base_name}) [95% CI] | verdict |",
+              "|---|---|---|---|---|"]
+    for i, (method, values) in enumerate(scores.items()):
+        if method == base_name:
+            cells = ["", "(baseline)"]
+        else:
+            diff = stats.difference(values, scores[base_name], "IQM", seed=i)
+            word = diff.verdict if diff.verdict != "too few seeds" else "no claim (fewer than 3 seeds)"
+            cells = [stats.probability_of_improvement(values, scores[base_name], seed=i).text(), word]
+        lines.append(f"| {method} | {stats.interval(values, 'IQM', seed=i).text()} | "
+                     f"{stats.interval(values, 'mean', seed=i).text()} | " + " | ".join(cells) + " |")
+    rel = f"figures/report_{aggregate['name']}_profile.png"
+    args = (aggregate["title"], {m: v.tolist() for m, v in scores.items()})
+    lines += ["", f"![{aggregate['name']} performance profiles]({rel})"]
+    return "\n".join(lines) + "\n", {rel: (plot_profile, args, data_hash(list(args)))}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -353,18 +434,23 @@ def render_record(record: dict, data_name: str) -> tuple[str, dict[str, tuple]]:
 
 
 def build(results_md: Path, data_dir: Path) -> tuple[str, dict[str, tuple]]:
-    """The page with every record's block regenerated, and every figure the blocks reference."""
+    """The page with every record's and aggregate's block regenerated, and every figure they reference."""
     text = results_md.read_text() if results_md.exists() else ""
     all_figures: dict[str, tuple] = {}
-    for name, record in records.load_all(data_dir).items():
+    loaded = records.load_all(data_dir)
+    for name, record in loaded.items():
         block, figures = render_record(record, f"{name}.json")
+        text = replace_block(text, name, block)
+        all_figures.update(figures)
+    for name, aggregate in records.load_all(data_dir, records.AGGREGATE_SCHEMA).items():
+        block, figures = render_aggregate(aggregate, loaded, f"{name}.json")
         text = replace_block(text, name, block)
         all_figures.update(figures)
     return text, all_figures
 
 
 def stale_figures(figures: dict[str, tuple], root: Path) -> list[str]:
-    return [rel for rel, args in figures.items() if figure_hash(root / rel) != args[-1]]
+    return [rel for rel, (_, _, digest) in figures.items() if figure_hash(root / rel) != digest]
 
 
 def write(results_md: Path, data_dir: Path) -> list[str]:
@@ -375,7 +461,8 @@ def write(results_md: Path, data_dir: Path) -> list[str]:
         atomic_write_text(results_md, text)
         written.append(str(results_md))
     for rel in stale_figures(figures, results_md.parent):
-        plot_env(*figures[rel][:4], results_md.parent / rel, figures[rel][4])
+        function, args, digest = figures[rel]
+        function(*args, results_md.parent / rel, digest)
         written.append(rel)
     return written
 

@@ -232,3 +232,28 @@ def test_the_committed_page_is_what_its_data_generates(tmp_path):
     assert regenerated == (REPO / "docs" / "results.md").read_text(), "run: python -m benchmarks.report"
     assert report.check(REPO / "docs" / "results.md", REPO / "docs" / "data") == []
     assert records.total_size(REPO / "docs" / "data") < records.MAX_DATA_BYTES
+
+
+def test_aggregate_pools_tasks_on_a_normalised_score_and_draws_profiles(tmp_path):
+    docs = tmp_path / "docs"
+    classic = synthetic_record("classic")
+    full = synthetic_record("full")
+    full["envs"] = {"Craftax-Symbolic-v1": full["envs"].pop("Craftax-Classic-Symbolic-v1")}
+    records.write(docs / "data" / "classic.json", classic)
+    records.write(docs / "data" / "full.json", full)
+    aggregate = {"schema": records.AGGREGATE_SCHEMA, "name": "family", "title": "Across Classic and full",
+                 "description": "Pooled.", "records": ["classic", "full", "later"], "methods": ["base", "better"]}
+    (docs / "data" / "family.json").write_text(json.dumps(aggregate))
+    page = docs / "results.md"
+    page.write_text("# Results\n")
+    assert report.main(["--results-md", str(page)]) == 0
+    block = page.read_text().split("<!-- report:family:begin -->")[1]
+    assert "classic: Craftax-Classic-Symbolic-v1; full: Craftax-Symbolic-v1; 5 seeds per task" in block
+    assert "not measured yet: `later`" in block
+    better = next(line for line in block.splitlines() if line.startswith("| better |"))
+    assert better.rstrip().endswith("| above |")
+    # the base method's IQM over both tasks: final returns 1.0-1.4 as % of 22 and of 226
+    expected = stats.iqm(np.concatenate([100 * np.arange(1.0, 1.45, 0.1) / 22, 100 * np.arange(1.0, 1.45, 0.1) / 226]))
+    assert f"| base | {expected:.2f} [" in block
+    assert report.figure_hash(docs / "figures" / "report_family_profile.png")
+    assert report.check(page, docs / "data") == []
