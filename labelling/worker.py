@@ -4,7 +4,9 @@
     python -m labelling.worker --redis-url redis://HOST:6379/0   # cluster: run many of these
 
 The worker loads the model of the first job once (before claiming anything, so a model that
-cannot load here costs no job an attempt) and keeps it while jobs ask for the same labels. Per
+cannot load here costs no job an attempt) and keeps it while jobs ask for the same labels. It
+closes a backend before loading the next model and on every way out (``close()``: the GPU
+engines' processes would otherwise keep the GPU memory the next model needs). Per
 job: label the shard into the worker's own staging folder, and only while it still holds the job
 move it into the output (atomic rename), rebuild the output manifest under a Redis lock and
 acknowledge. A heartbeat thread keeps the job claimed while it runs; if the worker dies, another
@@ -46,7 +48,7 @@ from labelling.labels import check_output_labels, label_shard, labels_block, upd
 from labelling.queue import Job, JobQueue, QueueConfig, connect, default_worker_name, one_line
 from utils.config import parse_config
 from utils.errors import UserError, exit_on_user_error
-from utils.llm import LLMBackend, LLMSpec, make_backend
+from utils.llm import LLMBackend, LLMSpec, close_backend, make_backend
 from utils.trajectories import DatasetError, TrajectoryDataset
 
 AREA, COMMAND = "labelling", "worker"
@@ -171,7 +173,11 @@ def job_error_is_final(exc: BaseException) -> bool:
 
 
 class BackendCache:
-    """Keeps the last loaded model; loads another only when a job asks for different labels."""
+    """Keeps the last loaded model; loads another only when a job asks for different labels.
+
+    Owns what ``load`` returns: the old backend is closed (not just dropped) before the next one
+    loads, and :meth:`close` closes the last one. Dropping an SGLang or vLLM backend leaves its
+    engine processes holding the GPU memory, so the next model would not fit."""
 
     def __init__(self, cfg: WorkerConfig, load: Callable[[LLMSpec], LLMBackend] = make_backend):
         self.runtime = {"batch_size": cfg.batch_size, "device": cfg.device}
@@ -179,12 +185,18 @@ class BackendCache:
         self._key: str | None = None
         self.backend: LLMBackend | None = None
 
+    def close(self) -> None:
+        """Close the loaded backend, if any (idempotent)."""
+        backend, self.backend, self._key = self.backend, None, None
+        if backend is not None:
+            close_backend(backend)
+
     def get(self, spec: LLMSpec) -> LLMBackend:
         """The backend for ``spec``. A model that does not load is this worker's problem: a
         ``UserError`` (no GPU, no vllm) passes through, anything else becomes ``WorkerBroken``."""
         key = json.dumps(dataclasses.asdict(spec), sort_keys=True)
         if key != self._key:
-            self.backend = None  # free the old model before loading the next
+            self.close()  # free the old model (and stop its engine) before loading the next
             try:
                 self.backend = self._load(spec)
             except UserError:
@@ -312,8 +324,9 @@ def run_worker(cfg: WorkerConfig, client=None,
     """Serve jobs until the queue stays empty (or ``max_jobs``); returns what this worker did.
 
     ``load`` builds a backend from a job's spec (default ``make_backend``; benchmarks and tests
-    pass stand-ins). Raises
-    ``WorkerBroken`` when this worker should stop (see the module docstring)."""
+    pass stand-ins); the worker owns what it returns and closes it on a model switch and on the
+    way out, whatever the way. Raises ``WorkerBroken`` when this worker should stop (see the
+    module docstring)."""
     cfg.validate()
     if cfg.threads:
         import torch
@@ -324,10 +337,20 @@ def run_worker(cfg: WorkerConfig, client=None,
     name = cfg.name or default_worker_name()
     summary = WorkerSummary(name)
     backends = BackendCache(cfg, load or make_backend)
+    try:
+        _serve(cfg, queue, name, summary, backends)
+    finally:
+        backends.close()  # on every way out: done, WorkerBroken, SIGTERM, Ctrl-C
+    return summary
+
+
+def _serve(cfg: WorkerConfig, queue: JobQueue, name: str, summary: WorkerSummary,
+           backends: BackendCache) -> None:
+    """:func:`run_worker`'s loop; fills ``summary``."""
     claim_idle_ms = int(cfg.claim_idle_s * 1000)
     first = _wait_for_first_job(queue, cfg)
     if first is None:
-        return summary
+        return
     try:
         first_spec = first.spec(**backends.runtime)
     except (KeyError, TypeError, ValueError):
@@ -364,7 +387,6 @@ def run_worker(cfg: WorkerConfig, client=None,
         bar.close()
         summary.seconds = time.perf_counter() - start
         queue.leave(name)
-    return summary
 
 
 def _handle(job: Job, queue: JobQueue, backends: BackendCache, cfg: WorkerConfig, name: str,

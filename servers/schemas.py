@@ -17,12 +17,26 @@ from utils.text_obs import TEXT_ENV_NAMES
 EnvName = Literal[TEXT_ENV_NAMES]  # type: ignore[valid-type]
 
 
+# "Exactly one of" in the schema itself, so a client generated from /openapi.json (or a schema fuzzer)
+# never builds a body the validator below refuses. The wire format stays one flat object: each branch
+# only says which fields hold a value there (JSON Schema's "properties" apply to keys that are present,
+# so a field may be absent or null, as the validator allows). The branches exclude each other on
+# "texts" (array in one, null in the other), so "oneOf" and the validator agree on every body.
+ONE_INPUT_SCHEMA = [
+    {"title": "texts", "required": ["texts"],
+     "properties": {"texts": {"type": "array"}, "observations": {"type": "null"}, "env": {"type": "null"}}},
+    {"title": "observations", "required": ["observations", "env"],
+     "properties": {"observations": {"type": "array"}, "env": {"type": "string"}, "texts": {"type": "null"}}},
+]
+
+
 class HiddenStatesRequest(BaseModel):
     """Either ``texts``, or ``observations`` with their ``env``: never both, never neither."""
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"texts": ["Health 9, food 9, drink 9, energy 9."]}]},
+        json_schema_extra={"oneOf": ONE_INPUT_SCHEMA,
+                           "examples": [{"texts": ["Health 9, food 9, drink 9, energy 9."]}]},
     )
 
     texts: Optional[list[str]] = Field(

@@ -34,7 +34,8 @@ RUN_FOLDERS = TRAINING + OFFLINE + ["online_rl_llm.llm_play"]
 
 # (module, argv, the flag or argument the one line must name). Placeholders: {file} an existing
 # file, {missing} a path that does not exist, {corrupt} a run folder whose config.yaml is not YAML,
-# {dataset} a folder with a manifest, {suite} a suite YAML naming an unknown env.
+# {dataset} a folder with a manifest, {suite} a suite YAML naming an unknown env, {unmakeable} a
+# folder that cannot be created even by root (under /proc, whose permission bits say writable).
 CASES: list[tuple[str, list[str], str]] = []
 for _m in TRAINING:
     CASES += [
@@ -60,6 +61,7 @@ for _m in RUN_FOLDERS:
         (_m, ["--run-dir", "{file}/run"], "--run-dir"),
         (_m, ["--run-dir", "{file}"], "--run-dir"),
         (_m, ["--run-dir", "{corrupt}"], "--run-dir"),
+        (_m, ["--run-dir", "{unmakeable}"], "--run-dir"),
         (_m, ["--no-such-flag"], "--no-such-flag"),
         (_m, ["--seed"], "--seed"),
     ]
@@ -156,7 +158,16 @@ def bad(tmp_path_factory) -> dict[str, str]:
     (root / "run" / "metrics.jsonl").write_text('{"step": 1, "episode/return": [1.0]}\n{"step": 2, "epis')
     (root / "suite.yaml").write_text("envs: [Nope-v1]\nbudget: 100\nmethods:\n  ppo: {module: online_rl.ppo}\n")
     return {"file": str(root / "a_file"), "missing": str(root / "missing"), "corrupt": str(root / "corrupt"),
-            "dataset": str(root / "dataset"), "metrics_run": str(root / "run"), "suite": str(root / "suite.yaml")}
+            "dataset": str(root / "dataset"), "metrics_run": str(root / "run"), "suite": str(root / "suite.yaml"),
+            "unmakeable": UNMAKEABLE}
+
+
+UNMAKEABLE = "/proc/craftax-baselines/run"
+
+
+def _skip_without_proc(argv: list[str]) -> None:
+    if any("{unmakeable}" in arg for arg in argv) and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc on this system to stand for a folder that cannot be created")
 
 
 def _no_env(*args, **kwargs):
@@ -176,6 +187,7 @@ def assert_one_error_line(code, err: str, names: str) -> None:
 def test_bad_input_is_one_error_line(module, argv, names, bad, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # should a check regress, nothing is written into the repository
     monkeypatch.setattr(VecEnv, "__init__", _no_env)  # ... and no training starts in this process
+    _skip_without_proc(argv)
     main = importlib.import_module(module).main
     capsys.readouterr()  # import-time noise is not part of the answer
     with pytest.raises(SystemExit) as stop:
@@ -189,8 +201,10 @@ def test_bad_input_is_one_error_line(module, argv, names, bad, tmp_path, monkeyp
     ("world_models.dreamer", ["--run-dir", "{file}/run"], "--run-dir"),
     ("tools.plot", ["{metrics_run}", "--out", "{file}/curves.png"], "--out"),
     ("labelling.status", ["--foo"], "--foo"),
+    ("online_rl.ppo", ["--run-dir", "{unmakeable}", "--preset", "debug"], "--run-dir"),  # once a traceback
 ])
 def test_bad_input_in_a_real_process(module, argv, names, bad, tmp_path):
+    _skip_without_proc(argv)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", module, *[a.format(**bad) for a in argv]], cwd=REPO,
                           capture_output=True, text=True, timeout=300,
@@ -243,6 +257,10 @@ def test_output_path_problems(tmp_path):
     with pytest.raises(UserError, match="^--out: .* pass a different --out$"):
         check_output_path(a_file / "x.png", "--out")
     check_output_path(None, "--out")  # an unset optional output is fine
+    assert sorted(tmp_path.iterdir()) == [a_file], "the write check leaves nothing behind"
+    if Path("/proc/self").is_dir():  # writable by its permission bits, yet nothing can be made there
+        assert "cannot be created: nothing can be created in /proc" in output_path_problem(UNMAKEABLE, "dir")
+        assert "/proc cannot be written" in output_path_problem("/proc", "dir")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")

@@ -1,11 +1,17 @@
 """The env factory: names, optimistic resets and episode statistics."""
 
+import itertools
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from utils import envs
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_unknown_env_lists_valid_names_in_one_line():
@@ -15,6 +21,23 @@ def test_unknown_env_lists_valid_names_in_one_line():
     assert "\n" not in message
     for name in ("Craftax-Symbolic-v1", "Craftax-Pixels-v1", "Craftax-Classic-Symbolic-v1", "Craftax-Classic-Pixels-v1"):
         assert name in message
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``Tetris-{Direct,Placement}-v0`` -> both names, as a shell would expand it."""
+    parts = re.split(r"\{([^}]*)\}", pattern)
+    choices = [[part] if i % 2 == 0 else part.split(",") for i, part in enumerate(parts)]
+    return ["".join(combination) for combination in itertools.product(*choices)]
+
+
+@pytest.mark.parametrize("page,start", [("README.md", "Envs:"), ("docs/design.md", "what `register` has added:")])
+def test_docs_list_every_registered_env(page, start):
+    """The front page and the design contract list exactly ``ENV_NAMES`` (the Survival Tetris rewards,
+    which docs/tetris.md recommends for world models, were once missing from both)."""
+    text = (REPO / page).read_text()
+    paragraph = text[text.index(start):].split("\n\n")[0]
+    listed = [name for pattern in re.findall(r"`([\w{},-]+-v\d+)`", paragraph) for name in expand_braces(pattern)]
+    assert sorted(listed) == sorted(envs.ENV_NAMES)
 
 
 def run_random(env, steps, seed=0):

@@ -77,6 +77,25 @@ def test_tiny_model_loads_like_a_real_one_and_builds_deterministically(tiny_llm_
     assert file_digests(build_tiny_llm(tmp_path / "again")) == file_digests(tiny_llm_path)
 
 
+def test_tiny_model_command_line_has_help_and_a_folder_argument(tmp_path, monkeypatch, capsys):
+    """``--help`` once wrote a model into a folder named ``--help``: flags are parsed, never taken for DIR."""
+    from utils.testing.tiny_llm import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0 and "DIR" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main(["--no-such-flag"])
+    assert stop.value.code == 2
+    assert list(tmp_path.iterdir()) == [], "neither --help nor a bad flag writes a model"
+    path = main(["shapes/qwen3", "--preset", "qwen3-4b", "--no-weights"])
+    assert capsys.readouterr().out.strip() == path == "shapes/qwen3"
+    written = {f.name for f in (tmp_path / "shapes" / "qwen3").iterdir()}
+    assert "config.json" in written and "tokenizer.json" in written
+    assert not any(name.endswith(".safetensors") for name in written), "--no-weights writes no weights"
+
+
 # ----------------------------------------------------------------------------------------------
 # Hidden states
 # ----------------------------------------------------------------------------------------------

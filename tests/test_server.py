@@ -416,6 +416,43 @@ def test_openapi_schema_lists_the_typed_models(http):
         "schema"]["$ref"].endswith("/HealthResponse")
 
 
+_JSON_TYPES = {"array": list, "null": type(None), "string": str}
+
+
+def _branch_matches(branch: dict, body: dict) -> bool:
+    """JSON Schema's ``required`` and ``properties``/``type``, the only keywords the branches use
+    (asserted), so no schema validator needs installing."""
+    assert set(branch) <= {"title", "required", "properties"}
+    return all(key in body for key in branch["required"]) and all(
+        isinstance(body[key], _JSON_TYPES[rule["type"]]) for key, rule in branch["properties"].items() if key in body)
+
+
+def test_openapi_request_schema_says_exactly_one_of_texts_or_observations(http):
+    """A schema that allowed both let generated clients and schema fuzzers send bodies the server
+    refuses; now the schema's oneOf and the server agree on each body, and the refusals stay one line."""
+    request = http.get("/openapi.json").json()["components"]["schemas"]["HiddenStatesRequest"]
+    branches = request["oneOf"]
+    assert [sorted(b["required"]) for b in branches] == [["texts"], ["env", "observations"]]
+    obs = classic_obs(1)
+    bodies = [
+        ({"texts": ["a"]}, 200), ({"env": CLASSIC, "observations": obs}, 200),
+        ({"texts": ["a"], "observations": None, "env": None}, 200),
+        ({"texts": None, "env": CLASSIC, "observations": obs, "return_texts": True}, 200),
+        ({"texts": ["a"], "env": CLASSIC, "observations": obs}, 422),  # both
+        ({"texts": ["a"], "observations": obs}, 422),  # both, without env
+        ({}, 422), ({"return_texts": True}, 422), ({"texts": None, "observations": None}, 422),  # neither
+        ({"observations": obs}, 422), ({"texts": ["a"], "env": CLASSIC}, 422),
+    ]
+    for body, status in bodies:
+        matched = sum(_branch_matches(branch, body) for branch in branches)
+        assert (matched == 1) == (status == 200), (body, matched)
+        answer = http.post(URL_PATH, json=body)
+        assert answer.status_code == status, (body, answer.text)
+        if status == 422:
+            detail = answer.json()["detail"]
+            assert isinstance(detail, str) and detail and "\n" not in detail, detail
+
+
 # ----------------------------------------------------------------------------------------------
 # Client
 # ----------------------------------------------------------------------------------------------

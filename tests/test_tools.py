@@ -343,6 +343,92 @@ def test_render_online_checkpoint_to_gif(tmp_path):
         run(RenderConfig(out=str(tmp_path / "x.gif"), run=str(tmp_path / "run"), seed_index=2))
 
 
+def entry_point_run_names() -> tuple[set[str], set[str]]:
+    """``area/algo`` folder names that training entry points file runs under, computed with the
+    entry points' own naming (``algo_name``, ``ALGO``): (those of the entry points listed here, those
+    of every module of an algorithm area that has ``ALGO`` and ``main``, found by walking the areas)."""
+    import importlib
+    import pkgutil
+
+    import offline_rl
+    import online_rl
+    import online_rl_llm
+    import world_models
+    from offline_rl import awr, bc
+    from offline_rl.trainer import AREA as OFFLINE
+    from online_rl import ppo, ppo_rnd, ppo_rnn
+    from online_rl.bonuses import BONUSES
+    from online_rl_llm import ppo_llm
+    from world_models import dreamer
+
+    listed = {f"{ppo.AREA}/{ppo.algo_name(dataclasses.replace(ppo.PPOConfig(), bonus=b))}" for b in BONUSES}
+    listed |= {f"{ppo_rnd.AREA}/{ppo.algo_name(ppo_rnd.PPORNDConfig())}", f"{ppo_rnn.AREA}/{ppo_rnn.ALGO}"}
+    listed |= {f"{dreamer.AREA}/{dreamer.algo_name(dreamer.DreamerConfig(version=v))}" for v in dreamer.VERSIONS}
+    listed |= {f"{OFFLINE}/{awr.ALGO}", f"{OFFLINE}/{bc.ALGO}", f"{ppo_llm.AREA}/{ppo_llm.ALGO}"}
+    found = set(listed)
+    for package in (online_rl, online_rl_llm, world_models, offline_rl):
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            if hasattr(module, "ALGO") and hasattr(module, "main"):
+                found.add(f"{package.__name__}/{module.ALGO}")
+    return listed, found
+
+
+def test_render_loaders_are_registered_for_the_run_names_entry_points_write():
+    """A loader once existed for ``ppo_icm_e3b``, which no ``--bonus`` writes, and none for ``ppo_llm``:
+    every registered name is one some entry point files runs under, and each listed entry point's
+    runs have a loader. (``online_rl_llm/llm_play`` runs are an LLM playing, not a trained policy.)"""
+    from tools.agents import registered
+
+    listed, found = entry_point_run_names()
+    assert set(registered()) <= found, f"loaders for names no entry point writes: {set(registered()) - found}"
+    assert listed <= set(registered()), f"runs no loader can render: {listed - set(registered())}"
+
+
+@pytest.mark.slow  # a minute: one ppo_llm update with the tiny LLM, then an episode through the loader
+def test_render_ppo_llm_run_with_live_features(tmp_path, tiny_llm_path, monkeypatch):
+    import imageio.v2 as imageio
+    import jax
+
+    import utils.llm
+    from online_rl_llm.ppo_llm import PPOLLMConfig, make_train, train
+    from tools.agents import identify, restore_seed_fields
+    from tools.render import RenderConfig, run
+    from utils import envs
+    from utils.config import apply_presets, load_presets
+
+    cfg = apply_presets(PPOLLMConfig(), ["debug"], load_presets("online_rl_llm", "ppo_llm"), "debug")
+    cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"), progress=False, total_steps=128,
+                              llm_model=tiny_llm_path, llm_device="cpu")
+    trained = train(cfg)["carry"]
+    assert identify(tmp_path / "run") == ("online_rl_llm", "ppo_llm")
+
+    texts_sent, make_backend = [], utils.llm.make_backend
+
+    def counting_backend(spec):  # the LLM the loader opens, counting what it is asked
+        backend = make_backend(spec)
+        hidden_states = backend.hidden_states
+        backend.hidden_states = lambda texts: texts_sent.append(list(texts)) or hidden_states(texts)
+        return backend
+
+    monkeypatch.setattr(utils.llm, "make_backend", counting_backend)
+    result = run(RenderConfig(out=str(tmp_path / "llm.gif"), run=str(tmp_path / "run"), max_steps=9,
+                              progress=False))
+    assert result["episodes"][0]["length"] == 9
+    assert len(imageio.mimread(tmp_path / "llm.gif")) == result["frames"] == 10
+    assert [len(t) for t in texts_sent] == [1, 1, 1], "one text at steps 0, 4 and 8 (skip_n 4), as in evaluation"
+
+    algorithm = make_train(cfg, envs.make(cfg.env, cfg.num_envs, reset_ratio=cfg.reset_ratio), 1, 32)
+    (params, norm), _ = restore_seed_fields(tmp_path / "run", cfg, algorithm.init, [("params",), ("features", "norm")])
+    for restored, saved in zip(jax.tree.leaves((params, norm)), jax.tree.leaves((trained.params, trained.features.norm))):
+        np.testing.assert_array_equal(np.asarray(restored), np.asarray(saved[0]))
+
+    features = tmp_path / "run" / "features.json"
+    features.write_text(json.dumps({**json.loads(features.read_text()), "layer": 0}))
+    with pytest.raises(UserError, match="other LLM features"):  # a vector the policy never saw: refused
+        run(RenderConfig(out=str(tmp_path / "x.gif"), run=str(tmp_path / "run"), max_steps=2, progress=False))
+
+
 def test_render_offline_checkpoint(dataset, tmp_path):
     from offline_rl.bc import main as bc_main
     from tools.agents import identify

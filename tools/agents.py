@@ -5,8 +5,9 @@ unbatched observation at a time. Loaders are registered by the run's ``(area, al
 folder names of ``runs/<area>/<algo>/<env>/<run>`` that every training entry point also writes to
 ``summary.json``, so an area adds its own with :func:`register` without touching the tools:
 
-* ``online_rl``: ``ppo`` (and its ``ppo_icm``/``ppo_e3b``/``ppo_icm_e3b`` variants), ``ppo_rnn``,
-  ``ppo_rnd``; ``world_models``: ``dreamer_v1``/``v2``/``v3``. The config is rebuilt from
+* ``online_rl``: ``ppo`` and the names its ``--bonus`` files runs under (``ppo_icm``, ``ppo_e3b``,
+  ``ppo_rnd``; ``python -m online_rl.ppo_rnd`` writes ``ppo_rnd`` too), ``ppo_rnn``;
+  ``world_models``: ``dreamer_v1``/``v2``/``v3``. The config is rebuilt from
   ``config.yaml``; the algorithm's own ``make_train`` gives the checkpoint's structure (traced,
   not computed) and its evaluation policy (``act(params, obs, state, key)``, the one its
   evaluation uses); only the policy's parameters are restored from the newest Orbax checkpoint
@@ -14,6 +15,13 @@ folder names of ``runs/<area>/<algo>/<env>/<run>`` that every training entry poi
 * ``offline_rl``: ``awr``, ``bc``: ``offline_rl.checkpoint`` loads the self-describing file and
   its per-seed networks; policies trained on LLM features get them live through
   ``offline_rl.evaluate.make_feature_fn``, exactly as evaluation does.
+* ``online_rl_llm``: ``ppo_llm``: restored like the PPO family (parameters and the running feature
+  statistics); the LLM the run used (its model, or ``--llm-model`` for a copy elsewhere; its server
+  when it trained through one) gives hidden states live, refreshed at each episode start and every
+  ``skip_n`` steps as in the run's own evaluation, and must match the run's ``features.json``.
+
+The registered names are exactly those an entry point files runs under (``tests/test_tools.py``
+checks it), so a name no run can have is never advertised and every trained run can be rendered.
 
 Actions are sampled from the policy, as in the algorithms' own evaluation.
 """
@@ -142,12 +150,23 @@ def restore_policy_params(run_dir: Path, config_cls: type, build: Callable[[Any]
     """``(config, pieces, params of one seed, checkpoint step)`` of a run folder written through
     ``utils.training.HostLoop`` (``config.yaml``, Orbax checkpoints of a carry stacked over seeds).
     Only the policy's parameters are read from the checkpoint."""
+    cfg = config_from_yaml(config_cls, run_dir / "config.yaml")
+    pieces = build(cfg)
+    (params,), step = restore_seed_fields(run_dir, cfg, pieces.init, [pieces.params_field], seed_index)
+    return cfg, pieces, params, step
+
+
+def restore_seed_fields(run_dir: Path, cfg: Any, init: Callable[[Any], Any], fields: list[tuple[str, ...]],
+                        seed_index: int = 0) -> tuple[list[Any], int]:
+    """One seed's values of the carry's ``fields`` (attribute paths, e.g. ``("features", "norm")``) from
+    the newest checkpoint of ``run_dir``, and its step. ``init`` (one seed's) is only traced, for the
+    checkpoint's structure; nothing else of the carry is read."""
     import jax
+    from flax import serialization
 
     from utils import training
     from utils.checkpoint import Checkpointer
 
-    cfg = config_from_yaml(config_cls, run_dir / "config.yaml")
     if not 0 <= seed_index < cfg.num_seeds:
         raise UserError(f"--seed-index {seed_index}: {run_dir} trained {cfg.num_seeds} seed(s)")
     if not (run_dir / "checkpoints").is_dir():
@@ -156,19 +175,28 @@ def restore_policy_params(run_dir: Path, config_cls: type, build: Callable[[Any]
     step = checkpointer.latest_step()
     if step is None:
         raise UserError(f"{run_dir}/checkpoints holds no checkpoint; train the run first")
-    pieces = build(cfg)
     keys = training.seed_keys(cfg.seed, cfg.num_seeds)
-    like = jax.eval_shape(jax.vmap(pieces.init), keys)  # traced only: nothing is computed
-    for name in pieces.params_field:
-        like = getattr(like, name)
-    wanted = like
-    for name in reversed(pieces.params_field):
-        wanted = {name: wanted}
+    carry_like = jax.eval_shape(jax.vmap(init), keys)  # traced only: nothing is computed
+    likes, wanted = [], {}
+    for path in fields:
+        like = carry_like
+        for name in path:
+            like = getattr(like, name)
+        likes.append(like)
+        node = wanted
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = serialization.to_state_dict(like)  # struct dataclasses as the dicts Orbax saved
     restored, _ = checkpointer.restore_fields(step, wanted)
     checkpointer.close()
-    for name in pieces.params_field:
-        restored = restored[name]
-    return cfg, pieces, jax.tree.map(lambda x: x[seed_index], restored), int(step)
+    values = []
+    for path, like in zip(fields, likes):
+        value = restored
+        for name in path:
+            value = value[name]
+        value = serialization.from_state_dict(like, value)
+        values.append(jax.tree.map(lambda x: x[seed_index], value))
+    return values, int(step)
 
 
 def jax_run_loader(config_cls: Callable[[], type], build: Callable[[Any], PolicyPieces]) -> Loader:
@@ -212,13 +240,14 @@ def _config(module_name: str, name: str) -> Callable[[], type]:
     return lambda: getattr(importlib.import_module(module_name), name)
 
 
-for _algo in ("ppo", "ppo_icm", "ppo_e3b", "ppo_icm_e3b"):
+# The names online_rl.ppo files runs under: "ppo" and "ppo_<bonus>" for each --bonus (rnd included,
+# which python -m online_rl.ppo_rnd also writes; its config reads as PPOConfig with bonus: rnd).
+PPO_BONUS_ALGOS = ("ppo_icm", "ppo_e3b", "ppo_rnd")
+for _algo in ("ppo", *PPO_BONUS_ALGOS):
     register("online_rl", _algo, jax_run_loader(_config("online_rl.ppo", "PPOConfig"),
                                                 ppo_family_pieces("online_rl.ppo")))
 register("online_rl", "ppo_rnn", jax_run_loader(_config("online_rl.ppo_rnn", "PPORNNConfig"),
                                                 ppo_family_pieces("online_rl.ppo_rnn")))
-register("online_rl", "ppo_rnd", jax_run_loader(_config("online_rl.ppo_rnd", "PPORNDConfig"),
-                                                ppo_family_pieces("online_rl.ppo_rnd")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,3 +307,76 @@ def load_offline(path: Path, options: LoadOptions) -> Agent:
 
 register("offline_rl", "awr", load_offline)
 register("offline_rl", "bc", load_offline)
+
+
+# ----------------------------------------------------------------------------------------------
+# online_rl_llm: PPO with live LLM features
+# ----------------------------------------------------------------------------------------------
+
+
+def load_ppo_llm(run_dir: Path, options: LoadOptions) -> Agent:
+    """A ``ppo_llm`` run's policy with its LLM features computed live, as its evaluation computes them.
+
+    The features come from where the run got them (its in-process model on ``options.device``, or its
+    server while that still runs); ``options.llm_model`` loads the model from another place instead,
+    and then model and revision are not compared. Everything else that decides a vector (layer,
+    pooling, prompt, size, backend, compute dtype) must equal the run's ``features.json``."""
+    import jax
+    import jax.numpy as jnp
+
+    from online_rl_llm import ppo_llm
+    from online_rl_llm.features import IDENTITY_FIELDS, encoder_identity, normalise, open_encoder
+    from utils import envs
+    from utils.llm import check_identity
+    from utils.text_obs import render_texts
+
+    cfg = config_from_yaml(ppo_llm.PPOLLMConfig, run_dir / "config.yaml")
+    saved_path = run_dir / ppo_llm.FEATURES_FILE
+    if not saved_path.is_file():
+        raise UserError(f"{saved_path}: missing; a ppo_llm run folder records its LLM features there")
+    saved = json.loads(saved_path.read_text())
+    if options.llm_model or not cfg.server_url:
+        spec = dataclasses.replace(cfg, server_url=None).llm_spec()  # a server's run: its settings, here
+        spec = spec.replace(model=options.llm_model or spec.model, device=options.device)
+        encoder, server_url = open_encoder(spec, None), None
+    else:
+        try:
+            encoder, server_url = open_encoder(None, cfg.server_url), cfg.server_url
+        except UserError as error:
+            raise UserError(f"{error}; {run_dir} got its features from that server: start it again, or pass "
+                            f"--llm-model with the server's model ({saved.get('model')})") from None
+    fields = [k for k in IDENTITY_FIELDS if not (options.llm_model and k in ("model", "model_revision"))]
+    check_identity(saved, encoder_identity(encoder, server_url), fields, subject=f"run folder {run_dir}",
+                   fix="render with the run's model, backend and compute dtype (--llm-model for a copy of the "
+                       "model elsewhere, --device for the run's kind of device)")
+
+    env = envs.make(cfg.env, cfg.num_envs, reset_ratio=cfg.reset_ratio)
+    dim = int(saved["dim"])
+    algorithm = ppo_llm.make_train(cfg, env, 1, dim)  # traced for the carry; the update count shapes no array read
+    (params, norm), step = restore_seed_fields(run_dir, cfg, algorithm.init, [("params",), ("features", "norm")],
+                                               options.seed_index)
+    network = ppo_llm.make_network(cfg, env)
+
+    @jax.jit
+    def act_batch(params, obs, raw, key):
+        logits, _ = network.apply(params, obs, normalise(norm, raw))
+        return jax.random.categorical(key, logits)
+
+    memory = {"t": 0, "raw": None, "key": jax.random.PRNGKey(options.sample_seed)}
+
+    def act(obs: np.ndarray) -> int:
+        if memory["t"] % cfg.skip_n == 0:  # the episode's first step and every skip_n-th after it
+            memory["raw"] = jnp.asarray(encoder.hidden_states(render_texts(np.asarray(obs)[None], cfg.env)),
+                                        jnp.float32)
+        memory["t"] += 1
+        memory["key"], key = jax.random.split(memory["key"])
+        return int(act_batch(params, jnp.asarray(obs)[None], memory["raw"], key)[0])
+
+    def reset() -> None:
+        memory["t"] = 0
+
+    return Agent(cfg.env, act, reset, f"{run_dir.name} (update {step}, seed {options.seed_index}, "
+                                      f"LLM {saved.get('model')})")
+
+
+register("online_rl_llm", "ppo_llm", load_ppo_llm)

@@ -3,12 +3,13 @@
     python -m tools.render --run runs/online_rl/ppo/Craftax-Classic-Symbolic-v1/default-s0 --out ppo.gif
     python -m tools.render --run runs/offline_rl/bc/Craftax-Classic-Symbolic-v1/default-s0 --out bc.mp4
     python -m tools.render --run runs/world_models/dreamer_v3/Craftax-Classic-Symbolic-v1/xs-s0 --out dv3.gif
+    python -m tools.render --run runs/online_rl_llm/ppo_llm/Craftax-Classic-Symbolic-v1/debug-s0 --out llm.gif
     python -m tools.render --dataset data/classic-ppo --stream 3 --episode 1 --out episode.gif
     python -m tools.render --text obs.txt --out obs.png          # or --text - to read stdin
 
 ``--run`` takes any run folder or checkpoint file with a registered agent loader
-(:mod:`tools.agents`: online_rl ppo/ppo_rnn/ppo_rnd and their variants, world_models
-dreamer_v1-v3, offline_rl awr/bc) and plays ``--episodes`` episodes with its policy, writing one
+(:mod:`tools.agents`: online_rl ppo, ppo_icm, ppo_e3b, ppo_rnd and ppo_rnn, world_models
+dreamer_v1-v3, offline_rl awr/bc, online_rl_llm ppo_llm with its LLM's features live) and plays ``--episodes`` episodes with its policy, writing one
 frame per state (an episode of T steps gives T + 1 frames) with a caption of the step, the return
 so far, the last action and the achievements unlocked so far.
 
@@ -45,7 +46,7 @@ class RenderConfig:
     out: str
     """Output file: .gif or .mp4 for --run and --dataset, .png for --text."""
     run: str | None = None
-    """Run folder or checkpoint file of a trained agent (online_rl, offline_rl, world_models)."""
+    """Run folder or checkpoint file of a trained agent (online_rl, online_rl_llm, offline_rl, world_models)."""
     dataset: str | None = None
     """Trajectory dataset folder (manifest.json + shards), labelled or not."""
     text: str | None = None
@@ -67,9 +68,9 @@ class RenderConfig:
     fps: int = 10
     """Frames per second of the video."""
     device: str = "cpu"
-    """Torch device for offline-RL policies (and their LLM features)."""
+    """Torch device for offline-RL policies and for the LLM features of offline-RL and ppo_llm policies."""
     llm_model: str | None = None
-    """Offline-RL policies on LLM features: load the LLM from here instead of the labels' model."""
+    """Policies on LLM features (offline RL, ppo_llm): load the LLM from here instead of the one recorded."""
     progress: bool = True
     """Show a progress bar over steps."""
 

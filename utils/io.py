@@ -72,21 +72,36 @@ def output_path_problem(path: str | Path, kind: str = "file") -> str | None:
 
     Checked before any work starts, so a typo in an output flag costs a second, not a training run:
     the path must not be the other kind, no folder above it may be a file, and the nearest folder
-    that exists must be writable (the rest is created)."""
+    that exists must be writable (the rest is created). Writable is tried, not only asked: root passes
+    every ``os.access`` test, yet cannot create anything in /proc or on a full or read-only mount, so an
+    empty entry is made and removed again in the folder that would receive the new one."""
     path = Path(path)
     if path.exists():
         if kind == "dir" and not path.is_dir():
             return f"{path} is a file, not a folder"
         if kind == "file" and path.is_dir():
             return f"{path} is a folder, not a file"
-        return None if os.access(path, os.W_OK) else f"{path} is not writable"
+        if not os.access(path, os.W_OK):
+            return f"{path} is not writable"
+        return _creation_problem(path, path) if kind == "dir" else None
     for parent in path.parents:
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():
                 return f"{parent} is a file, so {path} cannot be created under it"
             if not os.access(parent, os.W_OK | os.X_OK):
                 return f"{parent} is not writable, so {path} cannot be created"
-            return None
+            return _creation_problem(parent, path)
+    return None
+
+
+def _creation_problem(folder: Path, path: Path) -> str | None:
+    """Why nothing can be created in ``folder`` (on the way to ``path``), found by creating an empty
+    folder there and removing it; None if that worked."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".craftax-write-check-"))
+    except OSError as error:
+        where = f"{path} cannot be created" if folder != path else f"{path} cannot be written"
+        return f"{where}: nothing can be created in {folder} ({error.strerror or error})"
     return None
 
 

@@ -39,13 +39,21 @@ features are never mixed silently with fp32 CPU ones. Pooling always sums in flo
 
 Backends (all load the model only through :func:`make_backend`; the GPU engines import lazily):
 
+Every backend works through a long list of texts (a 16k-row shard) in chunks: at most
+:data:`ENGINE_CHUNK_ROWS` prompts are tokenized and handed to an engine at a time, and engines whose
+answers grow with the prompts' tokens (SGLang's per-token lists, vLLM's per-prompt files) get a
+token budget too, so memory stays flat as the input grows. ``close()`` frees a backend's model and
+engine processes at once (a worker switching models must not hold two).
+
 * ``transformers``: CPU or GPU; batches prompts sorted by length with left padding and explicit
   position ids (so a padded row equals the same prompt alone). An intermediate layer ``k`` loads
   only ``k`` decoder layers (and no final norm): the rest would be computed and thrown away.
 * ``vllm`` (GPU): the last layer through the pooling runner with every normalisation switch the
   installed vLLM has turned off (checked at warm-up: rows must not come back unit-norm);
-  layer ``k`` by truncating the model to ``k`` layers (``hf_overrides``) and extracting the
-  pre-norm state of layer ``k``, with the per-prompt files under /dev/shm when it exists.
+  layer ``k`` by extracting the pre-norm state of layer ``k``, from a model truncated to ``k``
+  layers (``hf_overrides``) when the checkpoint can be loaded that way (decided before the engine
+  starts) and from the whole model otherwise, with the per-prompt files under /dev/shm when it has
+  room.
 * ``sglang`` (GPU): the last layer through ``return_hidden_states`` (SGLang returns the final,
   normed state only, so intermediate layers are refused), and generation.
 """
@@ -57,8 +65,9 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,12 +77,13 @@ from utils.errors import UserError
 
 __all__ = [
     "LLMError", "LLMSpec", "LLMBackend", "TransformersBackend", "VLLMBackend", "SGLangBackend",
-    "make_backend", "observation_features", "model_dims", "model_config", "resolve_layer",
+    "make_backend", "close_backend", "observation_features", "model_dims", "model_config", "resolve_layer",
     "check_spec", "load_tokenizer", "PromptBuilder", "identity", "model_revision",
     "RESOLVED_FIELDS", "is_resolved", "identity_differences", "check_identity",
     "truncation_overrides", "pool_states", "pool_token_states", "check_not_unit_norm",
     "require_vllm", "require_sglang", "sglang_engine_options", "sglang_prompt_states",
-    "vllm_engine_options", "vllm_pooler_options", "vllm_pooling_switches",
+    "vllm_engine_options", "vllm_pooler_options", "vllm_pooling_switches", "vllm_truncation_plan",
+    "ENGINE_CHUNK_ROWS", "prompt_chunks", "free_bytes", "shm_dir",
 ]
 
 POOLINGS = ("last", "mean")
@@ -83,6 +93,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Bump when the rules that turn a text into a prompt change: old labels then get a new hash.
 PROMPT_FORMAT_VERSION = 1
 _SYSTEM_SEPARATOR = "\n\n"
+ENGINE_CHUNK_ROWS = 1024
+"""Most texts a backend tokenizes and hands to its engine at once. Labelling sends a whole shard
+(16,384 rows at the CPU preset) in one ``hidden_states`` call; chunking inside the backend keeps
+the token ids, the engine's queue and its answers to this many rows, whatever the shard size."""
 
 
 class LLMError(UserError):
@@ -202,6 +216,10 @@ class LLMBackend(Protocol):
                  temperature: float = 0.0) -> list[str]:
         """Continuations of each prompt (built like hidden-state prompts); greedy at temperature 0."""
 
+    def close(self) -> None:
+        """Free the model and stop any engine processes now; the backend is unusable afterwards.
+        Idempotent. (Engine processes outlive a dropped object and keep its GPU memory.)"""
+
 
 # ----------------------------------------------------------------------------------------------
 # Model metadata and prompts (shared by every backend)
@@ -294,8 +312,9 @@ class PromptBuilder:
                                                       **self.chat_options)
         return self.spec.system_prompt + _SYSTEM_SEPARATOR + user
 
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids per text; raises when one is longer than ``max_length``."""
+    def encode(self, texts: Sequence[str], first: int = 0) -> list[list[int]]:
+        """Token ids per text; raises when one is longer than ``max_length``. ``first`` is the
+        index of ``texts[0]`` in the caller's whole list (chunks), so errors name the right prompt."""
         if isinstance(texts, str):
             raise TypeError("pass a sequence of texts, not a single string")
         prompts = [self.prompt(t) for t in texts]
@@ -303,7 +322,7 @@ class PromptBuilder:
             return []
         # A rendered chat template already holds its special tokens.
         ids = self.tokenizer(prompts, add_special_tokens=not self.uses_chat_template)["input_ids"]
-        for i, row in enumerate(ids):
+        for i, row in enumerate(ids, start=first):
             if len(row) > self.spec.max_length:
                 raise LLMError(f"prompt {i} has {len(row)} tokens, more than max_length "
                                f"{self.spec.max_length}; raise --max-length or shorten the template")
@@ -319,6 +338,27 @@ def _check_finite(states: np.ndarray, what: str) -> np.ndarray:
                        f"{len(states)} prompts (first: {int(np.argmax(bad))}); try dtype float32 "
                        "or another layer")
     return states
+
+
+def prompt_chunks(sizes: Sequence[int], max_rows: int | None = None,
+                  max_size: int | None = None) -> Iterator[slice]:
+    """Consecutive slices of prompts, each with at most ``max_rows`` prompts (default
+    :data:`ENGINE_CHUNK_ROWS`) and, with ``max_size``, a total of ``sizes`` (per prompt: tokens,
+    bytes, ...) of at most ``max_size``; a single prompt over ``max_size`` gets a slice of its own
+    (callers that cannot take it check first).
+
+    What bounds an engine call's memory: the rows for engines that answer one vector per prompt,
+    the tokens (or bytes) for engines that answer one vector per token."""
+    max_rows = ENGINE_CHUNK_ROWS if max_rows is None else max_rows
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        full = i - start >= max_rows or (max_size is not None and total + size > max_size)
+        if full and i > start:
+            yield slice(start, i)
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        yield slice(start, len(sizes))
 
 
 def _length_batches(ids: Sequence[Sequence[int]], batch_size: int) -> list[np.ndarray]:
@@ -538,9 +578,30 @@ class TransformersBackend:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return input_ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
+    def _require_open(self) -> None:
+        if self.model is None:
+            raise LLMError(f"this backend of {self.spec.model} was closed; make a new one with make_backend")
+
+    def close(self) -> None:
+        """Drop the model now (and give its GPU memory back to the driver's cache)."""
+        if getattr(self, "model", None) is None:
+            return
+        self.model = None
+        if str(self.device).startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
     def hidden_states(self, texts: Sequence[str]) -> np.ndarray:
+        self._require_open()
+        if isinstance(texts, str):
+            raise TypeError("pass a sequence of texts, not a single string")
+        out = np.empty((len(texts), self.hidden_size), dtype=np.float32)
+        # Tokenized ENGINE_CHUNK_ROWS texts at a time: a shard's token ids never exist all at once.
+        for rows in prompt_chunks([0] * len(texts)):
+            out[rows] = self._hidden_states(self.prompts.encode(texts[rows], first=rows.start))
+        return _check_finite(out, f"model {self.spec.model}")
+
+    def _hidden_states(self, ids: list[list[int]]) -> np.ndarray:
         torch = self._torch
-        ids = self.prompts.encode(texts)
         out = np.empty((len(ids), self.hidden_size), dtype=np.float32)
         with torch.inference_mode():
             for batch in _length_batches(ids, self.spec.batch_size):
@@ -554,28 +615,32 @@ class TransformersBackend:
                                                output_hidden_states=embeddings)
                 states = result.hidden_states[0] if embeddings else result.last_hidden_state
                 out[batch] = pool_states(states, mask, self.spec.pooling).cpu().numpy()
-        return _check_finite(out, f"model {self.spec.model}")
+        return out
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
                  temperature: float = 0.0) -> list[str]:
         torch = self._torch
+        self._require_open()
         if self.loaded_layers < self.num_layers:
             raise LLMError(f"this backend loaded {self.loaded_layers} of {self.num_layers} layers for "
                            f"layer {self.spec.layer}'s hidden states and cannot generate; load the "
                            "model for generation with layer -1")
-        ids = self.prompts.encode(prompts)
-        texts: list[str] = [""] * len(ids)
+        if isinstance(prompts, str):
+            raise TypeError("pass a sequence of prompts, not a single string")
+        texts: list[str] = [""] * len(prompts)
         sampling = ({"do_sample": True, "temperature": float(temperature)} if temperature > 0
                     else {"do_sample": False})
         with torch.inference_mode():
-            for batch in _length_batches(ids, self.spec.batch_size):
-                input_ids, mask, _ = self._pad([ids[i] for i in batch])
-                generated = self.model.generate(
-                    input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                    pad_token_id=self.tokenizer.pad_token_id, **sampling)
-                new_tokens = generated[:, input_ids.shape[1]:]
-                for i, row in zip(batch, new_tokens):
-                    texts[i] = self.tokenizer.decode(row, skip_special_tokens=True)
+            for rows in prompt_chunks([0] * len(prompts)):
+                ids = self.prompts.encode(prompts[rows], first=rows.start)
+                for batch in _length_batches(ids, self.spec.batch_size):
+                    input_ids, mask, _ = self._pad([ids[i] for i in batch])
+                    generated = self.model.generate(
+                        input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                        pad_token_id=self.tokenizer.pad_token_id, **sampling)
+                    new_tokens = generated[:, input_ids.shape[1]:]
+                    for i, row in zip(batch, new_tokens):
+                        texts[rows.start + i] = self.tokenizer.decode(row, skip_special_tokens=True)
         return texts
 
 
@@ -646,11 +711,35 @@ def check_not_unit_norm(rows: np.ndarray, engine: str) -> None:
                        "use --backend transformers or another engine version")
 
 
-def shm_dir() -> str | None:
-    """/dev/shm when it is a writable folder (files there never touch a disk), else None (the
-    system temp folder)."""
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Bytes free for this user in ``folder``'s file system (0 when it cannot be read)."""
+    try:
+        return int(shutil.disk_usage(folder).free)
+    except OSError:
+        return 0
+
+
+def shm_dir(min_free_bytes: int = 0) -> str | None:
+    """/dev/shm when it is a writable folder with at least ``min_free_bytes`` free (files there
+    never touch a disk), else None (the system temp folder). Docker gives containers a 64 MB
+    /dev/shm by default: writable, but too small for a chunk of hidden-state files."""
     shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        return None
+    return str(shm) if free_bytes(shm) >= min_free_bytes else None
+
+
+def close_backend(backend: Any) -> None:
+    """``backend.close()`` when it has one (stand-ins may not); a failure is a warning, so closing
+    on the way out never hides the error that caused it."""
+    close = getattr(backend, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception as exc:  # noqa: BLE001 -- reported, and the caller goes on shutting down
+        print(f"warning: closing the {getattr(getattr(backend, 'spec', None), 'backend', 'LLM')} backend "
+              f"failed ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def param_names(obj) -> list[str]:
@@ -693,4 +782,5 @@ from utils.llm.vllm_engine import (  # noqa: E402  (re-exported: one import path
     vllm_engine_options,
     vllm_pooler_options,
     vllm_pooling_switches,
+    vllm_truncation_plan,
 )

@@ -9,19 +9,34 @@ it has (they were renamed across releases), so one code path serves several vLLM
   (``normalize`` in older releases, ``use_activation`` since). Embedding runners L2-normalise by
   default; a warm-up request checks that the rows are not unit-norm, so a new switch name cannot
   slip through unnoticed.
-* **Layer k < num_layers** (the raw residual stream after decoder layer k): the model truncated to
-  k decoder layers with ``hf_overrides`` (the later layers are never computed) plus vLLM's
-  hidden-state extraction of layer id k, which is the pre-norm output of the last kept layer.
-  vLLM writes one file per prompt; they go under /dev/shm when it exists and are deleted as soon
-  as they are read. vLLM releases that cannot load a full checkpoint into a truncated model
-  (weights of the dropped layers raise KeyError/ValueError; vllm-project/vllm#50898) get the whole
-  model instead, with a one-line warning: the extracted layer is the same, only slower.
+* **Layer k < num_layers** (the raw residual stream after decoder layer k): vLLM's hidden-state
+  extraction of layer id k (the pre-norm output of layer k), from a model truncated to k decoder
+  layers with ``hf_overrides`` (the later layers are never computed) when that can load. vLLM 0.32
+  cannot load a checkpoint holding more layers than the model (the dropped layers' weights raise
+  ValueError in ``AutoWeightsLoader``; vllm-project/vllm#50898 is not in a release), so
+  :func:`vllm_truncation_plan` decides *before* the engine starts, from the checkpoint's weight
+  names: truncate with random weights (``load_format="dummy"``) or a checkpoint that holds only the
+  kept layers, run the whole model otherwise (same values, slower). One engine start either way;
+  ``truncated`` / ``loaded_layers`` / ``truncation_reason`` say which ran, so throughput figures
+  can be reported apart.
+  vLLM writes one file per prompt ([tokens, 1, D] in the model's dtype) and this code reads and
+  deletes them after each call. The calls are chunked so that their files fit in a share of the
+  folder's free space (checked with ``shutil.disk_usage`` before every call); the folder is
+  /dev/shm when it has room for a few of the longest prompts (Docker's default is 64 MB), else the
+  system temp folder.
 * **Generation**: a second, full-model engine started on first use.
+
+Every engine call gets at most :data:`utils.llm.ENGINE_CHUNK_ROWS` prompts. ``close()`` shuts
+the engines' processes down (vllm.LLM 0.32 has no public shutdown: its engine core client's).
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import os
+import re
+import struct
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -38,12 +53,14 @@ from utils.llm import (
     _resolve_dtype,
     check_not_unit_norm,
     engine_memory_fraction,
+    free_bytes,
     identity,
     load_tokenizer,
     model_config,
     model_dims,
     param_names,
     pool_token_states,
+    prompt_chunks,
     resolve_layer,
     shm_dir,
     truncation_overrides,
@@ -53,6 +70,19 @@ NORMALISATION_SWITCHES = ("normalize", "use_activation")
 """Every name vLLM has used for "post-process the pooled vector"; all are turned off."""
 WARM_UP_TEXTS = ("warm-up", "a second, longer warm-up prompt")
 MEMORY_ENV = "VLLM_GPU_MEMORY_UTILIZATION"
+PARTIAL_LOADING_SINCE: tuple[int, ...] | None = None
+"""First vLLM release that skips a truncated model's dropped layers when loading a full checkpoint
+(vllm-project/vllm#50898); None while no release does (0.32.0 raises)."""
+EXTRACT_SHARE = 0.5
+"""Share of the extraction folder's free space one call's hidden-state files may fill."""
+MAX_EXTRACT_BYTES = 4 << 30
+"""Most bytes of hidden-state files one call writes, however much room the folder has."""
+MIN_EXTRACT_PROMPTS = 8
+"""/dev/shm is used when a call there can hold this many prompts of ``max_length`` tokens."""
+FILE_OVERHEAD_BYTES = 8192
+"""Per prompt file, beyond its tensors: safetensors header, lock file, file-system blocks."""
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_LAYER_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def require_vllm(cuda_available: bool | None = None):
@@ -122,6 +152,93 @@ def vllm_engine_options(spec: LLMSpec, layer_index: int, num_layers: int, *,
     }
 
 
+def _version_tuple(version: str | None) -> tuple[int, ...] | None:
+    match = re.match(r"(\d+(?:\.\d+)*)", version or "")
+    return tuple(int(part) for part in match.group(1).split(".")) if match else None
+
+
+def _safetensors_names(path: Path) -> list[str]:
+    """Tensor names from a safetensors file's header (8-byte length, then JSON), no tensor read."""
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return [name for name in header if name != "__metadata__"]
+
+
+def _checkpoint_folder(model: str) -> Path | None:
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return folder
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        cached = try_to_load_from_cache(model, name)
+        if isinstance(cached, str):
+            return Path(cached).parent
+    return None
+
+
+def checkpoint_layers(model: str) -> set[int] | None:
+    """Decoder-layer indices the checkpoint of ``model`` holds weights for, read from its
+    safetensors index or file headers (no weights loaded); an empty set for a folder without
+    weights; None when that cannot be told (a hub id not downloaded yet, .bin weights)."""
+    folder = _checkpoint_folder(model)
+    if folder is None:
+        return None
+    try:
+        indexes = sorted(folder.glob("*.safetensors.index.json"))
+        if indexes:
+            names = [n for index in indexes for n in json.loads(index.read_text()).get("weight_map", {})]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth", "*.gguf")) and not files:
+                return None
+            names = [n for path in files for n in _safetensors_names(path)]
+    except (OSError, ValueError, struct.error):
+        return None
+    return {int(match.group(1)) for name in names if (match := _LAYER_WEIGHT.search(name))}
+
+
+def vllm_truncation_plan(model: str, layer_index: int, num_layers: int, *,
+                         engine_options: dict[str, Any] | None = None,
+                         vllm_version: str | None = None) -> tuple[bool, str]:
+    """Whether vLLM should run a model truncated to the layers ``layer_index`` needs, and why;
+    decided before any engine starts, so a load that would fail never costs an engine start.
+
+    Truncation loads when nothing past the kept layers is in the checkpoint: random weights
+    (``load_format="dummy"``), or a checkpoint holding only the kept layers; or when the installed
+    vLLM skips the dropped layers' weights itself (:data:`PARTIAL_LOADING_SINCE`). Otherwise the
+    whole model runs and the layer is extracted from it (same values)."""
+    keep = max(layer_index, 1)
+    if layer_index == num_layers:
+        return False, "the last layer needs the whole model"
+    if (engine_options or {}).get("load_format") == "dummy":
+        return True, f"random weights (load_format=dummy): {keep} of {num_layers} layers"
+    layers = checkpoint_layers(model)
+    if layers is not None and all(index < keep for index in layers):
+        return True, f"the checkpoint holds only the first {keep} layers"
+    version = _version_tuple(vllm_version)
+    if PARTIAL_LOADING_SINCE is not None and version is not None and version >= PARTIAL_LOADING_SINCE:
+        return True, f"vLLM {vllm_version} loads the first {keep} layers of a full checkpoint"
+    what = "weights of unknown layers" if layers is None else f"weights of {max(layers) + 1} layers"
+    return False, (f"vLLM {vllm_version or '?'} cannot load a checkpoint holding {what} into a model "
+                   f"truncated to {keep} (vllm-project/vllm#50898): running all {num_layers} layers")
+
+
+def extract_bytes_per_token(hidden_size: int, dtype: str) -> int:
+    """Bytes one prompt token takes in vLLM's hidden-state file: one layer's state in the model's
+    dtype plus its int64 token id."""
+    return hidden_size * _DTYPE_BYTES.get(dtype, 4) + 8
+
+
+def extract_budget(folder: str) -> int:
+    """Bytes of hidden-state files one call may write into ``folder`` now: a share of its free
+    space, capped (checked before every call: other processes use the same folder)."""
+    return int(min(free_bytes(folder) * EXTRACT_SHARE, MAX_EXTRACT_BYTES))
+
+
 class VLLMBackend:
     """vLLM on a GPU: pooling runner for the last layer, truncation + extraction for others.
 
@@ -142,6 +259,12 @@ class VLLMBackend:
         self._extract_dir: tempfile.TemporaryDirectory | None = None
         self._generator = None
         self._llm = None
+        self._closed = False
+        self.truncated, self.truncation_reason = vllm_truncation_plan(
+            spec.model, self.layer_index, self.num_layers, engine_options=self.engine_options,
+            vllm_version=getattr(self._vllm, "__version__", None))
+        self.loaded_layers = max(self.layer_index, 1) if self.truncated else self.num_layers
+        """Decoder layers the hidden-state engine runs (``truncated``: fewer than num_layers)."""
         # hidden_states=False (generation only, e.g. LLM play): no hidden-state engine holding
         # GPU memory the generation engine needs; started on first use if asked for after all.
         if hidden_states:
@@ -155,19 +278,14 @@ class VLLMBackend:
         return self._vllm.LLM(**options)
 
     def _start_hidden_state_engine(self) -> None:
+        self._require_open()
         options = self._hidden_state_options()
-        self.truncated = "hf_overrides" in options
-        try:
-            self._llm = self._engine(options)
-        except Exception as exc:  # noqa: BLE001 -- any load failure; the retry raises its own
-            if not self.truncated:
-                raise
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"warning: vLLM could not load the first {options['hf_overrides']['num_hidden_layers']} "
-                  f"layers alone ({reason}); running all {self.num_layers} layers instead (same "
-                  "values, slower)", file=sys.stderr)
-            self.truncated = False
-            self._llm = self._engine({k: v for k, v in options.items() if k != "hf_overrides"})
+        if not self.truncated:  # decided up front (vllm_truncation_plan): one engine start
+            options.pop("hf_overrides", None)
+            if self.layer_index < self.num_layers:
+                print(f"note: layer {self.spec.layer}: {self.truncation_reason} (same values, slower)",
+                      file=sys.stderr)
+        self._llm = self._engine(options)
         if self.layer_index == self.num_layers:
             check_not_unit_norm(self.hidden_states(list(WARM_UP_TEXTS)), "vLLM")
 
@@ -188,34 +306,60 @@ class VLLMBackend:
                 "example_hidden_states_connector); upgrade vLLM, use the last layer (-1), or use "
                 "--backend transformers") from exc
         self._load_extracted = example_hidden_states_connector.load_hidden_states
-        self._extract_dir = tempfile.TemporaryDirectory(prefix="vllm-hidden-states-", dir=shm_dir())
+        self._bytes_per_token = extract_bytes_per_token(self.hidden_size, _resolve_dtype(self.spec, "cuda"))
+        room = MIN_EXTRACT_PROMPTS * (self.spec.max_length * self._bytes_per_token + FILE_OVERHEAD_BYTES)
+        self._extract_dir = tempfile.TemporaryDirectory(prefix="vllm-hidden-states-",
+                                                        dir=shm_dir(int(room / EXTRACT_SHARE)))
         truncation = truncation_overrides(model_config(self.spec.model), max(self.layer_index, 1))
         return vllm_engine_options(self.spec, self.layer_index, self.num_layers,
                                    extract_dir=self._extract_dir.name, truncation=truncation)
 
-    def _token_prompts(self, texts: Sequence[str]) -> list[dict[str, list[int]]]:
-        return [{"prompt_token_ids": row} for row in self.prompts.encode(texts)]
+    def _require_open(self) -> None:
+        if self._closed:
+            raise LLMError(f"this vllm backend of {self.spec.model} was closed; make a new one")
 
     def hidden_states(self, texts: Sequence[str]) -> np.ndarray:
-        prompts = self._token_prompts(texts)
-        out = np.empty((len(prompts), self.hidden_size), dtype=np.float32)
-        if not prompts:
+        self._require_open()
+        if isinstance(texts, str):
+            raise TypeError("pass a sequence of texts, not a single string")
+        out = np.empty((len(texts), self.hidden_size), dtype=np.float32)
+        if not len(texts):
             return out
         if self._llm is None:
             self._start_hidden_state_engine()
-        if self.layer_index == self.num_layers:
-            # No per-request PoolingParams: left unset they take the engine's PoolerConfig, whose
-            # switches are all off; setting them per request fails validation on some versions.
-            results = self._llm.embed(prompts, use_tqdm=False)
-            for i, result in enumerate(results):
-                out[i] = self._checked_row(np.asarray(result.outputs.embedding, np.float32), i)
-        else:
-            sampling = self._vllm.SamplingParams(max_tokens=1)
-            results = self._llm.generate(prompts, sampling, use_tqdm=False)
-            for i, result in enumerate(results):
-                states = self._extracted_states(result, i, len(prompts[i]["prompt_token_ids"]))
-                out[i] = self._checked_row(pool_token_states(states, self.spec.pooling), i)
+        for rows in prompt_chunks([0] * len(texts)):
+            prompts = [{"prompt_token_ids": row} for row in self.prompts.encode(texts[rows], first=rows.start)]
+            if self.layer_index == self.num_layers:
+                self._embed(prompts, out[rows], rows.start)
+            else:
+                self._extract(prompts, out[rows], rows.start)
         return _check_finite(out, f"vLLM model {self.spec.model}")
+
+    def _embed(self, prompts: list[dict], out: np.ndarray, first: int) -> None:
+        # No per-request PoolingParams: left unset they take the engine's PoolerConfig, whose
+        # switches are all off; setting them per request fails validation on some versions.
+        results = self._llm.embed(prompts, use_tqdm=False)
+        for i, result in enumerate(results):
+            out[i] = self._checked_row(np.asarray(result.outputs.embedding, np.float32), first + i)
+
+    def _extract(self, prompts: list[dict], out: np.ndarray, first: int) -> None:
+        """Intermediate layer: calls whose files fit the extraction folder's free space now."""
+        folder = self._extract_dir.name
+        sizes = [len(p["prompt_token_ids"]) * self._bytes_per_token + FILE_OVERHEAD_BYTES for p in prompts]
+        budget = extract_budget(folder)
+        if max(sizes) > budget:
+            longest = max(len(p["prompt_token_ids"]) for p in prompts)
+            raise LLMError(f"{folder} has {free_bytes(folder) / 2**20:.0f} MiB free, too little for vLLM's "
+                           f"hidden-state file of one {longest}-token prompt "
+                           f"({max(sizes) / 2**20:.1f} MiB, at most {EXTRACT_SHARE:.0%} of the free space "
+                           "is used); free space there, enlarge /dev/shm (docker run --shm-size=8g) or "
+                           "set TMPDIR to a larger folder")
+        sampling = self._vllm.SamplingParams(max_tokens=1)
+        for part in prompt_chunks(sizes, max_size=budget):
+            results = self._llm.generate(prompts[part], sampling, use_tqdm=False)
+            for j, result in enumerate(results, start=part.start):
+                states = self._extracted_states(result, first + j, len(prompts[j]["prompt_token_ids"]))
+                out[j] = self._checked_row(pool_token_states(states, self.spec.pooling), first + j)
 
     def _extracted_states(self, result, i: int, n_tokens: int) -> np.ndarray:
         """[tokens, D] states of prompt ``i`` from vLLM's file, which is deleted once read."""
@@ -243,11 +387,37 @@ class VLLMBackend:
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
                  temperature: float = 0.0) -> list[str]:
+        self._require_open()
+        if isinstance(prompts, str):
+            raise TypeError("pass a sequence of prompts, not a single string")
         if self._generator is None:
             options = {"model": os.path.expanduser(self.spec.model),
                        "dtype": _resolve_dtype(self.spec, "cuda"),
                        "max_model_len": self.spec.max_length, "seed": 0}
             self._generator = self._engine(options)
         sampling = self._vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature)
-        results = self._generator.generate(self._token_prompts(prompts), sampling, use_tqdm=False)
-        return [r.outputs[0].text for r in results]
+        texts: list[str] = []
+        for rows in prompt_chunks([0] * len(prompts)):
+            ids = self.prompts.encode(prompts[rows], first=rows.start)
+            results = self._generator.generate([{"prompt_token_ids": row} for row in ids], sampling,
+                                               use_tqdm=False)
+            texts += [r.outputs[0].text for r in results]
+        return texts
+
+    def close(self) -> None:
+        """Shut both engines' processes down and delete the extraction folder. vllm.LLM 0.32 has
+        no public shutdown; its engine core client's ``shutdown`` stops the engine process, which
+        otherwise lives until the object is garbage-collected. Idempotent."""
+        self._closed = True
+        engines = [e for e in (self._llm, self._generator) if e is not None]
+        self._llm = self._generator = None
+        for engine in engines:
+            core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+            shutdown = getattr(core, "shutdown", None) or getattr(engine, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+        del engines
+        gc.collect()
+        if self._extract_dir is not None:
+            self._extract_dir.cleanup()
+            self._extract_dir = None

@@ -23,6 +23,11 @@ Other shapes (``build_tiny_llm(dir, preset=...)``), same tokenizer:
   size) and a Qwen3-style chat template with the ``enable_thinking`` switch, written *without*
   weights (``weights=False``): engines load it with random weights (vLLM/SGLang
   ``load_format="dummy"``) for throughput checks with no download.
+
+From the command line (``--help`` lists the flags)::
+
+    python -m utils.testing.tiny_llm runs/tiny_llm                                   # the CPU test model
+    python -m utils.testing.tiny_llm runs/qwen3-shape --preset qwen3-4b --no-weights
 """
 
 from __future__ import annotations
@@ -89,10 +94,13 @@ def _build_tokenizer(chat_template: str = CHAT_TEMPLATE):
     return fast
 
 
-def build_tiny_llm(directory: str | os.PathLike, preset: str = "tiny", *, weights: bool = True) -> str:
+def build_tiny_llm(directory: str | os.PathLike, preset: str = "tiny", *, weights: bool = True,
+                   device: str = "cpu") -> str:
     """Write a model of ``preset``'s shape and the tokenizer into ``directory``; returns the path.
 
-    ``weights=False`` writes config and tokenizer only (for engines' dummy loading)."""
+    ``weights=False`` writes config and tokenizer only (for engines' dummy loading). ``device``
+    is where random weights are drawn: ``cuda`` makes ``qwen3-4b``'s 4B weights in seconds where a
+    CPU takes minutes (a device's random stream differs from the CPU's, so the values do too)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -111,7 +119,8 @@ def build_tiny_llm(directory: str | os.PathLike, preset: str = "tiny", *, weight
     config.dtype = dtype
     if weights:
         torch.manual_seed(SEED)
-        model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
         model.save_pretrained(path)
     else:
         config.save_pretrained(path)
@@ -119,9 +128,27 @@ def build_tiny_llm(directory: str | os.PathLike, preset: str = "tiny", *, weight
     return str(path)
 
 
-if __name__ == "__main__":  # python -m utils.testing.tiny_llm DIR: a model for benchmarks or manual runs
-    import sys
+def main(argv: list[str] | None = None) -> str:
+    """``python -m utils.testing.tiny_llm [DIR] [--preset P] [--no-weights]``: a model for benchmarks or
+    manual runs. A real parser, so ``--help`` (or a mistyped flag) is never taken for the folder."""
+    import argparse
 
-    args = sys.argv[1:]
-    print(build_tiny_llm(args[0] if args else "runs/tiny_llm", args[1] if len(args) > 1 else "tiny",
-                         weights="--no-weights" not in args))
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.testing.tiny_llm",
+        description="Write a tiny random model and its tokenizer to a folder, loadable like a hub model "
+                    "(e.g. --llm-model DIR); the folder is printed.")
+    parser.add_argument("directory", nargs="?", default="runs/tiny_llm", metavar="DIR",
+                        help="folder to write (created if needed; default: runs/tiny_llm)")
+    parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                        help="the model's shape: tiny (CPU tests), gpu (head_dim 64, bfloat16, for vLLM/SGLang), "
+                             "qwen3-4b (Qwen3-4B's config; use with --no-weights); default: tiny")
+    parser.add_argument("--no-weights", dest="weights", action="store_false",
+                        help="write config and tokenizer only, for engines that load random weights themselves")
+    args = parser.parse_args(argv)
+    path = build_tiny_llm(args.directory, args.preset, weights=args.weights)
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
