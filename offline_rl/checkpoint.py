@@ -59,7 +59,7 @@ def find_checkpoint(path: str | Path) -> Path:
         if found:
             return found[-1]
     raise UserError(f"{path}: no checkpoint found (expected a .pt file or a run folder with "
-                    "checkpoints/step_*.pt); train one with python -m offline_rl.awr or offline_rl.bc")
+                    "checkpoints/step_*.pt); train one with python -m offline_rl.awr, offline_rl.bc or offline_rl.iql")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:

@@ -59,6 +59,13 @@ class DataSpec:
         """Per-row arrays a training batch needs."""
         return ("obs", "action", "hidden_state") if self.feature_dim else ("obs", "action")
 
+    @property
+    def transition_keys(self) -> tuple[str, ...]:
+        """What a one-step TD target adds (IQL): reward, done and the next row's inputs (see
+        :class:`TransitionDataset`)."""
+        nexts = ("next_obs", "next_hidden_state") if self.feature_dim else ("next_obs",)
+        return ("reward", "done", *nexts, "next_valid")
+
 
 def open_dataset(directory: str | Path, features: str = "none") -> tuple[TrajectoryDataset, DataSpec]:
     """Open a dataset and check it can feed a policy with ``features``; one DatasetError line if not.
@@ -227,6 +234,50 @@ def critic_values(dataset: TrajectoryDataset, value_fn, batch_size: int, keys: S
 
 
 # ----------------------------------------------------------------------------------------------
+# Next observations
+# ----------------------------------------------------------------------------------------------
+
+_NEXT = {"next_obs": "obs", "next_hidden_state": "hidden_state"}
+
+
+class TransitionDataset(TrajectoryDataset):
+    """A dataset whose shards also offer ``next_obs`` (``next_hidden_state``) and ``next_valid`` per row.
+
+    Rows are env-major inside a shard, so a row's successor is the next row of the same stream: no
+    new file format and no second decode. A stream's last row in a shard has its successor in the
+    next shard (or in an unsaved rollout), which this shard-at-a-time reader cannot see: such a row
+    gets ``next_valid`` False (and its own observation as a placeholder) unless it is ``done``, where
+    the target ignores the next state. That drops one row in ``rollout_length`` from the TD loss
+    only; every transition that is used is a true (s, a, r, s') of the data.
+    """
+
+    def load_shard(self, i: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        wanted = list(keys) if keys is not None else None
+        if wanted is None or not any(k in _NEXT or k == "next_valid" for k in wanted):
+            return super().load_shard(i, keys)
+        base = [k for k in wanted if k not in _NEXT and k != "next_valid"]
+        sources = [_NEXT[k] for k in wanted if k in _NEXT]
+        shard = super().load_shard(i, list(dict.fromkeys([*base, *sources, "done"])))
+        rows = len(shard["done"])
+        n = self.num_streams
+        steps = rows // n
+        if steps * n != rows:
+            raise DatasetError(f"{self.shard_path(i)}: {rows} rows are not {n} streams of equal length; "
+                               "rewrite this shard with TrajectoryWriter")
+        last = np.zeros((n, steps), dtype=bool)
+        last[:, -1] = True
+        last = last.reshape(-1)
+        successor = np.where(last, np.arange(rows), np.arange(rows) + 1)
+        out = {k: shard[k] for k in base}
+        for key in wanted:
+            if key in _NEXT:
+                out[key] = shard[_NEXT[key]][successor]
+        if "next_valid" in wanted:
+            out["next_valid"] = ~last | shard["done"].astype(bool)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Batches
 # ----------------------------------------------------------------------------------------------
 
@@ -263,7 +314,7 @@ class EpochBatches(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        dataset = TrajectoryDataset(self.directory)
+        dataset = TransitionDataset(self.directory)
         order = np.random.default_rng([self.seed, self.epoch]).permutation(dataset.num_shards)
         seed = int(np.random.SeedSequence([self.seed, self.epoch, worker]).generate_state(1)[0])
         batches = dataset.iter_batches(self.batch_size, seed=seed, keys=self.keys,
@@ -358,10 +409,12 @@ class BatchLoader:
     """
 
     def __init__(self, spec: DataSpec, *, batch_size: int, seed: int, num_workers: int = 1,
-                 shards_in_memory: int = 4, prefetch: int = 4, pin_memory: bool = False):
+                 shards_in_memory: int = 4, prefetch: int = 4, pin_memory: bool = False,
+                 transitions: bool = False):
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         self.spec = spec
+        self.keys = spec.keys + (spec.transition_keys if transitions else ())
         self.batch_size, self.seed = batch_size, seed
         self.num_workers = max(0, min(num_workers, spec.num_shards))  # more would sit idle
         self.shards_in_memory, self.prefetch, self.pin_memory = shards_in_memory, prefetch, pin_memory
@@ -372,7 +425,7 @@ class BatchLoader:
         """Batches of epoch ``epoch`` (deterministic given seed, epoch and worker count), after
         dropping the first ``skip`` (a resumed run continues mid-epoch with the same batches)."""
         self.close()
-        source = EpochBatches(self.spec.directory, self.spec.keys, self.batch_size, self.seed, epoch,
+        source = EpochBatches(self.spec.directory, self.keys, self.batch_size, self.seed, epoch,
                               row_arrays, row_mask, self.shards_in_memory)
         if self.num_workers:
             loader = torch.utils.data.DataLoader(

@@ -1,4 +1,4 @@
-"""Evaluate an offline-RL checkpoint (AWR or BC) in the game: PyTorch policy, batched JAX env.
+"""Evaluate an offline-RL checkpoint (AWR, BC or IQL) in the game: PyTorch policy, batched JAX env.
 
 Every trained seed plays ``--episodes`` episodes, all in one batch of envs (one env per episode,
 each counted at its first ``done``). Observations go from the JAX env to the PyTorch policy and
@@ -10,6 +10,7 @@ sees exactly what labelling would have stored for the same observation.
 
     python -m offline_rl.evaluate --run-dir runs/offline_rl/bc/Craftax-Classic-Symbolic-v1/default-s0
     python -m offline_rl.evaluate --run-dir RUN --dataset DATA --gif runs/bc.gif   # + data policy's return
+    python -m offline_rl.evaluate --run-dir RUN --server-url http://127.0.0.1:8000   # LLM features from a server
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class EvalConfig:
     """Load the LLM from this folder/hub id instead of the one named in the checkpoint's labels."""
     llm_batch_size: int = 64
     """Observations per LLM forward pass when computing live features."""
+    server_url: str | None = None
+    """Take live LLM features from this hidden-state server (python -m servers.hidden_state_server) instead
+    of loading the model here; its model, layer, pooling, prompt, backend and dtype must match the labels'."""
     device: str = "auto"
     """Torch device of the policy (and the LLM): auto, cpu, cuda or cuda:N."""
     reset_ratio: int = 16
@@ -78,8 +82,9 @@ class EvalConfig:
 
 
 def make_feature_fn(payload: dict[str, Any], llm_model: str | None = None, batch_size: int = 64,
-                    device: str = "auto") -> Callable[[np.ndarray], np.ndarray]:
-    """Observations -> the LLM features the policy was trained on, computed live.
+                    device: str = "auto", server_url: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """Observations -> the LLM features the policy was trained on, computed live (in this process,
+    or by the hidden-state server at ``server_url``, which renders, prompts and pools the same way).
 
     The live features' identity (``LABEL_FIELDS``: model, layer, pooling, prompt, hidden size,
     backend, resolved compute dtype, model revision) must equal the labels' (``utils.llm.
@@ -89,16 +94,26 @@ def make_feature_fn(payload: dict[str, Any], llm_model: str | None = None, batch
     from utils import llm
 
     labels = payload.get("labels") or {}
-    runtime = {"batch_size": batch_size, "device": device}
-    spec = llm.LLMSpec.from_manifest(labels, **runtime)
-    if llm_model:
-        spec = spec.replace(model=llm_model)
-    backend = llm.make_backend(spec)
+    if server_url and llm_model:
+        raise UserError("pass either --llm-model (load the LLM here) or --server-url (ask a server), not both")
+    if server_url:
+        from utils.hidden_state_client import HiddenStateClient
+
+        backend = HiddenStateClient(server_url)
+        backend.info()  # fail now, with the server's one-line reason, if it is not there
+        spec = backend.spec
+    else:
+        runtime = {"batch_size": batch_size, "device": device}
+        spec = llm.LLMSpec.from_manifest(labels, **runtime)
+        if llm_model:
+            spec = spec.replace(model=llm_model)
+        backend = llm.make_backend(spec)
     expected = int(payload["network"]["feature_dim"])
     if backend.hidden_size != expected:
-        raise UserError(f"{spec.model} gives hidden states of size {backend.hidden_size}, but the policy "
+        source = f"the server at {server_url}" if server_url else spec.model
+        raise UserError(f"{source} gives hidden states of size {backend.hidden_size}, but the policy "
                         f"was trained on size {expected} (labels model {labels.get('model')}); "
-                        "pass the labelling model with --llm-model")
+                        "use the labelling model (--llm-model, or a server that loaded it)")
     check_live_features(labels, spec, backend, llm_model=llm_model)
     storage = np.dtype(labels.get("dtype", "float32"))
     env_name = payload["env_name"]
@@ -141,7 +156,7 @@ def check_live_features(labels: dict[str, Any], spec, backend, llm_model: str | 
 def evaluate_payload(payload: dict[str, Any], *, episodes: int, max_steps: int, seed: int,
                      greedy: bool = False, gif: str | None = None, device: str = "auto",
                      llm_model: str | None = None, llm_batch_size: int = 64, reset_ratio: int = 16,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, server_url: str | None = None) -> dict[str, Any]:
     """Play ``episodes`` episodes per trained seed; returns ``metrics`` (eval/... per seed) and
     ``summary`` (means over seeds, achievements, settings)."""
     import jax
@@ -158,7 +173,7 @@ def evaluate_payload(payload: dict[str, Any], *, episodes: int, max_steps: int, 
     if tuple(env.obs_shape) != tuple(spec.obs_shape) or env.num_actions != spec.num_actions:
         raise UserError(f"{payload['env_name']} gives observations {env.obs_shape} and {env.num_actions} "
                         f"actions, the policy expects {spec.obs_shape} and {spec.num_actions}")
-    features = (make_feature_fn(payload, llm_model, llm_batch_size, device)
+    features = (make_feature_fn(payload, llm_model, llm_batch_size, device, server_url=server_url)
                 if spec.feature_dim else None)
     frame = first_env_renderer(env) if gif else None
 
@@ -266,6 +281,26 @@ def data_policy_return(directory: str) -> dict[str, Any]:
             "length": _nan_none(table.lengths[table.complete].mean() if complete.size else np.nan)}
 
 
+def add_dataset_scores(result: dict[str, Any], directory: str) -> None:
+    """Score the evaluated return against the dataset it was trained on (``utils.tiers.scores``): the
+    fraction of the data policy's return and, for a tier dataset, the normalised score (0 = random,
+    100 = expert). Per seed as well, so tables can give intervals over seeds."""
+    from utils.tiers import scores, tier_of
+    from utils.trajectories import read_manifest
+
+    summary = result["summary"]
+    data = data_policy_return(directory)
+    tier = tier_of(read_manifest(directory))
+    summary["data_policy"] = data
+    summary["tier"] = tier
+    overall = scores(summary["return"], tier, data["return"])
+    per_seed = [scores(r, tier, data["return"]) for r in summary["return_per_seed"]]
+    summary["return_fraction_of_data"] = overall["fraction_of_data"]
+    summary["normalized_score"] = overall["normalized_score"]
+    summary["fraction_of_data_per_seed"] = [s["fraction_of_data"] for s in per_seed]
+    summary["normalized_score_per_seed"] = [s["normalized_score"] for s in per_seed]
+
+
 def write_eval(path: str | Path, result: dict[str, Any]) -> None:
     atomic_write_json(path, result)
 
@@ -282,12 +317,9 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     result = evaluate_payload(payload, episodes=cfg.episodes, max_steps=cfg.max_steps, seed=cfg.seed,
                               greedy=cfg.greedy, gif=cfg.gif, device=cfg.device, llm_model=cfg.llm_model,
                               llm_batch_size=cfg.llm_batch_size, reset_ratio=cfg.reset_ratio,
-                              progress=cfg.progress)
+                              progress=cfg.progress, server_url=cfg.server_url)
     if cfg.dataset:
-        data = data_policy_return(cfg.dataset)
-        result["summary"]["data_policy"] = data
-        ours, theirs = result["summary"]["return"], data["return"]
-        result["summary"]["return_fraction_of_data"] = (ours / theirs if ours is not None and theirs else None)
+        add_dataset_scores(result, cfg.dataset)
     if cfg.out:
         out = Path(cfg.out)
     elif cfg.run_dir:
@@ -307,8 +339,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     enable_compilation_cache()
     cfg = parse_config(EvalConfig, AREA, NAME, argv)
     if cfg.run_dir and not Path(cfg.run_dir).is_dir():
-        raise UserError(f"--run-dir: {cfg.run_dir} is not a folder; pass a run folder of offline_rl.awr or "
-                        "offline_rl.bc")
+        raise UserError(f"--run-dir: {cfg.run_dir} is not a folder; pass a run folder of offline_rl.awr, "
+                        "offline_rl.bc or offline_rl.iql")
     check_output_path(cfg.out, "--out", "file")
     result = run(cfg)
     summary = result["summary"]
@@ -316,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "return_fraction_of_data" in summary:
         line += (f"; data policy {summary['data_policy']['return']} -> fraction "
                  f"{summary['return_fraction_of_data']}")
+    if summary.get("normalized_score") is not None:
+        line += f"; normalised score {summary['normalized_score']:.1f} ({summary['tier']['name']} tier)"
     print(f"{line}\neval.json: {result['path']}")
     return result
 

@@ -15,6 +15,7 @@ rebuilds exactly the trained network without the training config or the dataset.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -37,7 +38,8 @@ class NetworkSpec:
     width: int = 256
     depth: int = 2
     activation: str = "relu"
-    critic: bool = False  # also build a value head (AWR)
+    critic: bool = False  # also build a value head (AWR, IQL)
+    q_heads: int = 0  # Q(s, .) networks over all actions, each with a frozen target copy (IQL: 2)
 
     @property
     def pixels(self) -> bool:
@@ -108,6 +110,18 @@ class Torso(nn.Module):
         return self.mlp(x)
 
 
+class QNetwork(nn.Module):
+    """``Q(s, .)``: its own torso and one output per action (discrete actions need no action input)."""
+
+    def __init__(self, spec: NetworkSpec):
+        super().__init__()
+        self.torso = Torso(spec)
+        self.head = nn.Linear(spec.width, spec.num_actions)
+
+    def forward(self, obs: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        return self.head(self.torso(obs, features))
+
+
 class PolicyNetwork(nn.Module):
     """``forward(obs, features) -> (logits [B, A], value [B] or None)``."""
 
@@ -122,6 +136,10 @@ class PolicyNetwork(nn.Module):
         if spec.critic:
             self.critic = Torso(spec)
             self.value = nn.Linear(spec.width, 1)
+        if spec.q_heads:
+            self.q = nn.ModuleList(QNetwork(spec) for _ in range(spec.q_heads))
+            # Polyak-averaged copies: modules (not a separate object) so checkpoints and resume carry them.
+            self.q_target = copy.deepcopy(self.q).requires_grad_(False)
 
     def _features(self, features: torch.Tensor | None) -> torch.Tensor | None:
         if self.feature_norm is None:
@@ -136,6 +154,12 @@ class PolicyNetwork(nn.Module):
         logits = self.logits(self.actor(obs, feats))
         value = self.value(self.critic(obs, feats)).squeeze(-1) if self.spec.critic else None
         return logits, value
+
+    def q_values(self, obs: torch.Tensor, features: torch.Tensor | None = None, target: bool = False
+                 ) -> list[torch.Tensor]:
+        """``[B, A]`` action values of every Q network (of the target copies with ``target``)."""
+        feats = self._features(features)
+        return [q(obs, feats) for q in (self.q_target if target else self.q)]
 
     def value_only(self, obs: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """The critic alone (for recomputing lambda-return targets over a whole dataset)."""

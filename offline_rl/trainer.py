@@ -1,4 +1,4 @@
-"""The host loop AWR and BC share: config fields, run folder, data, seeds, logging, checkpoints, resume.
+"""The host loop AWR, BC and IQL share: config fields, run folder, data, seeds, logging, checkpoints, resume.
 
 An algorithm supplies its per-row training targets and one gradient update (see
 :class:`OfflineAlgorithm`); everything else lives here once. Several seeds train in lockstep:
@@ -36,7 +36,7 @@ AREA = "offline_rl"
 
 @dataclasses.dataclass
 class OfflineConfig(RunConfig):
-    """Fields shared by the offline-RL trainers (AWR, BC)."""
+    """Fields shared by the offline-RL trainers (AWR, BC, IQL)."""
 
     env: str | None = None
     """Environment; default the dataset's. When given it must match the dataset (a safety check)."""
@@ -84,6 +84,8 @@ class OfflineAlgorithm:
 
     name: str = ""
     critic: bool = False  # build a value head
+    q_heads: int = 0  # build this many Q(s, .) networks with target copies (IQL)
+    transitions: bool = False  # batches also carry reward, done, next_obs, next_valid (one-step TD targets)
     exact_resume: bool = True  # False when per-epoch targets depend on the weights (lambda-returns)
 
     def __init__(self, cfg: OfflineConfig):
@@ -105,6 +107,9 @@ class OfflineAlgorithm:
     def update(self, model: PolicyNetwork, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss to minimise on one seed's batch and scalar metrics (``loss/...`` names)."""
         raise NotImplementedError
+
+    def after_step(self, model: PolicyNetwork) -> None:
+        """After each optimiser step (target networks follow the trained ones here)."""
 
 
 def policy_stats(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -181,7 +186,7 @@ def train(cfg: OfflineConfig, algorithm: OfflineAlgorithm, stop_after_updates: i
 
     net_spec = NetworkSpec(obs_shape=spec.obs_shape, num_actions=spec.num_actions,
                            feature_dim=spec.feature_dim, width=cfg.layer_width, depth=cfg.num_layers,
-                           activation=cfg.activation, critic=algorithm.critic)
+                           activation=cfg.activation, critic=algorithm.critic, q_heads=algorithm.q_heads)
     models = [build_network(net_spec, cfg.seed + i).to(device) for i in range(cfg.num_seeds)]
     carry = OfflineCarry(models, [algorithm.make_optimizer(m) for m in models],
                          {"step": 0, "epoch": 0, "batch_in_epoch": 0})
@@ -209,7 +214,8 @@ def train(cfg: OfflineConfig, algorithm: OfflineAlgorithm, stop_after_updates: i
     facts = algorithm.prepare(dataset, spec)
     loader = BatchLoader(spec, batch_size=cfg.batch_size * cfg.num_seeds, seed=cfg.seed,
                          num_workers=cfg.num_workers, shards_in_memory=cfg.shards_in_memory,
-                         prefetch=cfg.prefetch, pin_memory=device.type == "cuda")
+                         prefetch=cfg.prefetch, pin_memory=device.type == "cuda",
+                         transitions=algorithm.transitions)
     epoch = _EpochIterator(cfg, algorithm, dataset, spec, loader, device)
 
     def train_chunk(carry: OfflineCarry, length: int) -> ChunkOutput:
@@ -226,6 +232,7 @@ def train(cfg: OfflineConfig, algorithm: OfflineAlgorithm, stop_after_updates: i
                 loss.backward()
                 _clip_per_group(optimizer, cfg.max_grad_norm)
                 optimizer.step()
+                algorithm.after_step(model)
                 for key, value in metrics.items():  # tensors: a GPU is not synchronised every update
                     per_seed = sums.setdefault(key, [0.0] * cfg.num_seeds)
                     per_seed[i] = per_seed[i] + value.detach()
@@ -336,10 +343,11 @@ def _final_evaluation(cfg: OfflineConfig, run_dir: Path, payload: dict[str, Any]
     saved = _saved_evaluation(run_dir)
     if saved is not None:
         return saved
-    from offline_rl.evaluate import evaluate_payload, write_eval
+    from offline_rl.evaluate import add_dataset_scores, evaluate_payload, write_eval
 
     result = evaluate_payload(payload, episodes=cfg.eval_episodes, max_steps=cfg.eval_max_steps,
                               seed=cfg.seed + 10_000, progress=cfg.progress, device=cfg.device)
+    add_dataset_scores(result, cfg.dataset)  # fraction of the data policy; normalised score on a tier
     write_eval(run_dir / "eval.json", result)
     return result
 

@@ -155,3 +155,116 @@ def test_ci_runs_the_readme_test_command_as_written():
     assert len(test_commands) == 1, test_commands
     ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert test_commands[0] in ci_lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Every documented python command parses (all pages)
+# --------------------------------------------------------------------------------------------------
+
+ALL_PAGES = ("README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")))
+PROJECT_PACKAGES = {"utils", "online_rl", "world_models", "offline_rl", "labelling", "online_rl_llm", "servers",
+                    "benchmarks", "tools"}
+_SEPARATORS = {"&&", "||", ";", "|", "&"}
+_WRAPPERS = {"nohup", "srun", "time", "exec"}
+
+
+def joined_lines(text: str) -> list[str]:
+    """Commands of the ``bash`` fences, with ``\\`` continuations joined and comment lines dropped."""
+    commands = []
+    for block in _FENCE.findall(text):
+        pending = ""
+        for raw in block.splitlines():
+            line = raw.strip()
+            if not pending and (not line or line.startswith("#")):
+                continue
+            if line.endswith("\\"):
+                pending += line[:-1] + " "
+                continue
+            commands.append(pending + line)
+            pending = ""
+        if pending:
+            commands.append(pending)
+    return commands
+
+
+def python_commands(line: str) -> list[tuple[str, list[str]]]:
+    """``(module, argv)`` of every ``python -m <project module>`` on a shell line (env assignments,
+    ``nice``/``nohup`` wrappers and redirections removed); other programs are not this test's."""
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError:
+        return []
+    segments, current = [], []
+    for word in words:
+        if word in _SEPARATORS:
+            segments.append(current)
+            current = []
+        else:
+            current.append(word)
+    segments.append(current)
+    found = []
+    for segment in segments:
+        while segment and (re.fullmatch(r"\w+=\S*", segment[0]) or segment[0] in _WRAPPERS):
+            segment = segment[1:]
+        if segment[:1] == ["nice"]:
+            segment = segment[3:] if segment[1:2] == ["-n"] else segment[1:]
+        if len(segment) < 3 or not re.search(r"(^|/)python3?$", segment[0]) or segment[1] != "-m":
+            continue
+        module, argv = segment[2], []
+        for word in segment[3:]:
+            if re.match(r"^\d?>|^<", word):  # a redirection ends the command's own arguments
+                break
+            argv.append(word)
+        if module.split(".")[0] in PROJECT_PACKAGES:
+            found.append((module, argv))
+    return found
+
+
+def documented_python_commands() -> list[tuple[str, str, list[str]]]:
+    return [(page, module, argv) for page in ALL_PAGES for line in joined_lines((REPO / page).read_text())
+            for module, argv in python_commands(line)]
+
+
+def test_command_extraction_joins_continuations_and_strips_wrappers():
+    page = ("```bash\nnohup nice -n 10 CRAFTAX_X=1 python -m a.b --x 1 \\\n    --y 2 > log 2>&1 &\n"
+            "python -m benchmarks.c d && .venv/bin/python -m pip install x\nSDL_VIDEODRIVER=dummy python -m tools.p"
+            " --s 'w,w'\n```\n")
+    commands = [c for line in joined_lines(page) for c in python_commands(line)]
+    assert commands == [("benchmarks.c", ["d"]), ("tools.p", ["--s", "w,w"])]
+    assert python_commands("python -m online_rl.ppo --preset cpu | tee log") == [("online_rl.ppo", ["--preset", "cpu"])]
+
+
+def test_every_documented_python_command_parses():
+    """Every ``python -m`` command of the README and docs/*.md, results.md's reproduction commands
+    included, is parsed by its own module (flags, presets, subcommands), with no training: a renamed
+    flag or a removed preset fails here. Which of them also run, and at what budget: the tests above
+    (``--help`` and ``debug`` lines as written) and tests/test_benchmarks.py (each benchmark at a small
+    budget)."""
+    commands = documented_python_commands()
+    assert len(commands) > 100, "the extraction found too few commands to be checking the docs"
+    unique = sorted({(module, tuple(argv)) for _, module, argv in commands})
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "docs_args_driver.py")],
+                          input=json.dumps([[m, list(a)] for m, a in unique]), capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(unique), done.stderr[-3000:]
+    pages = {}
+    for page, module, argv in commands:
+        pages.setdefault((module, tuple(argv)), page)
+    failures = [f"{pages[(r['module'], tuple(r['argv']))]}: python -m {r['module']} {shlex.join(r['argv'])}"
+                f"\n    {r['message']}" for r in results if r["status"] not in ("parsed", "help")]
+    assert not failures, f"{len(failures)} documented commands do not parse:\n" + "\n".join(failures)
+
+
+def test_parse_driver_reports_bad_flags_and_presets_and_accepts_good_lines():
+    """The check above can fail: a removed flag or preset is an error, a good line parses, --help is help."""
+    cases = [["online_rl.ppo", ["--preset", "cpu", "--total-steps", "100"]], ["online_rl.ppo", ["--no-such-flag", "1"]],
+             ["online_rl.ppo", ["--preset", "no_such_preset"]], ["benchmarks.report", ["--check"]],
+             ["benchmarks.report", ["--bogus"]], ["offline_rl.awr", ["--help"]]]
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "docs_args_driver.py")], input=json.dumps(cases),
+                          capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+    statuses = [json.loads(line)["status"] for line in done.stdout.splitlines() if line.startswith("{")]
+    assert statuses == ["parsed", "error", "error", "parsed", "error", "help"], done.stdout + done.stderr[-2000:]

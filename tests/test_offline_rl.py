@@ -1,4 +1,4 @@
-"""Offline RL (AWR, BC): the maths by hand, learning on datasets with known answers, the loader,
+"""Offline RL (AWR, BC, IQL): the maths by hand, learning on datasets with known answers, the loader,
 run folders and resume, clear errors, and evaluation in the game (with live LLM features)."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 from offline_rl.awr import AWR, AWRConfig, awr_weights, explained_variance
 from offline_rl.bc import BC, BCConfig
 from offline_rl.checkpoint import load_checkpoint, policies_from_checkpoint
-from offline_rl.data import BatchLoader, episode_table, feature_stats, open_dataset, top_episode_mask
+from offline_rl.data import BatchLoader, TransitionDataset, episode_table, feature_stats, open_dataset, top_episode_mask
+from offline_rl.iql import IQL, IQLConfig, advantage_weights, expectile_loss
 from offline_rl.trainer import train
 from utils.config import apply_presets, load_presets
 from utils.io import read_jsonl
@@ -111,7 +112,7 @@ def projection_features(dim: int = 6, seed: int = 1):
 
 
 def config(cls, tmp_path: Path, dataset: Path, name: str = "run", **overrides):
-    algo = "awr" if cls is AWRConfig else "bc"
+    algo = {AWRConfig: "awr", BCConfig: "bc", IQLConfig: "iql"}[cls]
     cfg = apply_presets(cls(), ["debug"], load_presets("offline_rl", algo), "debug")
     return dataclasses.replace(cfg, **{"dataset": str(dataset), "run_dir": str(tmp_path / name),
                                        "progress": False, "eval_episodes": 0, **overrides})
@@ -524,3 +525,138 @@ def test_policy_with_llm_features_is_evaluated_with_live_features_from_the_label
     wrong_size = dict(payload, network={**payload["network"], "feature_dim": 5})
     with pytest.raises(ValueError, match="hidden states of size 32.*size 5"):
         make_feature_fn(wrong_size)
+
+    # The same features through the hidden-state server (--server-url), and one evaluation with them.
+    from offline_rl.evaluate import main as evaluate_main
+    from servers.hidden_state_server import create_app, serve_in_background
+
+    with serve_in_background(create_app(backend, spec, max_batch=32, max_wait_ms=2.0)) as url:
+        remote = make_feature_fn(payload, server_url=url)
+        np.testing.assert_allclose(remote(shard["obs"][:8]), live(shard["obs"][:8]), rtol=1e-5, atol=1e-5)
+        evaluated = evaluate_main(["--run-dir", str(tmp_path / "run"), "--server-url", url, "--episodes", "2",
+                                   "--max-steps", "5", "--no-progress", "--out", str(tmp_path / "remote.json")])
+        assert evaluated["summary"]["steps_run"] == 5
+    with pytest.raises(ValueError, match="either --llm-model .* or --server-url"):
+        make_feature_fn(payload, llm_model=tiny_llm_path, server_url="http://127.0.0.1:9")
+    other = llm.LLMSpec(model=tiny_llm_path, layer=-1, pooling="last", template="Observation:\n{text}")
+    with serve_in_background(create_app(backend, other, max_batch=32, max_wait_ms=2.0)) as url:
+        with pytest.raises(ValueError, match="pooling"):
+            make_feature_fn(payload, server_url=url)
+
+
+# ----------------------------------------------------------------------------------------------
+# IQL
+# ----------------------------------------------------------------------------------------------
+
+
+def test_expectile_loss_matches_a_plain_loop_and_its_minimiser_is_the_expectile():
+    diff = torch.tensor([-2.0, -0.5, 0.0, 0.25, 3.0])
+    for tau in (0.5, 0.7, 0.9):
+        plain = sum((tau if d >= 0 else 1 - tau) * d * d for d in diff.tolist()) / len(diff)
+        assert math.isclose(float(expectile_loss(diff, tau)), plain, rel_tol=1e-6)
+    torch.testing.assert_close(expectile_loss(diff, 0.5), 0.5 * diff.pow(2).mean())
+    # Minimising over a constant v gives the tau-expectile: tau E[(x - v)+] = (1 - tau) E[(v - x)+].
+    x = torch.tensor([0.0, 1.0, 1.0, 4.0, 10.0])
+    v = torch.zeros((), requires_grad=True)
+    optimiser = torch.optim.Adam([v], lr=0.05)
+    for _ in range(3000):
+        optimiser.zero_grad()
+        expectile_loss(x - v, 0.9).backward()
+        optimiser.step()
+    v = v.detach()
+    above, below = (x - v).clamp_min(0).mean(), (v - x).clamp_min(0).mean()
+    assert math.isclose(float(0.9 * above), float(0.1 * below), rel_tol=1e-3)
+    assert float(x.mean()) < float(v) < float(x.max())
+
+
+def test_iql_weights_cap_the_exponent_before_exp():
+    weights, clipped = advantage_weights(torch.tensor([0.0, 0.5, 1e6]), beta=2.0, max_weight=100.0)
+    torch.testing.assert_close(weights, torch.tensor([1.0, math.e, 100.0]))
+    assert clipped.tolist() == [False, False, True]
+
+
+def test_transition_dataset_pairs_each_row_with_the_next_row_of_its_stream(tmp_path):
+    streams, length = 3, 12
+    t = np.arange(length, dtype=np.float32)
+    obs = np.stack([np.stack([t + 100 * s, np.full(length, s, np.float32)], -1) for s in range(streams)])
+    done = np.zeros((streams, length), bool)
+    done[1, 3] = done[2, 7] = True  # done at a shard's last step (7): its successor does not matter
+    write_streams(tmp_path / "data", obs, np.zeros((streams, length), np.int64), np.zeros((streams, length),
+                  np.float32), done, steps_per_shard=4, num_actions=2)
+    data = TransitionDataset(tmp_path / "data")
+    shard = data.load_shard(1, ("obs", "next_obs", "next_valid", "done"))
+    now, nxt = shard["obs"][:, 0].reshape(streams, 4), shard["next_obs"][:, 0].reshape(streams, 4)
+    np.testing.assert_array_equal(nxt[:, :3], now[:, 1:])
+    valid = shard["next_valid"].reshape(streams, 4)
+    assert valid[:, :3].all() and valid[:, 3].tolist() == [False, False, True]
+    assert "next_obs" not in data.load_shard(1, ("obs",))
+
+
+def test_iql_prefers_high_return_actions_where_bc_cannot(tmp_path):
+    two_action_dataset(tmp_path / "data")
+    cfg = config(IQLConfig, tmp_path, tmp_path / "data", "iql", total_steps=400, batch_size=128, layer_width=32,
+                 log_every=100, checkpoint_every=400, actor_lr=3e-3, value_lr=3e-3, q_lr=3e-3, beta=10.0)
+    result = train(cfg, IQL(cfg))
+    obs = np.random.default_rng(7).integers(0, 2, (2000, 8)).astype(np.float32)
+    right = (greedy_actions(result["models"][0], obs) == good_action(obs)).mean()
+    assert right > 0.95, f"IQL picks the rewarded action {right:.0%} of the time"
+    with torch.no_grad():
+        q = result["models"][0].q_values(torch.from_numpy(obs))[0].numpy()
+    assert np.abs(q[np.arange(2000), good_action(obs)] - 1.0).mean() < 0.15, "Q(s, good) = 1 (one-step episodes)"
+    last = read_jsonl(tmp_path / "iql" / "metrics.jsonl")[-1]
+    assert all(np.isfinite(last[k][0]) for k in ("loss/actor", "loss/value", "loss/q"))
+
+
+def test_iql_propagates_value_through_next_observations(tmp_path):
+    """A chain 0 -> 1 -> ... -> 7 with reward 1 only at the end: V must discount back along next_obs."""
+    streams, length, chain = 4, 256, 8
+    position = np.tile(np.arange(length) % chain, (streams, 1))
+    obs = np.eye(chain, dtype=np.float32)[position]
+    done = position == chain - 1
+    reward = done.astype(np.float32)
+    write_streams(tmp_path / "data", obs, np.zeros((streams, length), np.int64), reward, done,
+                  steps_per_shard=32, num_actions=2)
+    cfg = config(IQLConfig, tmp_path, tmp_path / "data", total_steps=1500, batch_size=128, layer_width=32,
+                 log_every=500, checkpoint_every=1500, value_lr=3e-3, q_lr=3e-3, gamma=0.9, target_tau=0.05)
+    model = train(cfg, IQL(cfg))["models"][0]
+    with torch.no_grad():
+        value = model.value_only(torch.eye(chain)).numpy()
+    np.testing.assert_allclose(value, 0.9 ** np.arange(chain - 1, -1, -1), atol=0.1)
+
+
+def test_iql_checkpoint_holds_the_target_networks_and_a_killed_run_resumes_exactly(tmp_path):
+    scripted_dataset(tmp_path / "data", rows=1024)
+    add_labels(tmp_path / "data", projection_features())
+    kwargs = dict(features="hidden_state", num_seeds=2, total_steps=40, log_every=5, checkpoint_every=10)
+    full = train(cfg := config(IQLConfig, tmp_path, tmp_path / "data", "full", **kwargs), IQL(cfg))
+    killed_cfg = config(IQLConfig, tmp_path, tmp_path / "data", "killed", **kwargs)
+    train(killed_cfg, IQL(killed_cfg), stop_after_updates=25)
+    resumed = train(killed_cfg, IQL(killed_cfg))
+    assert resumed["summary"]["complete"]
+    for a, b in zip(full["models"], resumed["models"]):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    strip = lambda run: [{k: v for k, v in r.items() if not k.startswith("perf/")}
+                         for r in read_jsonl(tmp_path / run / "metrics.jsonl")]
+    assert strip("full") == strip("killed")
+    payload = load_checkpoint(tmp_path / "killed")
+    assert payload["algo"] == "iql" and payload["network"]["q_heads"] == 2
+    assert any(k.startswith("q_target.") for k in payload["models"][0])
+    policy = policies_from_checkpoint(payload)[0]
+    obs, feats = torch.rand(5, 24), torch.randn(5, 6) + 5
+    torch.testing.assert_close(policy(obs, feats)[0], resumed["models"][0].eval()(obs, feats)[0])
+
+
+def test_iql_entry_point_trains_checkpoints_and_evaluates_in_the_game(tmp_path, classic_rollout):
+    from offline_rl.iql import main as iql_main
+
+    classic_dataset(tmp_path / "data", classic_rollout)
+    iql_main(["--preset", "debug", "--dataset", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"),
+              "--no-progress", "--num-seeds", "2"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["complete"] and summary["algo"] == "iql" and summary["eval"]["episodes_per_seed"] == 2
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert all(np.isfinite(rows[-2][k]).all() for k in ("loss/actor", "loss/value", "loss/q"))
+    assert 0.8 < rows[-2]["loss/next_valid_fraction"][0] <= 1.0, "one row in 16 per stream lacks its successor"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step_000000010.pt", "step_000000020.pt"]

@@ -354,7 +354,7 @@ def entry_point_run_names() -> tuple[set[str], set[str]]:
     import online_rl
     import online_rl_llm
     import world_models
-    from offline_rl import awr, bc
+    from offline_rl import awr, bc, iql
     from offline_rl.trainer import AREA as OFFLINE
     from online_rl import ppo, ppo_rnd, ppo_rnn
     from online_rl.bonuses import BONUSES
@@ -364,7 +364,7 @@ def entry_point_run_names() -> tuple[set[str], set[str]]:
     listed = {f"{ppo.AREA}/{ppo.algo_name(dataclasses.replace(ppo.PPOConfig(), bonus=b))}" for b in BONUSES}
     listed |= {f"{ppo_rnd.AREA}/{ppo.algo_name(ppo_rnd.PPORNDConfig())}", f"{ppo_rnn.AREA}/{ppo_rnn.ALGO}"}
     listed |= {f"{dreamer.AREA}/{dreamer.algo_name(dreamer.DreamerConfig(version=v))}" for v in dreamer.VERSIONS}
-    listed |= {f"{OFFLINE}/{awr.ALGO}", f"{OFFLINE}/{bc.ALGO}", f"{ppo_llm.AREA}/{ppo_llm.ALGO}"}
+    listed |= {f"{OFFLINE}/{awr.ALGO}", f"{OFFLINE}/{bc.ALGO}", f"{OFFLINE}/{iql.ALGO}", f"{ppo_llm.AREA}/{ppo_llm.ALGO}"}
     found = set(listed)
     for package in (online_rl, online_rl_llm, world_models, offline_rl):
         for info in pkgutil.iter_modules(package.__path__):

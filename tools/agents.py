@@ -41,12 +41,14 @@ from utils.errors import UserError
 
 
 class Agent(NamedTuple):
-    """``act(obs) -> action`` for one unbatched observation; ``reset()`` before each episode."""
+    """``act(obs) -> action`` for one unbatched observation; ``reset()`` before each episode. ``step`` is the
+    checkpoint's update (None where a loader cannot tell), so a recording can say which policy played."""
 
     env_name: str
     act: Callable[[np.ndarray], int]
     reset: Callable[[], None]
     description: str
+    step: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +220,7 @@ def jax_run_loader(config_cls: Callable[[], type], build: Callable[[Any], Policy
         def reset() -> None:
             memory["state"] = policy.initial_state(1)
 
-        return Agent(cfg.env, act, reset, f"{run_dir.name} (update {step}, seed {options.seed_index})")
+        return Agent(cfg.env, act, reset, f"{run_dir.name} (update {step}, seed {options.seed_index})", step)
 
     return load
 
@@ -307,6 +309,7 @@ def load_offline(path: Path, options: LoadOptions) -> Agent:
 
 register("offline_rl", "awr", load_offline)
 register("offline_rl", "bc", load_offline)
+register("offline_rl", "iql", load_offline)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +379,7 @@ def load_ppo_llm(run_dir: Path, options: LoadOptions) -> Agent:
         memory["t"] = 0
 
     return Agent(cfg.env, act, reset, f"{run_dir.name} (update {step}, seed {options.seed_index}, "
-                                      f"LLM {saved.get('model')})")
+                                      f"LLM {saved.get('model')})", step)
 
 
 register("online_rl_llm", "ppo_llm", load_ppo_llm)

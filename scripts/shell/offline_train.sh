@@ -1,5 +1,5 @@
 #!/bin/bash
-# Offline RL on a saved dataset on this machine. ALGO: awr or bc; other arguments go to the trainer.
+# Offline RL on a saved dataset on this machine. ALGO: awr, bc or iql; other arguments go to the trainer.
 #
 #   scripts/shell/offline_train.sh awr --dataset data/ppo_classic --preset debug
 #   scripts/shell/offline_train.sh bc --dataset data/ppo_classic-qwen --features hidden_state
@@ -13,5 +13,6 @@ ALGO="${1:-}"
 case "$ALGO" in
     awr) craftax_run "$PYTHON" -m offline_rl.awr "$@" ;;
     bc) craftax_run "$PYTHON" -m offline_rl.bc "$@" ;;
-    *) craftax_die "usage: $(basename "$0") awr|bc --dataset DIR [trainer flags] (got '$ALGO')" ;;
+    iql) craftax_run "$PYTHON" -m offline_rl.iql "$@" ;;
+    *) craftax_die "usage: $(basename "$0") awr|bc|iql --dataset DIR [trainer flags] (got '$ALGO')" ;;
 esac
