@@ -155,6 +155,10 @@ def test_ci_runs_the_readme_test_command_as_written():
     assert len(test_commands) == 1, test_commands
     ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert test_commands[0] in ci_lines
+    assert '-m "not slow"' in test_commands[0], "the README's command is the fast half"
+    slow = '.venv/bin/python -m pytest -n 2 --dist loadfile -m slow'
+    assert slow in ci_lines and f"`{slow}`" in (REPO / "README.md").read_text(), \
+        "CI runs the slow half as its second command, and the README says so"
 
 
 # --------------------------------------------------------------------------------------------------
