@@ -171,7 +171,8 @@ def test_compare_runs_a_suite_and_writes_its_table(checkout, env, tmp_path):
     job = submit(checkout, "compare.sbatch", ["classic_debug", "--results-md", str(results)], CPU_JOB, env)
     assert_completed(wait(job))
     table = results.read_text()
-    assert "<!-- compare:classic_debug:begin -->" in table and "<!-- compare:classic_debug:end -->" in table
+    assert "<!-- report:classic_debug:begin -->" in table and "<!-- report:classic_debug:end -->" in table
+    assert (tmp_path / "data" / "classic_debug.json").exists(), "the suite's record goes beside the page"
     assert "ppo_rnn" in table
     assert sorted(checkout.glob("runs/compare/classic_debug/*/ppo*/**/summary.json")), "no finished runs"
 
