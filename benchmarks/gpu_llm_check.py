@@ -320,7 +320,11 @@ def run(args, model: str) -> int:
         for group in GROUPS:
             timing, states = measure(backend, groups[group], args.repeats)
             row = {**summary, "layer": layer, "group": group, "startup_s": startup, **timing,
-                   "mean_prompt_tokens": float(np.mean(tokens[group]))}
+                   "mean_prompt_tokens": float(np.mean(tokens[group])),
+                   # vLLM runs a truncated model only where its weights allow it (vllm_truncation_plan):
+                   # truncated and full-model throughput are different figures, so each row says which.
+                   "truncated": getattr(backend, "truncated", None),
+                   "loaded_layers": getattr(backend, "loaded_layers", None)}
             row["tokens_per_s"] = row["states_per_s"] * row["mean_prompt_tokens"]
             if args.save_states:
                 saved[(group, layer)] = states
