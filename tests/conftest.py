@@ -32,6 +32,7 @@ SLOW_TESTS = (
     "tests/test_dreamer_smoke.py::test_killed_run_resumes_to_the_same_state_and_metrics",
     "tests/test_dreamer_smoke.py::test_finished_run_extends_to_a_larger_budget",
     "tests/test_dreamer_smoke.py::test_debug_run_on_tetris_with_its_action_mode_preset",
+    "tests/test_dreamer_smoke.py::test_debug_run_with_replay_context_resumes_with_its_stored_latents",
     "tests/test_compare.py::test_suite_runs_every_method_and_writes_the_table",
     "tests/test_compare.py::test_rerun_skips_finished_runs",
     "tests/test_compare.py::test_rerunning_one_method_keeps_every_row",

@@ -116,6 +116,58 @@ def test_finished_run_extends_to_a_larger_budget_as_if_given_it_from_the_start(t
         train(dataclasses.replace(short_cfg, total_steps=2 * full_cfg.total_steps, model_lr=1.0))
 
 
+def test_debug_run_with_replay_context_resumes_with_its_stored_latents(tmp_path):
+    """With --replay-context the stored latents are part of the replay and so of the checkpoint: a killed
+    run resumes to exactly the state of an uninterrupted one, latents included."""
+    cfg = make_config(3, ["debug", "replay_context"], run_dir=str(tmp_path / "full"), progress=False, env=SYMBOLIC,
+                      eval_envs=0)
+    assert cfg.replay_context
+    full = train(cfg)
+    check_run(full["run_dir"], read_jsonl(tmp_path / "full" / "metrics.jsonl"), seeds=1)
+    rows = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    assert all(np.isfinite(v) for v in rows[-1]["diag/actor_entropy"] + rows[-1]["diag/adv_abs_mean"])
+    replay = full["carry"].replay
+    count = int(replay.count[0])
+    deter = np.asarray(replay.data["deter"])[0, :, :count]
+    assert deter.dtype == np.float16 and np.all(np.abs(deter) <= 1.0) and np.any(deter != 0)
+    assert np.asarray(replay.data["stoch"]).dtype == np.uint8
+    killed_cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "killed"))
+    assert not train(killed_cfg, stop_after_updates=8)["summary"]["complete"]
+    resumed = train(killed_cfg)
+    assert resumed["summary"]["complete"]
+    for a, b in zip(jax.tree.leaves(full["carry"]), jax.tree.leaves(resumed["carry"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_achievement_events_split_first_unlocks_from_repeats_on_classic():
+    """The diagnostics' achievement events: a step's first unlocks are exactly the flags VecEnv's own
+    step newly sets (the same per-env keys), and repeats -- deeds whose flag was already set -- occur."""
+    import jax.numpy as jnp
+
+    from utils import envs
+    from world_models.dreamer import achievement_events
+
+    env = envs.make(SYMBOLIC, 16, reset_ratio=8)
+
+    def step(state, key):
+        action_key, step_key = jax.random.split(key)
+        action = jax.random.randint(action_key, (16,), 0, env.num_actions)
+        _, new_state, _, _, info = env.step(step_key, state, action)
+        unlock, first = achievement_events(env, step_key, state, action)
+        newly = info["achievements"].astype(bool) & ~state.env_state.achievements
+        return new_state, (unlock, first, newly)
+
+    state = env.reset(jax.random.PRNGKey(0))[1]
+    _, (unlock, first, newly) = jax.jit(lambda s, k: jax.lax.scan(step, s, jax.random.split(k, 200)))(
+        state, jax.random.PRNGKey(1))
+    unlock, first, newly = np.asarray(unlock), np.asarray(first), np.asarray(newly)
+    np.testing.assert_array_equal(first, newly.any(-1))
+    np.testing.assert_array_equal(unlock[first], newly.argmax(-1)[first])
+    repeats = (unlock >= 0) & ~first
+    assert first.sum() > 10 and repeats.sum() > 10, (first.sum(), repeats.sum())
+    assert unlock.dtype == np.int8 and jnp.all(unlock >= -1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_debug_run_on_classic_pixels_writes_the_openloop_gif(tmp_path, version):

@@ -542,10 +542,10 @@ def test_named_settings_outside_their_choices_are_user_errors(field, value, mess
 
 @pytest.mark.parametrize("version,settings", [
     (3, dict(latent="gaussian", reward_head="symexp_twohot", critic_head="symexp_twohot", replay_value_scale=0.3,
-             imag_cont="mode", imag_starts=6)),
+             imag_cont="mode", imag_starts=6, replay_context=True)),
     (2, dict(return_norm="percentile", actor_grad="mix", critic_head="symlog_twohot", slow_critic="ema",
              slow_critic_returns=False, slow_critic_reg=1.0, imag_starts=5, dyn_inputs="split")),
-], ids=["v3-gaussian-latent-symexp-heads-replay-value-6-starts",
+], ids=["v3-gaussian-latent-symexp-heads-replay-value-6-starts-replay-context",
         "v2-return-norm-mixed-gradient-two-hot-critic-5-starts-split-dynamics-inputs"])
 def test_mixed_settings_train_a_chunk(version, settings):
     """Ablations are flags on top of a version's preset: the whole program compiles and trains."""
@@ -572,6 +572,9 @@ def test_mixed_settings_train_a_chunk(version, settings):
         assert np.all(np.asarray(metrics["loss/return_scale"])[0][trained] >= 1.0)
         assert program.agent.ac.critic_out.size == cfg.bins and program.agent.wm.reward_out.size == 1
         assert program.agent.ac.critic_out.kind == "symlog_twohot" and "loss/replay_value" not in metrics
+    if settings.get("replay_context"):
+        written = np.asarray(carry.replay.data["stoch"])[0, :, :int(carry.replay.count[0])]
+        assert written.dtype == np.float16 and np.any(written != 0), "Gaussian samples stored as they are"
     rssm_layers = set(carry.agent.params["wm"]["rssm"]["params"])
     if settings.get("dyn_inputs") == "split":
         assert {"deter_in", "stoch_in", "action_in"} <= rssm_layers and "img_in" not in rssm_layers
@@ -729,6 +732,142 @@ def test_world_model_diagnostics_on_a_fixed_batch():
     top = np.asarray(post.stats).argmax(-1).reshape(-1, cfg.stoch)  # [steps, latents]
     used = np.mean([len(set(top[:, i])) for i in range(cfg.stoch)])
     assert float(metrics["diag/post_used_classes"]) == pytest.approx(used) and 1 <= used <= cfg.classes
+    assert "diag/reward_pred_first" not in metrics, "a batch without achievement events has no such split"
+
+    # Rows with achievement events: first unlocks (paid) and repeats (the same deed again, not paid).
+    unlock = np.full((8, 4), -1, np.int8)
+    first = np.zeros((8, 4), bool)
+    unlock[2, 1], first[2, 1] = 3, True
+    unlock[5, 1] = 3  # wood collected again in the same episode
+    unlock[4, 2], unlock[6, 3], first[6, 3] = 0, 7, True
+    batch.update(unlock=jnp.asarray(unlock), unlock_first=jnp.asarray(first))
+    _, (_, metrics) = jax.jit(wm.loss)(params, batch, jax.random.PRNGKey(1))
+    assert float(metrics["diag/reward_pred_first"]) == pytest.approx(pred[first].mean(), rel=1e-4, abs=1e-6)
+    repeat = (unlock >= 0) & ~first
+    assert repeat.sum() == 2 and float(metrics["diag/reward_pred_repeat"]) == pytest.approx(pred[repeat].mean(),
+                                                                                              rel=1e-4, abs=1e-6)
+    assert float(metrics["diag/reward_pred_pos"]) == pytest.approx(pred[reward > 0.5].mean(), rel=1e-4, abs=1e-6)
+
+
+def test_actor_diagnostics_set_advantages_against_the_return_scale_and_entropy():
+    """``diag/adv_norm_abs_mean`` is what the actor's REINFORCE term sees; next to ``actor_entropy`` times
+    ``diag/actor_entropy`` it says whether the entropy bonus drowns the advantages."""
+    from world_models.common.behavior import ActorCritic, ReturnNorm
+    from world_models.common.config import ActorCriticConfig
+
+    rng = np.random.default_rng(0)
+    H, N = 5, 7
+    returns = rng.normal(0.0, 3.0, (H, N)).astype(np.float32)
+    values = rng.normal(0.0, 1.0, (H + 1, N)).astype(np.float32)
+    weight = rng.uniform(0.2, 1.0, (H, N)).astype(np.float32)
+    entropy = rng.uniform(1.0, 2.8, (H, N)).astype(np.float32)
+    retnorm = ReturnNorm(jnp.float32(-2.0), jnp.float32(2.5))
+    advantage = np.abs(returns - values[:-1])
+    for norm, scale in (("percentile", 4.5), ("none", 1.0)):
+        ac = ActorCritic(pick(ActorCriticConfig, tiny_config(3, return_norm=norm)), 6, 3)
+        metrics = ac.diagnostics(jnp.asarray(returns), jnp.asarray(values), jnp.asarray(weight), jnp.asarray(entropy),
+                                 retnorm)
+        assert float(metrics["diag/return_scale"]) == pytest.approx(scale)
+        low, high = np.percentile(returns, [5, 95])
+        assert float(metrics["diag/return_range"]) == pytest.approx(high - low, rel=1e-5)
+        adv = (weight * advantage).sum() / weight.sum()
+        assert float(metrics["diag/adv_abs_mean"]) == pytest.approx(adv, rel=1e-5)
+        assert float(metrics["diag/adv_norm_abs_mean"]) == pytest.approx(adv / scale, rel=1e-5)
+        mean_entropy = (weight * entropy).sum() / weight.sum()
+        assert float(metrics["diag/actor_entropy"]) == pytest.approx(mean_entropy, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Replay context: stored latents start the replayed chunks and are refreshed by training
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("discrete", [True, False], ids=["categorical", "gaussian"])
+def test_packed_latents_round_trip(discrete):
+    from world_models.common.rssm import pack, unpack
+
+    spec = LatentSpec(discrete=discrete, stoch=3, classes=4 if discrete else 1)
+    rssm = RSSM(spec, deter=8, hidden=8)
+    embed = jax.random.normal(jax.random.PRNGKey(1), (6, 2, 5))
+    post = observe(rssm, init_params(rssm, jax.random.PRNGKey(0), 2, 5), embed, jnp.zeros((6, 2, 2)),
+                   jnp.zeros((6, 2), bool).at[0].set(True), initial_state(spec, 8, (2,)), jax.random.PRNGKey(2))[1]
+    packed = pack(spec, post)
+    assert packed["deter"].dtype == jnp.float16 and packed["stoch"].dtype == (jnp.uint8 if discrete else jnp.float16)
+    back = unpack(spec, packed)
+    np.testing.assert_allclose(back.deter, post.deter, atol=1e-3)
+    np.testing.assert_allclose(back.stoch, post.stoch, atol=1e-6 if discrete else 2e-3 * np.abs(post.stoch).max())
+    assert back.stats.shape == post.stats.shape
+
+
+def context_replay(agent, num_streams=3, steps=20, seed=0):
+    """A replay of one long episode per stream whose stored latents are a sentinel (-0.5 everywhere, not
+    a state any observed row has), so a written row shows."""
+    batch = fixed_batch((12,), T=steps, B=num_streams, seed=seed)
+    batch["is_terminal"] = jnp.zeros_like(batch["is_terminal"])
+    example = {k: v[0] for k, v in batch.items()}
+    latent = agent.wm.initial_state((num_streams,))
+    fields = agent.replay_fields((latent._replace(deter=latent.deter - 0.5), None))
+    replay = replay_lib.empty({**example, **fields}, num_streams, steps)
+    rows = {**batch, **{k: jnp.broadcast_to(v, (steps,) + v.shape) for k, v in fields.items()}}
+    return replay_lib.add(replay, rows)
+
+
+def test_replay_context_starts_from_the_latent_the_previous_pass_wrote_and_refreshes_exactly_the_replayed_rows():
+    from world_models.common.agent import Agent
+    from world_models.common.rssm import pack, unpack
+
+    agent = Agent(AgentConfig.from_fields(tiny_config(3, replay_context=True)), (12,), 5)
+    state = jax.jit(agent.init)(jax.random.PRNGKey(0))
+    replay = context_replay(agent)
+    B, L = 4, 6
+    step = jax.jit(lambda state, replay, key: agent.replay_step(state, replay, key, B, L))
+
+    # Pass 1 writes this step's posteriors into exactly the rows it replayed (not the context rows).
+    key = jax.random.PRNGKey(5)
+    batch_key, step_key = jax.random.split(key)
+    context, batch, index = replay_lib.sample_with_context(replay, batch_key, B, L)
+    _, _, post = jax.jit(agent.train_step_posterior)(state, batch, step_key, agent.context_start(context))
+    expected = jax.tree.map(np.asarray, pack(agent.wm.spec, post))  # [L, B, ...]
+    state1, replay1, _ = step(state, replay, key)
+    streams, rows = np.asarray(index.streams), np.asarray(index.rows)
+    covered = np.zeros((replay.num_streams, replay.capacity), bool)
+    covered[streams[:, None], rows] = True
+    changed = np.any(np.asarray(replay1.data["deter"]) != np.asarray(replay.data["deter"]), -1)
+    np.testing.assert_array_equal(changed, covered)
+    for name in ("deter", "stoch"):
+        stored = np.asarray(replay1.data[name])
+        for s_, r_ in zip(*np.nonzero(covered)):  # where chunks overlap, one of them wrote the row
+            writers = [(t, b) for b in range(B) for t in range(L) if streams[b] == s_ and rows[b, t] == r_]
+            # (two compiled programs may round the last float16 bit of deter differently)
+            assert any(np.allclose(stored[s_, r_].astype(np.float32), expected[name][t, b].astype(np.float32),
+                                   rtol=0, atol=1e-3) for t, b in writers), (name, s_, r_)
+    for name in ("obs", "reward", "action", "is_first"):
+        np.testing.assert_array_equal(np.asarray(replay1.data[name]), np.asarray(replay.data[name]))
+
+    # Pass 2: a chunk whose context row pass 1 wrote starts from exactly that latent, not from zeros.
+    for seed in range(100):
+        context, batch, index = replay_lib.sample_with_context(replay1, jax.random.PRNGKey(100 + seed), B, L)
+        context_rows = np.asarray(index.rows[:, 0]) - 1
+        hit = [b for b in range(B) if covered[int(index.streams[b]), context_rows[b]]]
+        if hit:
+            break
+    b = hit[0]
+    latent, prev_action = agent.context_start(context)
+    at = (index.streams[b], context_rows[b])
+    written = unpack(agent.wm.spec, {k: replay1.data[k][at] for k in ("deter", "stoch")})
+    np.testing.assert_array_equal(np.asarray(latent.deter[b]), np.asarray(written.deter))
+    np.testing.assert_array_equal(np.asarray(latent.stoch[b]), np.asarray(written.stoch))
+    np.testing.assert_array_equal(np.asarray(prev_action[b]),
+                                  np.eye(5)[int(replay1.data["action"][index.streams[b], context_rows[b]])])
+    assert not bool(batch["is_first"][0, b]), "inside an episode the chunk keeps its true flags"
+    wm_params, key = state1.params["wm"], jax.random.PRNGKey(7)
+    _, (from_context, _) = agent.wm.loss(wm_params, batch, key, (latent, prev_action))
+    _, (from_zeros, _) = agent.wm.loss(wm_params, batch, key)
+    assert not np.allclose(np.asarray(from_context.deter[0, b]), np.asarray(from_zeros.deter[0, b]), atol=1e-3)
+    # ... and a chunk from zeros is what `sample` gives: its first row marked as an episode start.
+    zero_start = dict(batch, is_first=batch["is_first"].at[0].set(True))
+    _, (reset, _) = agent.wm.loss(wm_params, zero_start, key, (latent, prev_action))
+    np.testing.assert_allclose(np.asarray(reset.deter), np.asarray(from_zeros.deter), atol=1e-6)
 
 
 def test_dreamer_curve_table_weights_returns_by_episodes_and_reads_each_seed(tmp_path, capsys):

@@ -143,6 +143,13 @@ class DreamerConfig(RunConfig):
     deter, sample and action, so a few action dims are not drowned by a 1,024-wide sample)."""
     imag_starts: int = 0
     """Imagine from this many posterior states of each batch, drawn at random; 0: from all of them."""
+    replay_context: bool = False
+    """Replay context (current DreamerV3 code, its replay_context: 1; the papers: off): replay keeps each
+    row's posterior latent (deter as float16, the sample as class indices), a training chunk starts from
+    the latent of the row before it instead of zeros, so memory resets only where an episode starts, and
+    each gradient step writes its posteriors back into the rows it replayed. Without it a chunk starts
+    blind: Craftax's symbolic observation shows no achievement flags, so it cannot tell a first unlock
+    (+1) from a repeat (0) early in a chunk. Off until measured (docs/world_models.md)."""
     imag_cont: str = "prob"
     """How imagined returns use the continue head: prob (discount by its probability, V2) or mode (0 or 1,
     the DreamerV3 code). With prob, a state the model thinks half over keeps imagining past its end, so a
@@ -260,16 +267,22 @@ def grad_steps_per_update(cfg: DreamerConfig) -> int:
     return int(round(exact))
 
 
+def sequence_length(cfg: DreamerConfig) -> int:
+    """Rows a training chunk reads from replay: with replay context, one more before the chunk."""
+    return cfg.batch_length + int(cfg.replay_context)
+
+
 def validate(cfg: DreamerConfig) -> None:
     if cfg.version not in VERSIONS:
         raise UserError(f"--version must be one of {', '.join(map(str, VERSIONS))}, got {cfg.version}")
     if cfg.env not in envs.ENV_NAMES:
         raise envs.UnknownEnvError(f"unknown env {cfg.env!r}; valid names: {', '.join(envs.ENV_NAMES)}")
     capacity = cfg.replay_size // cfg.num_envs
-    needed = max(cfg.batch_length, cfg.report_context + cfg.report_horizon)
+    needed = max(sequence_length(cfg), cfg.report_context + cfg.report_horizon)
     if capacity < needed:
         raise UserError(f"replay_size {cfg.replay_size} gives {capacity} steps per env stream; need at least "
-                        f"{needed} (batch_length and report_context + report_horizon)")
+                        f"{needed} (batch_length, one more with --replay-context, and report_context + "
+                        "report_horizon)")
     if cfg.prefill < needed:
         raise UserError(f"prefill {cfg.prefill} must be at least {needed} so that replay holds whole sequences "
                         "before training")
@@ -300,6 +313,8 @@ class Collector:
     is_terminal: jax.Array  # [N] obs is the last of its episode (the env has already reset)
     reset_obs: jax.Array  # [N, ...] first obs of the next episode, shown after a terminal row
     policy_state: Any  # (RSSMState [N], previous action one-hot [N, A])
+    unlock: jax.Array  # [N] int8 achievement done by the step that led to obs (-1: none); diagnostics only
+    unlock_first: jax.Array  # [N] that step unlocked an achievement for the first time in its episode
 
 
 @struct.dataclass
@@ -324,6 +339,28 @@ def make_store(cfg: DreamerConfig, env: envs.VecEnv):
     if dtype == jnp.uint8:
         return lambda obs: jnp.round(jnp.clip(obs, 0.0, 1.0) * 255).astype(jnp.uint8)
     return lambda obs: obs.astype(dtype)
+
+
+def achievement_events(env: envs.VecEnv, key: jax.Array, env_state: envs.VecEnvState, action: jax.Array):
+    """``(unlock [N] int8, unlock_first [N] bool)`` of ``env.step(key, env_state, action)``: an achievement
+    the step does (-1: none; a first unlock if it has one) and whether it unlocks one for the first time.
+
+    For the diagnostics ``diag/reward_pred_{first,repeat}`` only. An env's achievement flags are sticky, so
+    a repeat (wood collected again) changes nothing the step returns; the step is taken again from the same
+    state with its flags cleared and the same per-env keys as ``VecEnv.step`` (its observation is dropped,
+    so compiled code does not render it). Envs whose state has no ``achievements`` report none."""
+    state = env_state.env_state
+    n = action.shape[0]
+    if not hasattr(state, "achievements"):
+        return jnp.full(n, -1, jnp.int8), jnp.zeros(n, bool)
+    step_key, _ = jax.random.split(key)  # as VecEnv.step: (step, reset) keys, then one step key per env
+    cleared = state.replace(achievements=jnp.zeros_like(state.achievements))
+    after = jax.vmap(lambda k, s, a: env.base_env.step(k, s, a, env.params)[1])(
+        jax.random.split(step_key, n), cleared, action)
+    done, before = after.achievements.astype(bool), state.achievements.astype(bool)
+    first = done & ~before
+    unlock = jnp.where(first.any(-1), jnp.argmax(first, -1), jnp.where(done.any(-1), jnp.argmax(done, -1), -1))
+    return unlock.astype(jnp.int8), first.any(-1)
 
 
 def where_env(mask: jax.Array, new, old):
@@ -355,10 +392,13 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
         key, agent_key = jax.random.split(key)
         obs = store(obs)
         false = jnp.zeros(n, bool)
-        collector = Collector(env_state, obs, jnp.zeros(n), jnp.ones(n, bool), false, obs,
-                              agent.initial_policy_state(n))
+        policy_state = agent.initial_policy_state(n)
+        no_unlock = jnp.full(n, -1, jnp.int8)
+        collector = Collector(env_state, obs, jnp.zeros(n), jnp.ones(n, bool), false, obs, policy_state, no_unlock,
+                              false)
         example_row = dict(obs=obs, action=jnp.zeros(n, jnp.int32), reward=jnp.zeros(n), is_first=false,
-                           is_terminal=false)
+                           is_terminal=false, unlock=no_unlock, unlock_first=false,
+                           **agent.replay_fields(policy_state))
         return TrainCarry(agent.init(agent_key), replay_lib.empty(example_row, n, capacity), collector, key,
                           jnp.int32(0), jnp.int32(0))
 
@@ -373,8 +413,10 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
         key, act_key, step_key = jax.random.split(key, 3)
         action, policy_state = agent.act(params, c.obs, c.policy_state, c.is_first, act_key,
                                          random=env_steps < cfg.prefill)
-        row = dict(obs=c.obs, action=action, reward=c.reward, is_first=c.is_first, is_terminal=c.is_terminal)
+        row = dict(obs=c.obs, action=action, reward=c.reward, is_first=c.is_first, is_terminal=c.is_terminal,
+                   unlock=c.unlock, unlock_first=c.unlock_first, **agent.replay_fields(policy_state))
         obs, env_state, reward, done, info = env.step(step_key, c.env_state, action)
+        unlock, unlock_first = achievement_events(env, step_key, c.env_state, action)
         skip = c.is_terminal  # this env showed its terminal row: move on to the stashed first obs
         done = done & ~skip
         obs, terminal_obs = store(obs), store(info["terminal_obs"])
@@ -386,17 +428,27 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
             is_terminal=done,
             reset_obs=where_env(done, obs, c.reset_obs),
             policy_state=policy_state,
+            unlock=jnp.where(skip, -1, unlock).astype(jnp.int8),
+            unlock_first=unlock_first & ~skip,
         )
         return (c, params, env_steps + 1, key), (row, EpisodeStats.from_step(done, info))
 
-    def train(agent_state: AgentState, replay: replay_lib.Replay, key: jax.Array):
-        def grad_step(agent_state, key):
-            batch_key, step_key = jax.random.split(key)
-            batch = replay_lib.sample(replay, batch_key, cfg.batch_size, cfg.batch_length)
-            return agent.train_step(agent_state, batch, step_key)
+    latent_keys = tuple(agent.replay_fields(agent.initial_policy_state(1)))  # empty without replay context
 
-        agent_state, metrics = jax.lax.scan(grad_step, agent_state, jax.random.split(key, grad_steps))
-        return agent_state, grad_step_means(metrics)
+    def train(agent_state: AgentState, replay: replay_lib.Replay, latents: dict, key: jax.Array):
+        """``grad_steps`` gradient steps; returns the replay's ``latents`` as they refreshed them (replay
+        context; ``{}`` without). Only these fields travel through the loops and the branch around them:
+        a replay passed back out of them could cost a copy of every observation per update."""
+
+        def grad_step(state, key):
+            agent_state, latents = state
+            agent_state, updated, metrics = agent.replay_step(
+                agent_state, replay._replace(data={**replay.data, **latents}), key, cfg.batch_size, cfg.batch_length)
+            return (agent_state, {k: updated.data[k] for k in latents}), metrics
+
+        (agent_state, latents), metrics = jax.lax.scan(grad_step, (agent_state, latents),
+                                                       jax.random.split(key, grad_steps))
+        return agent_state, latents, grad_step_means(metrics)
 
     def collect(carry: TrainCarry) -> tuple[TrainCarry, EpisodeStats]:
         """``collect_steps`` steps of every env, written to replay; stats summed over the steps."""
@@ -416,14 +468,17 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
         keys = jax.vmap(jax.random.split)(carry.key)
         key, train_key = keys[:, 0], keys[:, 1]
         first = jax.tree.map(lambda x: x[0], carry)
-        ready = replay_lib.can_sample(first.replay, cfg.batch_length) & (first.env_steps >= cfg.prefill)
+        ready = replay_lib.can_sample(first.replay, sequence_length(cfg)) & (first.env_steps >= cfg.prefill)
         train_seeds = jax.vmap(train)
-        metrics_shape = jax.eval_shape(train_seeds, carry.agent, carry.replay, train_key)[1]
-        skip = lambda agent_state, replay, key: (
-            agent_state, jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), metrics_shape))
-        agent_state, metrics = jax.lax.cond(ready, train_seeds, skip, carry.agent, carry.replay, train_key)
+        latents = {k: carry.replay.data[k] for k in latent_keys}
+        metrics_shape = jax.eval_shape(train_seeds, carry.agent, carry.replay, latents, train_key)[2]
+        skip = lambda agent_state, replay, latents, key: (
+            agent_state, latents, jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), metrics_shape))
+        agent_state, latents, metrics = jax.lax.cond(ready, train_seeds, skip, carry.agent, carry.replay, latents,
+                                                     train_key)
         metrics["perf/grad_steps"] = agent_state.grad_steps.astype(jnp.float32)
-        carry = carry.replace(agent=agent_state, key=key, update=carry.update + 1)
+        replay = carry.replay._replace(data={**carry.replay.data, **latents})
+        carry = carry.replace(agent=agent_state, replay=replay, key=key, update=carry.update + 1)
         return carry, (stats, metrics)
 
     def train_chunk(carry: TrainCarry, length: int):

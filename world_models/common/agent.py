@@ -6,6 +6,11 @@ rollout (and with ``replay_value_scale`` on the replayed states too), then moves
 (``slow_critic``: ``copy`` every ``target_update_every`` steps, V2's target network; ``ema`` at
 ``slow_critic_rate``, V3; ``none``, V1). Acting is a posterior step on the new observation followed
 by a sample from the actor.
+
+With ``replay_context`` (DreamerV3's current code) replay keeps with each row the posterior latent the
+agent held after seeing it; :meth:`Agent.replay_step` starts each replayed chunk from the latent of
+the row before it instead of zeros and writes the posteriors of its own world-model pass back into
+the rows it replayed, so stored latents follow the model as it learns.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from world_models.common import replay as replay_lib
 from world_models.common.behavior import ActorCritic, ReplayTargets, ReturnNorm
 from world_models.common.config import AgentConfig
-from world_models.common.rssm import RSSMState, features, obs_step
+from world_models.common.rssm import LATENT_FIELDS, RSSMState, features, obs_step, pack, unpack
 from world_models.common.world_model import WorldModel
 
 
@@ -72,13 +78,46 @@ class Agent:
         action = jax.random.categorical(action_key, logits)
         return action, (latent, jax.nn.one_hot(action, self.num_actions))
 
+    def replay_fields(self, policy_state) -> dict:
+        """What replay keeps of the agent's memory with the row it just acted on: the packed latent
+        with ``replay_context``, nothing without."""
+        return pack(self.wm.spec, policy_state[0]) if self.cfg.replay_context else {}
+
     # -- learning -------------------------------------------------------------------------------------
-    def train_step(self, state: AgentState, batch: dict, key: jax.Array) -> tuple[AgentState, dict]:
+    def replay_step(self, state: AgentState, replay: replay_lib.Replay, key: jax.Array, batch_size: int,
+                    batch_length: int) -> tuple[AgentState, replay_lib.Replay, dict]:
+        """One gradient step on a batch drawn from ``replay``. Without ``replay_context`` each chunk
+        starts from zeros and replay is returned unchanged; with it, each chunk starts from the latent
+        stored with the row before it and the chunk's rows get this step's posteriors."""
+        batch_key, step_key = jax.random.split(key)
+        if not self.cfg.replay_context:
+            batch = replay_lib.sample(replay, batch_key, batch_size, batch_length)
+            state, metrics = self.train_step(state, batch, step_key)
+            return state, replay, metrics
+        context, batch, index = replay_lib.sample_with_context(replay, batch_key, batch_size, batch_length)
+        state, metrics, post = self.train_step_posterior(state, batch, step_key, self.context_start(context))
+        return state, replay_lib.write(replay, index, pack(self.wm.spec, post)), metrics
+
+    def context_start(self, context: dict) -> tuple[RSSMState, jax.Array]:
+        """``(latent, previous action one-hot)`` to observe a chunk from: the latent stored with the row
+        before it and the action taken there."""
+        latent = unpack(self.wm.spec, {k: context[k] for k in LATENT_FIELDS})
+        return latent, jax.nn.one_hot(context["action"], self.num_actions)
+
+    def train_step(self, state: AgentState, batch: dict, key: jax.Array,
+                   start: tuple[RSSMState, jax.Array] | None = None) -> tuple[AgentState, dict]:
+        """One gradient step of the world model, actor and critic on ``batch`` (``[T, B]`` rows), the
+        world model observing it from ``start`` (see :meth:`WorldModel.loss`; zeros without)."""
+        return self.train_step_posterior(state, batch, key, start)[:2]
+
+    def train_step_posterior(self, state: AgentState, batch: dict, key: jax.Array,
+                             start: tuple[RSSMState, jax.Array] | None = None) -> tuple[AgentState, dict, RSSMState]:
+        """:meth:`train_step`, also returning the world-model pass's posteriors ``[T, B]`` (before the update)."""
         cfg = self.cfg
         wm_key, imag_key = jax.random.split(key)
         params, opt_state = dict(state.params), dict(state.opt_state)
 
-        grads, (post, metrics) = jax.grad(self.wm.loss, has_aux=True)(params["wm"], batch, wm_key)
+        grads, (post, metrics) = jax.grad(self.wm.loss, has_aux=True)(params["wm"], batch, wm_key, start)
         params["wm"], opt_state["wm"] = self._apply("wm", grads, params["wm"], opt_state["wm"])
 
         flat = lambda x: x.reshape((-1,) + x.shape[2:])
@@ -111,7 +150,7 @@ class Agent:
             params["slow_critic"] = jax.tree.map(lambda new, old: rate * new + (1 - rate) * old,
                                                  params["critic"], params["slow_critic"])
         metrics = {**metrics, **actor_metrics, **critic_metrics}
-        return AgentState(params, opt_state, retnorm, grad_steps), metrics
+        return AgentState(params, opt_state, retnorm, grad_steps), metrics, jax.lax.stop_gradient(post)
 
     def _random_starts(self, key: jax.Array, count: int) -> jax.Array:
         """Indices of ``imag_starts`` of the ``count`` replayed posterior states, drawn without

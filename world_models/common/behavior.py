@@ -158,6 +158,7 @@ class ActorCritic:
         else:
             objective = cfg.actor_grad_mix * dynamics() + (1 - cfg.actor_grad_mix) * reinforce()
         loss = -(weight * (objective + cfg.actor_entropy * entropy)).mean()
+        metrics.update(self.diagnostics(returns, values, weight, entropy, retnorm))
         metrics.update({
             "loss/actor": loss,
             "loss/actor_entropy": entropy.mean(),
@@ -167,6 +168,31 @@ class ActorCritic:
             "loss/imag_cont": cont[1:].mean(),
         })
         return loss, (sg(traj), sg(returns), weight, retnorm, metrics)
+
+    def diagnostics(self, returns: jax.Array, values: jax.Array, weight: jax.Array, entropy: jax.Array,
+                    retnorm: ReturnNorm) -> dict:
+        """Whether the actor can exploit at all: with REINFORCE its objective is the normalised
+        advantage plus ``actor_entropy`` times the entropy, so an actor whose advantages are small
+        next to that bonus stays near uniform whatever the model predicts. Means weighted like the loss:
+
+        * ``diag/return_scale``: what advantages are divided by (``max(1, EMA(P95 - P5))`` with
+          ``return_norm`` percentile, else 1); ``diag/return_range``: this batch's P95 - P5 of the
+          returns, unfloored (below 1 the floor, not the returns, sets the scale).
+        * ``diag/adv_abs_mean`` and ``diag/adv_norm_abs_mean``: mean ``|return - value|`` before and
+          after that division; the second is what competes with ``actor_entropy * diag/actor_entropy``.
+        * ``diag/actor_entropy``: the policy's mean entropy on imagined states (uniform: ``log(actions)``).
+        """
+        advantage = sg(returns - values[:-1])
+        scale = retnorm.scale() if self.cfg.return_norm == "percentile" else jnp.float32(1.0)
+        low, high = jnp.percentile(sg(returns), jnp.array([5.0, 95.0]))
+        weighted = lambda x: (weight * x).sum() / jnp.maximum(weight.sum(), 1e-8)
+        return {
+            "diag/return_scale": scale,
+            "diag/return_range": high - low,
+            "diag/adv_abs_mean": weighted(jnp.abs(advantage)),
+            "diag/adv_norm_abs_mean": weighted(jnp.abs(advantage)) / scale,
+            "diag/actor_entropy": weighted(sg(entropy)),
+        }
 
     def critic_loss(self, critic_params, slow_params, traj: Imagined, returns: jax.Array, weight: jax.Array,
                     replay: ReplayTargets | None = None):

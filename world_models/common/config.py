@@ -128,7 +128,8 @@ class ActorCriticConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AgentConfig:
-    """Optimisers and the slow critic's update, plus the world model's and actor-critic's configs."""
+    """Optimisers, the slow critic's update and how replayed chunks start (``replay_context``), plus the
+    world model's and actor-critic's configs."""
 
     wm: WorldModelConfig
     ac: ActorCriticConfig
@@ -143,6 +144,7 @@ class AgentConfig:
     target_update_every: int
     slow_critic_rate: float
     imag_starts: int
+    replay_context: bool
 
     def __post_init__(self):
         check_choices(self)

@@ -8,6 +8,7 @@ latent from ``deter`` alone; the *posterior* (observation) also sees the encoded
 ``is_first`` resets the state and the previous action to zeros before a step, so sequences that
 span an episode start never carry memory across it. :func:`observe` and :func:`imagine_actions`
 are ``lax.scan``s over time-major inputs; imagination under a policy lives in ``behavior.py``.
+:func:`pack` and :func:`unpack` turn a state into the compact form replay keeps with each row and back.
 """
 
 from __future__ import annotations
@@ -100,6 +101,34 @@ def initial_state(spec: LatentSpec, deter_size: int, batch_shape: tuple[int, ...
     if not spec.discrete:
         stats = stats.at[..., 1].set(1.0)
     return RSSMState(jnp.zeros(batch_shape + (deter_size,)), jnp.zeros(batch_shape + (spec.sample_size,)), stats)
+
+
+#: Row fields that hold a stored latent in replay (``--replay-context``).
+LATENT_FIELDS = ("deter", "stoch")
+
+
+def pack(spec: LatentSpec, state: RSSMState) -> dict:
+    """A latent as replay stores it, a few hundred bytes a row: ``deter`` as float16 (a GRU state, in
+    [-1, 1], where float16 resolves 5e-4) and a categorical sample as its class indices (uint8 up to 256 classes; a
+    Gaussian sample as float16). Its distribution is left out: a step from it reads only the sample."""
+    state = jax.lax.stop_gradient(state)
+    if spec.discrete:
+        classes = state.stoch.reshape(state.stoch.shape[:-1] + (spec.stoch, spec.classes))
+        stoch = jnp.argmax(classes, -1).astype(jnp.uint8 if spec.classes <= 256 else jnp.int32)
+    else:
+        stoch = state.stoch.astype(jnp.float16)
+    return {"deter": state.deter.astype(jnp.float16), "stoch": stoch}
+
+
+def unpack(spec: LatentSpec, packed: dict) -> RSSMState:
+    """The state :func:`pack` stored, as a start for :func:`observe` (its ``stats`` are the initial ones)."""
+    deter = packed["deter"].astype(jnp.float32)
+    if spec.discrete:
+        stoch = jax.nn.one_hot(packed["stoch"], spec.classes).reshape(deter.shape[:-1] + (spec.sample_size,))
+    else:
+        stoch = packed["stoch"].astype(jnp.float32)
+    stats = initial_state(spec, deter.shape[-1], deter.shape[:-1]).stats
+    return RSSMState(deter, stoch, stats)
 
 
 def init_params(rssm: RSSM, key: jax.Array, num_actions: int, embed_size: int):

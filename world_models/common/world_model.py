@@ -97,19 +97,24 @@ class WorldModel:
         return symexp(out) if self.symlog_obs else out
 
     # -- the loss -------------------------------------------------------------------------------------
-    def loss(self, params: dict, batch: dict, key: jax.Array) -> tuple[jax.Array, tuple[RSSMState, dict]]:
+    def loss(self, params: dict, batch: dict, key: jax.Array,
+             start: tuple[RSSMState, jax.Array] | None = None) -> tuple[jax.Array, tuple[RSSMState, dict]]:
         """World-model loss on a time-major batch ``[T, B]`` of replay rows.
 
+        ``start`` is ``(latent [B], previous action one-hot [B, A])`` to observe the first row from
+        (replay context: the stored latent of the row before the chunk); without it, zeros.
         Returns ``(loss, (posterior states [T, B], metrics))``; the posteriors seed imagination.
         """
         cfg = self.cfg
         obs = self.preprocess(batch["obs"])
         is_first = batch["is_first"]
         actions = jax.nn.one_hot(batch["action"], self.num_actions)
-        prev_action = jnp.concatenate([jnp.zeros_like(actions[:1]), actions[:-1]], 0)
+        if start is None:
+            start = self.initial_state(is_first.shape[1:]), jnp.zeros_like(actions[0])
+        state, first_prev_action = start
+        prev_action = jnp.concatenate([first_prev_action[None].astype(actions.dtype), actions[:-1]], 0)
         embed = self.encoder.apply(params["encoder"], obs)
-        _, post, prior = observe(self.rssm, params["rssm"], embed, prev_action, is_first,
-                                 self.initial_state(is_first.shape[1:]), key)
+        _, post, prior = observe(self.rssm, params["rssm"], embed, prev_action, is_first, state, key)
         feat = features(post)
 
         recon = self.decoder.apply(params["decoder"], feat)
@@ -151,16 +156,23 @@ class WorldModel:
             "loss/reward_error": jnp.abs(reward_pred - batch["reward"]).mean(),
         })
         baseline = (((target - target.mean((0, 1))) ** 2).sum(obs_axes) * recon_scale).mean()
-        metrics.update(self.diagnostics(batch["reward"], reward_pred, baseline, post))
+        metrics.update(self.diagnostics(batch["reward"], reward_pred, baseline, post, batch.get("unlock"),
+                                        batch.get("unlock_first")))
         return total, (post, metrics)
 
     def diagnostics(self, reward: jax.Array, reward_pred: jax.Array, recon_baseline: jax.Array,
-                    post: RSSMState) -> dict:
+                    post: RSSMState, unlock: jax.Array | None = None, unlock_first: jax.Array | None = None) -> dict:
         """What tells a model that predicts nothing useful from one that does (logged every chunk):
 
         * ``diag/reward_pred_{pos,zero,neg}``: the reward head's mean prediction on posterior steps
           whose real reward is > 0.5, == 0 and < 0 (NaN where the batch has none). A head that
           misses the rare +1s predicts ~0 on the first group.
+        * ``diag/reward_pred_{first,repeat}`` (with the rows' achievement events ``unlock``, the id of
+          an achievement the step did (-1: none), and ``unlock_first``, whether it unlocked one for the
+          first time in its episode): the head's mean prediction on first unlocks (Craftax pays +1)
+          and on repeats (the same deed again, paid 0). The symbolic observation shows no achievement
+          flags, so a model without memory of the episode cannot tell the two apart and predicts
+          about the same on both; one that remembers predicts ~1 on the first and ~0 on the second.
         * ``diag/recon_mean_baseline``: the reconstruction loss of predicting the batch's mean
           observation (``recon_baseline``), next to ``loss/recon``: a decoder above it has learned
           less than the mean.
@@ -179,6 +191,10 @@ class WorldModel:
             "diag/reward_pred_neg": masked_mean(reward < 0),
             "diag/recon_mean_baseline": sg(recon_baseline),
         }
+        if unlock is not None:
+            event = unlock >= 0
+            metrics["diag/reward_pred_first"] = masked_mean(event & unlock_first)
+            metrics["diag/reward_pred_repeat"] = masked_mean(event & ~unlock_first)
         if self.spec.discrete:
             top = jax.nn.one_hot(jnp.argmax(post.stats, -1), self.spec.classes)  # [T, B, stoch, classes]
             metrics["diag/post_used_classes"] = (top.sum((0, 1)) > 0).sum(-1).mean()
