@@ -178,10 +178,11 @@ def run_config(run_dir: Path) -> dict:
 
 
 def write(path: str | Path, record: dict) -> Path:
-    """One record, keys sorted and one method per line block, so a re-collection diffs readably."""
+    """One record, indented so a re-collection diffs readably. Keys keep their order: methods stay in
+    the suite's order, whose first method is the baseline every other one is compared against."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({**record, "schema": SCHEMA}, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps({"schema": SCHEMA, **record}, indent=1) + "\n")
     return path
 
 

@@ -150,9 +150,7 @@ def difference_table(methods: dict[str, dict]) -> list[str]:
     base = final_scores(methods[base_name])
     if base.size == 0:
         return []
-    lines = [f"Each method against `{base_name}` (final return; IQM difference and P(method > {base_name}), "
-             "stratified bootstrap 95% intervals over seeds):", "",
-             f"| method | IQM difference [95% CI] | P(method > {base_name}) [95% CI] | verdict |", "|---|---|---|---|"]
+    rows = []
     for i, name in enumerate(names[1:], 1):
         scores = final_scores(methods[name])
         if scores.size == 0:
@@ -161,8 +159,13 @@ def difference_table(methods: dict[str, dict]) -> list[str]:
         poi = stats.probability_of_improvement(scores, base, seed=i)
         word = diff.verdict if diff.verdict != "too few seeds" else (
             f"no claim (fewer than {stats.MIN_SEEDS_CLAIM} seeds)")
-        lines.append(f"| {name} | {diff.estimate.text()} | {poi.text()} | {word} |")
-    return lines
+        rows.append(f"| {name} | {diff.estimate.text()} | {poi.text()} | {word} |")
+    if not rows:
+        return []
+    return [f"Each method against `{base_name}` (final return; IQM difference and P(method > {base_name}), "
+            "stratified bootstrap 95% intervals over seeds):", "",
+            f"| method | IQM difference [95% CI] | P(method > {base_name}) [95% CI] | verdict |", "|---|---|---|---|",
+            *rows]
 
 
 def value_at_seconds(run: dict, seconds: float) -> float | None:
@@ -198,6 +201,7 @@ def equal_time_table(methods: dict[str, dict]) -> list[str]:
 
 
 def achievement_table(methods: dict[str, dict]) -> list[str]:
+    methods = {name: m for name, m in methods.items() if final_scores(m).size}
     keys = sorted({k for m in methods.values() for run in m["runs"] for k in run["final"]
                    if k.startswith("achievements/")})
     if not keys:
