@@ -93,7 +93,8 @@ class LLMPlayConfig:
     history: int = 8
     """Past steps of the episode shown in each prompt (facing line, action, reward); 0 = none."""
     few_shot: str | None = None
-    """Recorded session folder (steps.jsonl, tools/play.py --record), a folder of sessions, or a JSONL of {text, action_name, reasoning}."""
+    """Recorded session folder (steps.jsonl, tools/play.py --record), a folder of sessions, or a JSONL of
+    {text, action_name, reasoning}; shipped: online_rl_llm/few_shot/classic or .../full (PPO agent play)."""
     few_shot_count: int = 3
     """Few-shot examples put into the system prompt (see online_rl_llm/prompts.py for the choice)."""
     retries: int = 1

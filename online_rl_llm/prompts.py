@@ -12,12 +12,14 @@ the reward, achievements unlocked, and whether the action was a fallback NOOP. W
 observations would multiply the prompt length by K for little gain; the facing line is what tells
 the model whether its last moves and DOs had an effect. History is cleared when an episode ends.
 
-Few-shot examples come from recorded human sessions (``tools/play.py --record``: a folder with
+Few-shot examples come from recorded sessions (``tools/play.py --record``: a folder with
 ``steps.jsonl`` rows holding ``text_before``, ``action_name``, ``reasoning``, ``reward``,
 ``achievements``; or a folder of such session folders) or from a plain JSONL of
 ``{"text", "action_name", "reasoning"}`` rows. ``--few-shot-count N`` keeps N steps, preferring
 ones with written reasoning, then ones that earned a reward or an achievement, shown in the order
-they were played.
+they were played. A session whose ``session.json`` says ``"player": "agent"`` (``tools.record_agent``:
+a trained policy's play, like the set shipped in ``online_rl_llm/few_shot/``) is introduced to the
+model as agent play, never as human play; other sessions are human play.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ def system_prompt(env_name: str, few_shot: Sequence["FewShotExample"] = ()) -> s
     parts.append(_ANSWER_FORMAT)
     if few_shot:
         shown = "\n\n".join(example.render(i + 1) for i, example in enumerate(few_shot))
-        parts.append(f"\n\nExamples from recorded human play:\n\n{shown}")
+        parts.append(f"\n\n{_examples_heading({e.player for e in few_shot})}\n\n{shown}")
     return "\n".join(parts).strip() + "\n"
 
 
@@ -173,6 +175,7 @@ class FewShotExample:
     action_name: str
     reasoning: str | None = None
     rewarded: bool = False
+    player: str = "human"  # or "agent": said in the system prompt
 
     def render(self, number: int) -> str:
         lines = [f"Example {number}", "Observation:", self.text.strip()]
@@ -180,6 +183,27 @@ class FewShotExample:
             lines.append(f"Reasoning: {self.reasoning.strip()}")
         lines.append(f"Action: {self.action_name}")
         return "\n".join(lines)
+
+
+def _examples_heading(players: set[str]) -> str:
+    """Says who played the examples: a policy's moves shown as a person's would mislead the model."""
+    if players == {"human"}:
+        return "Examples from recorded human play:"
+    if players == {"agent"}:
+        return "Examples from recorded agent play (a trained reinforcement-learning policy, not a person):"
+    return "Examples from recorded play (human and agent: a trained reinforcement-learning policy):"
+
+
+def session_player(steps_file: Path) -> str:
+    """``"agent"`` when the session's ``session.json`` says so (``tools.record_agent``), else ``"human"``."""
+    session = steps_file.parent / "session.json"
+    if steps_file.name != "steps.jsonl" or not session.is_file():
+        return "human"
+    try:
+        player = json.loads(session.read_text()).get("player")
+    except (json.JSONDecodeError, AttributeError):
+        raise UserError(f"{session} is not a JSON object; fix it or remove it") from None
+    return "agent" if player == "agent" else "human"
 
 
 def _session_files(path: Path) -> list[Path]:
@@ -235,8 +259,9 @@ def load_few_shot(path: str | Path, env_name: str, count: int) -> list[FewShotEx
     header = render_header(env_name)
     examples = []
     for file in _session_files(Path(path)):
+        player = session_player(file)
         for number, row in read_jsonl_rows(file):
-            example = _example_from_row(row, f"{file}:{number}", names)
+            example = dataclasses.replace(_example_from_row(row, f"{file}:{number}", names), player=player)
             if not example.text.startswith(header):
                 raise UserError(f"{file}:{number} is an observation of another game (its text does "
                                 f"not start with {header!r}); record examples on {env_name}")

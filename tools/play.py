@@ -75,19 +75,27 @@ class PlayConfig:
 
 
 class Recorder:
-    """Writes a session folder as the game goes: each step's line is flushed when it happens."""
+    """Writes a session folder as the game goes: each step's line is flushed when it happens.
 
-    def __init__(self, directory: str | Path, env_name: str, seed: int, keymap: KeyMap):
+    ``tools.record_agent`` writes agent play through this same class, so human and agent sessions
+    share one format; it adds ``info`` (who played: ``player``, the run, ...) to ``session.json`` and
+    may skip the frames (``frames=False``), which the LLM few-shot reader never looks at."""
+
+    def __init__(self, directory: str | Path, env_name: str, seed: int, keymap: KeyMap,
+                 info: dict | None = None, frames: bool = True):
         self.directory = Path(directory)
         if (self.directory / "steps.jsonl").exists():
             raise UserError(f"{self.directory} already holds a recording; pass a new --record folder")
-        (self.directory / "frames").mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if frames:
+            (self.directory / "frames").mkdir(exist_ok=True)
         self.session = {
             "env": env_name,
             "seed": seed,
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "keymap": keymap.to_json(),
             "action_names": list(keymap.action_names),
+            **(info or {}),
         }
         atomic_write_json(self.directory / "session.json", self.session)
         self._steps = open(self.directory / "steps.jsonl", "a")
@@ -103,12 +111,13 @@ class Recorder:
         self.count += 1
         self.episodes += bool(record["done"])
 
-    def close(self) -> None:
+    def close(self, info: dict | None = None) -> None:
+        """Finish ``session.json``; ``info`` adds what is only known at the end (an agent's returns)."""
         self._steps.close()
         ended = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         atomic_write_json(self.directory / "session.json",
                           {**self.session, "ended": ended, "steps": self.count,
-                           "episodes_finished": self.episodes})
+                           "episodes_finished": self.episodes, **(info or {})})
 
 
 # ----------------------------------------------------------------------------------------------
