@@ -10,18 +10,22 @@ trajectory-dataset layout. Each algorithm supplies an :class:`Algorithm`: pure `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, Callable, NamedTuple
+import time
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from utils import envs, evaluation, training
+from utils import envs, evaluation, parallel, training
+from utils import sweep as sweeps
 from utils.config import RunConfig
 from utils.errors import UserError
 from utils.evaluation import Policy
+from utils.run_dir import default_run_name, resolve_run_dir
 from utils.training import ChunkOutput, HostLoop, init_per_seed
 
 
@@ -74,6 +78,23 @@ class PPOFamilyConfig(RunConfig):
     save_every: int = 1
     """With --save-trajectories, save the rollout of every this-many-th update."""
 
+    #: Fields that change no array shape: the compiled program takes them as traced values (see
+    #: :func:`hyper_of`), so a sweep over them trains in one program and a single run uses the same code.
+    SWEEP_FIELDS: ClassVar[tuple[str, ...]] = ("lr", "max_grad_norm", "gamma", "gae_lambda", "clip_eps", "ent_coef",
+                                               "vf_coef")
+
+
+@dataclasses.dataclass
+class ScaleOutConfig(PPOFamilyConfig):
+    """PPO-family fields of the runs :func:`run_training` drives: devices and sweeps."""
+
+    devices: int = 0
+    """Devices to split the envs over (data parallel, one global program); 0: all local devices."""
+    sweep: tuple[str, ...] = ()
+    """Hyperparameter grid, e.g. --sweep lr=1e-4,3e-4 ent_coef=0.003,0.01: every point x every seed. Fields in
+    SWEEP_FIELDS (lr, max_grad_norm, gamma, gae_lambda, clip_eps, ent_coef, vf_coef, ...) train in one compiled
+    program; others (layer_width, num_envs, ...) run one program per value. Rank with python -m benchmarks.sweep."""
+
 
 class Transition(NamedTuple):
     """One env step of a rollout; ``reward`` is the env's own (extrinsic) reward, as saved to disk."""
@@ -95,12 +116,13 @@ def memoryless_policy(logits_fn: Callable[[Any, jax.Array], jax.Array]) -> Polic
 
 
 class Algorithm(NamedTuple):
-    """One seed's compiled program. ``train_chunk(carry, length) -> (carry, (stats, losses), saved)``
-    where ``saved`` is ``(Transition rollout [T, N], last_value [N])`` of the chunk's last update when
+    """One seed's compiled program. ``train_chunk(carry, length, hyper=None) -> (carry, (stats, losses),
+    saved)`` where ``hyper`` holds the shape-free hyperparameters (:func:`hyper_of`; None: the config's)
+    and ``saved`` is ``(Transition rollout [T, N], last_value [N])`` of the chunk's last update when
     trajectories are saved, else None. ``carry.params`` are what ``policy`` acts with."""
 
     init: Callable[[jax.Array], Any]
-    train_chunk: Callable[[Any, int], tuple]
+    train_chunk: Callable[..., tuple]
     policy: Policy
 
 
@@ -135,10 +157,25 @@ def ppo_policy_loss(log_prob, entropy, old_log_prob, advantages, clip_eps: float
     return actor_loss, diagnostics
 
 
-def make_optimizer(cfg: PPOFamilyConfig, total_updates: int) -> optax.GradientTransformation:
+def hyper_of(cfg: PPOFamilyConfig) -> dict[str, float]:
+    """The shape-free hyperparameters (``cfg.SWEEP_FIELDS``) a compiled update reads, as Python floats.
+
+    ``train_chunk(carry, length, hyper)`` takes them as an argument, so :func:`run_training` passes them
+    as traced float32 scalars, one per slot, and vmaps over them beside the seeds: a sweep over them is
+    one program, and a single run is a sweep of one point."""
+    return {name: float(getattr(cfg, name)) for name in cfg.SWEEP_FIELDS}
+
+
+def make_optimizer(cfg: PPOFamilyConfig, total_updates: int, hyper: dict | None = None) -> optax.GradientTransformation:
+    """Clip, then Adam with the (annealed) learning rate. ``hyper`` overrides ``lr`` and ``max_grad_norm``
+    with traced values: the optimiser is rebuilt inside the traced update from them. Its state's structure
+    does not depend on their values (unlike ``optax.inject_hyperparams``, which would add them to the state),
+    so checkpoints keep their format and ``optimizer.init`` can use the config's values."""
+    lr = cfg.lr if hyper is None else hyper["lr"]
+    max_grad_norm = cfg.max_grad_norm if hyper is None else hyper["max_grad_norm"]
     steps_per_update = cfg.update_epochs * cfg.num_minibatches
-    lr = optax.linear_schedule(cfg.lr, 0.0, total_updates * steps_per_update) if cfg.anneal_lr else cfg.lr
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=1e-5))
+    schedule = optax.linear_schedule(lr, 0.0, total_updates * steps_per_update) if cfg.anneal_lr else lr
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(schedule, eps=1e-5))
 
 
 def minibatch_epochs(loss_fn: Callable, optimizer: optax.GradientTransformation, params, opt_state,
@@ -178,12 +215,14 @@ def next_obs_for_bonus(obs_after: jax.Array, done: jax.Array, info: dict) -> jax
     return jnp.where(mask, info["terminal_obs"], obs_after)
 
 
-def scan_updates(update: Callable, save_rollout: bool) -> Callable:
-    """``train_chunk(carry, length)`` from a one-update step ``update(carry, _) -> (carry, (stats,
-    logs, saved))``: scans ``length`` updates and keeps only the last update's saved rollout."""
+def scan_updates(update: Callable, save_rollout: bool, default_hyper: dict | None = None) -> Callable:
+    """``train_chunk(carry, length, hyper=None)`` from a one-update step ``update(carry, hyper) -> (carry,
+    (stats, logs, saved))``: scans ``length`` updates and keeps only the last update's saved rollout.
+    ``hyper`` (default ``default_hyper``, the config's values) holds the shape-free hyperparameters."""
 
-    def train_chunk(carry, length: int):
-        carry, (stats, logs, saved) = jax.lax.scan(update, carry, None, length=length)
+    def train_chunk(carry, length: int, hyper: dict | None = None):
+        hyper = default_hyper if hyper is None else hyper
+        carry, (stats, logs, saved) = jax.lax.scan(lambda c, _: update(c, hyper), carry, None, length=length)
         last = jax.tree.map(lambda x: x[-1], saved) if save_rollout else None
         return carry, (stats, logs), last
 
@@ -223,56 +262,131 @@ def seed_keys(cfg: PPOFamilyConfig) -> jax.Array:
     return training.seed_keys(cfg.seed, cfg.num_seeds)
 
 
-def run_training(cfg: PPOFamilyConfig, area: str, algo: str,
+#: Carry fields whose leaves have the env axis right after the slot axis: split over devices.
+ENV_FIELDS = ("env_state", "obs", "first", "hidden")
+
+
+def run_training(cfg: ScaleOutConfig, area: str, algo: str,
                  make_train: Callable[[Any, envs.VecEnv, int, bool], Algorithm],
-                 stop_after_updates: int | None = None) -> dict:
+                 stop_after_updates: int | None = None, points: list[dict] | None = None) -> dict:
     """Train (or resume) the run described by ``cfg``; returns the summary, final carry and run folder.
 
     ``make_train(cfg, env, total_updates, save_rollout)`` builds the algorithm's compiled pieces.
     ``stop_after_updates`` ends the loop early as if the process had been killed there (for tests).
+    ``points``: shape-free hyperparameter sets (:func:`hyper_of`) trained together in this one program,
+    each with all of ``cfg``'s seeds (a sweep; default: ``cfg``'s own values). The program's batch axis then
+    has ``len(points) * num_seeds`` slots, point major, and slot ``p * num_seeds + s`` starts exactly like
+    seed ``s`` of a single run with point ``p``'s values. With ``--devices N`` (N > 1) every slot's envs
+    are split over N devices (:mod:`utils.parallel`).
     """
+    points = points or [hyper_of(cfg)]
+    slots = len(points) * cfg.num_seeds
+    mesh = parallel.make_mesh(getattr(cfg, "devices", 1))
+    parallel.check_divisible(cfg.num_envs, mesh, "the envs of each seed", "--num-envs")
     env = envs.make(cfg.env, cfg.num_envs, reset_ratio=cfg.reset_ratio)
     length = chunk_length(cfg)
     total_updates = math.ceil(num_updates_for(cfg) / length) * length
     save_rollout = bool(cfg.save_trajectories)
+    if save_rollout and len(points) > 1:
+        raise UserError("--save-trajectories cannot be combined with --sweep; save from a single run")
+    if save_rollout and jax.process_count() > 1:
+        raise UserError("--save-trajectories needs a single-process run; save from one host")
     algorithm = make_train(cfg, env, total_updates, save_rollout)
 
+    def per_slot(tree):
+        """Seed-major ``[seeds, ...]`` -> ``[points * seeds, ...]``: every point starts from the same seeds."""
+        return jax.tree.map(lambda x: jnp.concatenate([x] * len(points)), tree)
+
+    hyper = {k: jnp.asarray(np.repeat([p[k] for p in points], cfg.num_seeds), jnp.float32) for k in points[0]}
     loop = HostLoop(cfg, area, algo, steps_per_update=cfg.num_envs * cfg.num_steps,
                     total_updates=total_updates, achievement_names=env.achievement_names)
-    carry = loop.restore(init_per_seed(algorithm.init, seed_keys(cfg)))
+    carry = per_slot(init_per_seed(algorithm.init, seed_keys(cfg)))
+    jit_kwargs, eval_kwargs, on_mesh = {}, {}, lambda tree: tree
+    if mesh.size > 1:
+        carry = parallel.place(carry, mesh, ENV_FIELDS, axis=1, size=cfg.num_envs)
+        rep = parallel.replicated(mesh)
+        on_mesh = functools.partial(parallel.replicate, mesh=mesh)
+        hyper = on_mesh(hyper)
+        jit_kwargs = {"out_shardings": (parallel.shardings_of(carry), rep, rep)}
+        eval_kwargs = {"out_shardings": rep}
+    carry = loop.restore(carry)  # restored into ``carry``'s placement, whatever device count saved it
     writer = loop.open_trajectory_writer(env, cfg.save_trajectories, num_streams=cfg.num_seeds * cfg.num_envs)
 
-    run_chunk = jax.jit(jax.vmap(lambda c: algorithm.train_chunk(c, length)))
-    run_eval = jax.jit(jax.vmap(make_evaluate(cfg, algorithm.policy)))
+    run_chunk = jax.jit(jax.vmap(lambda c, h: algorithm.train_chunk(c, length, h)), **jit_kwargs)
+    run_eval = jax.jit(jax.vmap(make_evaluate(cfg, algorithm.policy)), **eval_kwargs)
 
     def train_chunk(carry, _length: int) -> ChunkOutput:
-        carry, (stats, losses), rollout = run_chunk(carry)
+        start = time.perf_counter()
+        carry, (stats, losses), rollout = run_chunk(carry, hyper)
         stats, losses = jax.device_get((stats, losses))
-        return ChunkOutput(carry, stats, losses, saved=rollout)
+        # The loop counts num_seeds per row; a sweep's program trains every slot.
+        sps = slots * length * cfg.num_envs * cfg.num_steps / max(time.perf_counter() - start, 1e-9)
+        return ChunkOutput(carry, stats, losses, metrics={"perf/sps": sps} if len(points) > 1 else {}, saved=rollout)
 
     def save_rollout(update: int, output: ChunkOutput) -> None:
         if writer is not None and update % cfg.save_every == 0:
             writer.write_rollout_async(**rollout_for_writer(output.saved, update - 1))
 
     def evaluate(carry, key) -> dict:
-        keys = jax.random.split(key, cfg.num_seeds)
+        keys = on_mesh(per_slot(jax.random.split(key, cfg.num_seeds)))
         return loop.eval_metrics(jax.device_get(run_eval(carry.params, keys)))
 
+    summary_fields = (lambda: {"sweep_points": len(points), "slots": slots}) if len(points) > 1 else None
     try:
         return loop.run(carry, train_chunk, updates_per_chunk=length, evaluate=evaluate, eval_every=cfg.eval_every,
-                        after_chunk=save_rollout, stop_after_updates=stop_after_updates)
+                        after_chunk=save_rollout, summary_fields=summary_fields, stop_after_updates=stop_after_updates)
     finally:
         if writer is not None:
             writer.close()
 
 
-def run_main(config_cls: type, area: str, algo: str, train: Callable, argv: list[str] | None) -> dict:
-    """The body of every PPO-family ``main``: compilation cache, config from presets and flags, train."""
+def run_sweep(cfg: ScaleOutConfig, area: str, algo: str,
+              make_train: Callable[[Any, envs.VecEnv, int, bool], Algorithm],
+              stop_after_updates: int | None = None) -> dict:
+    """Every point of ``cfg.sweep`` times every seed: one compiled program per combination of the
+    shape-changing fields, each training all shape-free points at once (:func:`run_training` with
+    ``points``). Writes ``sweep.json`` (:mod:`utils.sweep`) into the sweep folder, beside one run folder
+    per program; re-running the command resumes every program. Returns the index and each program's result.
+    """
+    grid = sweeps.parse_sweep(cfg, cfg.sweep)
+    program_grid, inner_grid = sweeps.split_grid(grid, cfg.SWEEP_FIELDS)
+    folder = resolve_run_dir(dataclasses.replace(cfg, run_name=cfg.run_name or f"{default_run_name(cfg)}-sweep"),
+                             area, algo)
+    inner_points = sweeps.grid_points(inner_grid)
+    index = {"area": area, "algo": algo, "env": cfg.env, "fields": list(grid), "grid": grid,
+             "shape_free": list(inner_grid), "seed": cfg.seed, "num_seeds": cfg.num_seeds, "programs": [], "points": []}
+    results = []
+    for number, program_values in enumerate(sweeps.grid_points(program_grid)):
+        name = f"program_{number:03d}"
+        program_cfg = dataclasses.replace(cfg, **program_values, run_dir=str(folder / name), run_name=None,
+                                          sweep=sweeps.grid_specs(inner_grid))
+        points = [hyper_of(dataclasses.replace(program_cfg, **values)) for values in inner_points]
+        index["programs"].append({"folder": name, "values": program_values, "slots": len(points) * cfg.num_seeds})
+        for p, values in enumerate(inner_points):
+            index["points"].append({"values": {**program_values, **values}, "program": name,
+                                    "slots": [p * cfg.num_seeds + s for s in range(cfg.num_seeds)]})
+        folder.mkdir(parents=True, exist_ok=True)
+        sweeps.write_index(folder, index)  # written as programs start, so a partial sweep can be read
+        results.append(run_training(program_cfg, area, algo, make_train, stop_after_updates, points=points))
+    return {"index": index, "programs": results, "run_dir": folder}
+
+
+def run_main(config_cls: type, area: str, algo: str, train: Callable, argv: list[str] | None,
+             sweep: Callable | None = None) -> dict:
+    """The body of every PPO-family ``main``: compilation cache, config from presets and flags, train
+    (or ``sweep(cfg)`` when ``--sweep`` is given)."""
+    from utils import distributed
     from utils.config import parse_config
     from utils.jax_setup import enable_compilation_cache
 
     enable_compilation_cache()
-    result = train(parse_config(config_cls, area, algo, argv))
+    distributed.initialize()  # several processes (Slurm, or CRAFTAX_COORDINATOR): before any device is used
+    cfg = parse_config(config_cls, area, algo, argv)
+    if getattr(cfg, "sweep", ()):
+        result = sweep(cfg)
+        print(f"sweep folder: {result['run_dir']} (rank it: python -m benchmarks.sweep {result['run_dir']})")
+        return result
+    result = train(cfg)
     print(f"run folder: {result['run_dir']}")
     return result
 

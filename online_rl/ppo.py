@@ -27,16 +27,18 @@ from flax import struct
 from online_rl.bonuses import BonusBatch, ReturnScale, make_bonus
 from online_rl.common import (
     Algorithm,
-    PPOFamilyConfig,
+    ScaleOutConfig,
     Transition,
     categorical_log_prob_entropy,
     clipped_value_loss,
+    hyper_of,
     make_optimizer,
     memoryless_policy,
     minibatch_epochs,
     next_obs_for_bonus,
     ppo_policy_loss,
     run_main,
+    run_sweep,
     run_training,
     scan_updates,
 )
@@ -50,7 +52,7 @@ AREA, ALGO = "online_rl", "ppo"
 
 
 @dataclasses.dataclass
-class PPOConfig(PPOFamilyConfig):
+class PPOConfig(ScaleOutConfig):
     """PPO with GAE and an optional exploration bonus (PPO: Craftax-baseline defaults)."""
 
     bonus: str = "none"
@@ -85,6 +87,8 @@ class PPOConfig(PPOFamilyConfig):
     """Cut RND's intrinsic return at episode ends (Burda et al. found non-episodic works better)."""
     obs_clip: float = 5.0
     """RND: normalised inputs of target and predictor are clipped to [-obs_clip, obs_clip]."""
+
+    SWEEP_FIELDS = ScaleOutConfig.SWEEP_FIELDS + ("int_reward_coef", "ext_adv_coef", "int_adv_coef")
 
 
 def algo_name(cfg: PPOConfig) -> str:
@@ -126,7 +130,10 @@ def split_value(value: jax.Array, with_bonus: bool) -> tuple[jax.Array, jax.Arra
 
 
 def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollout: bool) -> Algorithm:
-    """One seed's ``init`` and ``train_chunk``; ``train_chunk`` returns the last rollout when saving."""
+    """One seed's ``init`` and ``train_chunk``; ``train_chunk`` returns the last rollout when saving.
+
+    The update reads the shape-free hyperparameters (``cfg.SWEEP_FIELDS``) from its ``hyper`` argument,
+    never from ``cfg``, so they can be traced values that differ between vmapped slots (a sweep)."""
     bonus = make_bonus(cfg, env)
     network = make_network(cfg, env, bonus.value_outputs if bonus else 1)
     optimizer = make_optimizer(cfg, total_updates)
@@ -151,50 +158,52 @@ def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollou
         stats = EpisodeStats.from_step(done, info)
         return carry.replace(env_state=env_state, obs=obs, key=key), (transition, intrinsic, stats)
 
-    def intrinsic_advantages(carry: TrainCarry, rollout: Transition, value_int, next_obs, last_value_int):
+    def intrinsic_advantages(carry: TrainCarry, rollout: Transition, value_int, next_obs, last_value_int, hp):
         """The bonus, in units of its return's running std, through its own GAE: ``(advantages,
         targets, bonus inputs, carry, logs)``."""
         batch = BonusBatch(rollout.obs, rollout.action, next_obs, rollout.done)
         raw, state, logs = bonus.rewards(carry.bonus.state, batch)
         reward_int, scale = carry.bonus.scale.normalise(raw, cfg.int_gamma)
-        reward_int = cfg.int_reward_coef * reward_int
+        reward_int = hp["int_reward_coef"] * reward_int
         done_int = rollout.done if bonus.episodic else jnp.zeros_like(rollout.done)
-        advantages, targets = gae(reward_int, value_int, done_int, last_value_int, cfg.int_gamma, cfg.gae_lambda)
+        advantages, targets = gae(reward_int, value_int, done_int, last_value_int, cfg.int_gamma, hp["gae_lambda"])
         logs = {**logs, "explore/intrinsic_reward": reward_int.mean(), "explore/intrinsic_return_std": scale.stats.std}
         return advantages, targets, batch, carry.replace(bonus=BonusCarry(state, scale)), logs
 
-    def loss_fn(params, batch):
+    def loss_fn(params, batch, hp):
         transitions, advantages, targets, intrinsic = batch
         logits, value = network.apply(params, transitions.obs)
         value, value_int = split_value(value, bonus is not None)
         log_prob, entropy = categorical_log_prob_entropy(logits, transitions.action)
-        actor_loss, diagnostics = ppo_policy_loss(log_prob, entropy, transitions.log_prob, advantages, cfg.clip_eps)
-        value_loss = clipped_value_loss(value, transitions.value, targets, cfg.clip_eps)
+        actor_loss, diagnostics = ppo_policy_loss(log_prob, entropy, transitions.log_prob, advantages, hp["clip_eps"])
+        value_loss = clipped_value_loss(value, transitions.value, targets, hp["clip_eps"])
         logs = {"loss/actor": actor_loss, "loss/value": value_loss, **diagnostics}
         if bonus:
             old_value_int, targets_int = intrinsic
-            logs["loss/value_int"] = clipped_value_loss(value_int, old_value_int, targets_int, cfg.clip_eps)
+            logs["loss/value_int"] = clipped_value_loss(value_int, old_value_int, targets_int, hp["clip_eps"])
             value_loss = value_loss + logs["loss/value_int"]
-        total = actor_loss + cfg.vf_coef * value_loss - cfg.ent_coef * diagnostics["loss/entropy"]
+        total = actor_loss + hp["vf_coef"] * value_loss - hp["ent_coef"] * diagnostics["loss/entropy"]
         return total, {"loss/total": total, **logs}
 
-    def update(carry: TrainCarry, _):
+    def update(carry: TrainCarry, hp: dict):
         carry, (rollout, intrinsic, stats) = jax.lax.scan(env_step, carry, None, length=cfg.num_steps)
         _, last_value = network.apply(carry.params, carry.obs)
         last_value, last_value_int = split_value(last_value, bonus is not None)
-        advantages, targets = gae(rollout.reward, rollout.value, rollout.done, last_value, cfg.gamma, cfg.gae_lambda)
+        advantages, targets = gae(rollout.reward, rollout.value, rollout.done, last_value, hp["gamma"],
+                                  hp["gae_lambda"])
         logs, bonus_data = {}, None
         if bonus:
             value_int, next_obs = intrinsic
             adv_int, targets_int, bonus_batch, carry, logs = intrinsic_advantages(carry, rollout, value_int, next_obs,
-                                                                                 last_value_int)
-            advantages = cfg.ext_adv_coef * advantages + cfg.int_adv_coef * adv_int
+                                                                                 last_value_int, hp)
+            advantages = hp["ext_adv_coef"] * advantages + hp["int_adv_coef"] * adv_int
             bonus_data = (value_int, targets_int)
 
         flat = lambda x: x.reshape((-1,) + x.shape[2:])
         data = jax.tree.map(flat, (rollout._replace(terminal_obs=None), advantages, targets, bonus_data))
-        params, opt_state, key, losses = minibatch_epochs(loss_fn, optimizer, carry.params, carry.opt_state,
-                                                          carry.key, data, epochs=cfg.update_epochs,
+        params, opt_state, key, losses = minibatch_epochs(lambda p, b: loss_fn(p, b, hp),
+                                                          make_optimizer(cfg, total_updates, hp), carry.params,
+                                                          carry.opt_state, carry.key, data, epochs=cfg.update_epochs,
                                                           num_minibatches=cfg.num_minibatches)
         carry = carry.replace(params=params, opt_state=opt_state, key=key, update=carry.update + 1)
         if bonus:
@@ -205,7 +214,7 @@ def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollou
         return carry, (stats.sum(), {**losses, **logs}, saved)
 
     policy = memoryless_policy(lambda params, obs: network.apply(params, obs)[0])
-    return Algorithm(init, scan_updates(update, save_rollout), policy)
+    return Algorithm(init, scan_updates(update, save_rollout, hyper_of(cfg)), policy)
 
 
 def train(cfg: PPOConfig, stop_after_updates: int | None = None) -> dict:
@@ -216,9 +225,14 @@ def train(cfg: PPOConfig, stop_after_updates: int | None = None) -> dict:
     return run_training(cfg, AREA, algo_name(cfg), make_train, stop_after_updates)
 
 
+def sweep(cfg: PPOConfig, stop_after_updates: int | None = None) -> dict:
+    """Train every point of ``cfg.sweep`` x every seed (see :func:`online_rl.common.run_sweep`)."""
+    return run_sweep(cfg, AREA, algo_name(cfg), make_train, stop_after_updates)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    return run_main(PPOConfig, AREA, ALGO, train, argv)
+    return run_main(PPOConfig, AREA, ALGO, train, argv, sweep)
 
 
 if __name__ == "__main__":

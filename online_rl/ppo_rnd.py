@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from online_rl.common import run_main
-from online_rl.ppo import ALGO, AREA, PPOConfig, make_train, train  # noqa: F401  (make_train: tools.agents)
+from online_rl.ppo import ALGO, AREA, PPOConfig, make_train, sweep, train  # noqa: F401  (make_train: tools.agents)
 from utils.errors import exit_on_user_error
 
 
@@ -25,7 +25,7 @@ class PPORNDConfig(PPOConfig):
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    return run_main(PPORNDConfig, AREA, ALGO, train, argv)
+    return run_main(PPORNDConfig, AREA, ALGO, train, argv, sweep)
 
 
 if __name__ == "__main__":

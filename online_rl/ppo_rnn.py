@@ -21,14 +21,16 @@ from flax import struct
 from online_rl.common import (
     Algorithm,
     Policy,
-    PPOFamilyConfig,
+    ScaleOutConfig,
     Transition,
     categorical_log_prob_entropy,
     clipped_value_loss,
+    hyper_of,
     make_optimizer,
     minibatch_epochs,
     ppo_policy_loss,
     run_main,
+    run_sweep,
     run_training,
     scan_updates,
 )
@@ -42,7 +44,7 @@ AREA, ALGO = "online_rl", "ppo_rnn"
 
 
 @dataclasses.dataclass
-class PPORNNConfig(PPOFamilyConfig):
+class PPORNNConfig(ScaleOutConfig):
     """PPO-RNN (Craftax-baseline defaults; see --preset cpu / debug)."""
 
     hidden_size: int = 512
@@ -165,27 +167,29 @@ def make_train(cfg: PPORNNConfig, env: envs.VecEnv, total_updates: int, save_rol
         return TrainCarry(params, optimizer.init(params), env_state, obs, first, zeros_hidden(cfg.num_envs),
                           key, jnp.int32(0))
 
-    def loss_fn(params, batch):
+    def loss_fn(params, batch, hp):
         """Replay whole sequences (env-major in the batch) from their stored initial hidden state."""
         transitions, first, init_hidden, advantages, targets = batch
         time_major = lambda x: jnp.swapaxes(x, 0, 1)
         transitions, first, advantages, targets = jax.tree.map(time_major, (transitions, first, advantages, targets))
         log_prob, entropy, value = replay(network, params, init_hidden, transitions.obs, first, transitions.action)
-        actor_loss, diagnostics = ppo_policy_loss(log_prob, entropy, transitions.log_prob, advantages, cfg.clip_eps)
-        value_loss = clipped_value_loss(value, transitions.value, targets, cfg.clip_eps)
-        total = actor_loss + cfg.vf_coef * value_loss - cfg.ent_coef * diagnostics["loss/entropy"]
+        actor_loss, diagnostics = ppo_policy_loss(log_prob, entropy, transitions.log_prob, advantages, hp["clip_eps"])
+        value_loss = clipped_value_loss(value, transitions.value, targets, hp["clip_eps"])
+        total = actor_loss + hp["vf_coef"] * value_loss - hp["ent_coef"] * diagnostics["loss/entropy"]
         return total, {"loss/total": total, "loss/actor": actor_loss, "loss/value": value_loss, **diagnostics}
 
-    def update(carry: TrainCarry, _):
+    def update(carry: TrainCarry, hp: dict):
         carry, (rollout, first, init_hidden, stats) = collect(carry)
         _, _, last_value = network.apply(carry.params, carry.hidden, carry.obs[None], carry.first[None])
         last_value = last_value[0]
-        advantages, targets = gae(rollout.reward, rollout.value, rollout.done, last_value, cfg.gamma, cfg.gae_lambda)
+        advantages, targets = gae(rollout.reward, rollout.value, rollout.done, last_value, hp["gamma"],
+                                  hp["gae_lambda"])
         env_major = lambda x: jnp.swapaxes(x, 0, 1)
         data = (jax.tree.map(env_major, rollout._replace(terminal_obs=None)), env_major(first), init_hidden,
                 env_major(advantages), env_major(targets))
-        params, opt_state, key, losses = minibatch_epochs(loss_fn, optimizer, carry.params, carry.opt_state,
-                                                          carry.key, data, epochs=cfg.update_epochs,
+        params, opt_state, key, losses = minibatch_epochs(lambda p, b: loss_fn(p, b, hp),
+                                                          make_optimizer(cfg, total_updates, hp), carry.params,
+                                                          carry.opt_state, carry.key, data, epochs=cfg.update_epochs,
                                                           num_minibatches=cfg.num_minibatches)
         carry = carry.replace(params=params, opt_state=opt_state, key=key, update=carry.update + 1)
         saved = (rollout, last_value) if save_rollout else None
@@ -196,7 +200,7 @@ def make_train(cfg: PPORNNConfig, env: envs.VecEnv, total_updates: int, save_rol
         return jax.random.categorical(key, logits[0]), hidden
 
     policy = Policy(act, zeros_hidden, lambda hidden, done: jnp.where(done[:, None], 0.0, hidden))
-    return Algorithm(init, scan_updates(update, save_rollout), policy)
+    return Algorithm(init, scan_updates(update, save_rollout, hyper_of(cfg)), policy)
 
 
 def train(cfg: PPORNNConfig, stop_after_updates: int | None = None) -> dict:
@@ -204,9 +208,14 @@ def train(cfg: PPORNNConfig, stop_after_updates: int | None = None) -> dict:
     return run_training(cfg, AREA, ALGO, make_train, stop_after_updates)
 
 
+def sweep(cfg: PPORNNConfig, stop_after_updates: int | None = None) -> dict:
+    """Train every point of ``cfg.sweep`` x every seed (see :func:`online_rl.common.run_sweep`)."""
+    return run_sweep(cfg, AREA, ALGO, make_train, stop_after_updates)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    return run_main(PPORNNConfig, AREA, ALGO, train, argv)
+    return run_main(PPORNNConfig, AREA, ALGO, train, argv, sweep)
 
 
 if __name__ == "__main__":

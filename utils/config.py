@@ -25,9 +25,11 @@ C = TypeVar("C")
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
 #: Fields that may differ when a run folder is reused: they change where and how results are shown,
-#: never what is computed.
+#: never what is computed (``devices`` splits the same global program over more devices: a checkpoint
+#: resumes on any count).
 PRESENTATION_FIELDS = frozenset(
-    {"preset", "run_dir", "run_name", "progress", "tensorboard", "wandb", "wandb_project", "checkpoint_every"}
+    {"preset", "run_dir", "run_name", "progress", "tensorboard", "wandb", "wandb_project", "checkpoint_every",
+     "devices"}
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -142,30 +143,35 @@ class HostLoop:
     ``checkpointer``: builds the checkpoint store from the run's ``checkpoints/`` folder (default: the
     Orbax :class:`Checkpointer`; anything with ``latest_step``, ``restore``, ``save`` and ``close``).
     ``curve_key``/``curve_title``: what ``learning_curve.png`` shows.
+    ``primary``: whether this process writes the run folder (default: JAX process 0). In a multi-process
+    run (``utils.distributed``) every process runs the loop and saves checkpoints together (Orbax
+    coordinates them); the others log to a scratch folder and show no progress.
     """
 
     def __init__(self, cfg: Any, area: str, algo: str, *, steps_per_update: int, total_updates: int,
                  achievement_names: Sequence[str], env_steps: bool = True,
                  checkpointer: Callable[[Path], Any] = Checkpointer, curve_key: str = "episode/return",
-                 curve_title: str | None = None):
+                 curve_title: str | None = None, primary: bool | None = None):
         self.cfg, self.area, self.algo = cfg, area, algo
         self.curve_key, self.curve_title = curve_key, curve_title or f"{algo} on {cfg.env}"
         self.steps_per_update = steps_per_update
         self.env_steps = env_steps
         self.total_updates = total_updates
         self.achievement_names = tuple(achievement_names)
+        self.primary = jax.process_index() == 0 if primary is None else primary
         self.run_dir = resolve_run_dir(cfg, area, algo)
-        open_run_dir(cfg, self.run_dir)
+        if self.primary:
+            open_run_dir(cfg, self.run_dir)
         self.checkpointer = checkpointer(self.run_dir / "checkpoints")
         latest = self.checkpointer.latest_step()
         self.start_update = int(latest) if latest is not None else 0
         self.resuming = latest is not None
         self.logger = MetricsLogger(
-            self.run_dir,
+            self.run_dir if self.primary else Path(tempfile.mkdtemp(prefix="craftax-process-")),
             config=to_dict(cfg),
             resume_step=self.start_update * steps_per_update if self.resuming else None,
-            tensorboard=cfg.tensorboard,
-            wandb_mode=cfg.wandb,
+            tensorboard=cfg.tensorboard and self.primary,
+            wandb_mode=cfg.wandb if self.primary else "disabled",
             wandb_project=cfg.wandb_project,
         )
         self._last_checkpoint = self.start_update
@@ -296,6 +302,8 @@ class HostLoop:
             "eval": self.last_eval,
             **(extra() if extra is not None else {}),
         }
+        if not self.primary:
+            return summary
         atomic_write_json(self.run_dir / "summary.json", summary)
         if rows:
             plot_learning_curve(self.logger.path, self.run_dir / "learning_curve.png", key=self.curve_key,
@@ -304,7 +312,7 @@ class HostLoop:
 
     # -- progress -----------------------------------------------------------------------------------
     def _open_progress(self):
-        if not self.cfg.progress:
+        if not self.cfg.progress or not self.primary:
             return None
         from tqdm.auto import tqdm
 

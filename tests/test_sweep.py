@@ -1,0 +1,129 @@
+"""Sweeps: grids parsed and checked up front, a shape-free grid trained in one compiled program whose
+points equal the corresponding single runs, shape-changing fields as separate programs, and the
+ranked table and plot of benchmarks.sweep."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from online_rl import ppo
+from utils.config import apply_presets, load_presets
+from utils.errors import UserError
+from utils.io import read_jsonl
+from utils.sweep import grid_points, grid_specs, parse_sweep, split_grid
+
+
+def debug_config(tmp_path, name="run", **overrides) -> ppo.PPOConfig:
+    cfg = apply_presets(ppo.PPOConfig(), ["debug"], load_presets("online_rl", "ppo"), "debug")
+    return dataclasses.replace(cfg, run_dir=str(tmp_path / name), progress=False, **overrides)
+
+
+def test_grid_is_parsed_typed_and_checked_before_anything_compiles():
+    cfg = ppo.PPOConfig()
+    grid = parse_sweep(cfg, ["lr=1e-4,3e-4", "--ent-coef=0.003,0.01", "layer_width=64,128", "anneal_lr=true,false"])
+    assert grid == {"lr": [1e-4, 3e-4], "ent_coef": [0.003, 0.01], "layer_width": [64, 128],
+                    "anneal_lr": [True, False]}
+    assert len(grid_points(grid)) == 16 and grid_points({}) == [{}]
+    assert grid_points({"a": [1, 2], "b": [3, 4]})[:2] == [{"a": 1, "b": 3}, {"a": 1, "b": 4}], "last field fastest"
+    programs, inner = split_grid(grid, cfg.SWEEP_FIELDS)
+    assert list(programs) == ["layer_width", "anneal_lr"] and list(inner) == ["lr", "ent_coef"]
+    assert parse_sweep(cfg, grid_specs(inner)) == inner
+    for specs, message in [
+        (["lr"], "is not NAME=V1,V2"),
+        (["nope=1,2"], "unknown field 'nope'"),
+        (["seed=1,2"], "seed cannot be swept"),
+        (["lr=1e-4", "lr=3e-4"], "listed twice"),
+        (["lr=1e-4,1e-4"], "value twice"),
+        (["layer_width=64,wide"], "'wide' is not a valid int"),
+        (["gamma=0.9,1.5"], "--gamma must be between 0 and 1"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            parse_sweep(cfg, specs)
+
+
+def counting(make_train, traces: list):
+    """``make_train`` whose ``train_chunk`` records every time it is traced (once per compiled program)."""
+
+    def wrapped(*args, **kwargs):
+        algorithm = make_train(*args, **kwargs)
+
+        def train_chunk(carry, length, hyper=None):
+            traces.append(length)
+            return algorithm.train_chunk(carry, length, hyper)
+
+        return algorithm._replace(train_chunk=train_chunk)
+
+    return wrapped
+
+
+@pytest.mark.slow
+def test_shape_free_grid_is_one_program_and_each_point_equals_its_single_run(tmp_path, monkeypatch):
+    traces: list = []
+    monkeypatch.setattr(ppo, "make_train", counting(ppo.make_train, traces))
+    cfg = debug_config(tmp_path, "sweep", num_seeds=2, sweep=("lr=1e-4,3e-4", "ent_coef=0.003,0.01"))
+    result = ppo.sweep(cfg)
+    assert len(traces) == 1, "the 2x2 grid x 2 seeds trains in one compiled program"
+    assert len(result["programs"]) == 1
+    carry = result["programs"][0]["carry"]
+    assert jax.tree.leaves(carry.params)[0].shape[0] == 8, "4 points x 2 seeds, one slot each"
+    index = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [p["values"] for p in index["points"]] == grid_points({"lr": [1e-4, 3e-4], "ent_coef": [0.003, 0.01]})
+    program_rows = read_jsonl(tmp_path / "sweep" / "program_000" / "metrics.jsonl")
+    assert len(program_rows[-1]["episode/return"]) == 8
+
+    for point in index["points"]:
+        single = ppo.train(debug_config(tmp_path, f"single_{point['slots'][0]}", num_seeds=2, **point["values"]))
+        slots = np.asarray(point["slots"])
+        for a, b in zip(jax.tree.leaves(single["carry"].params), jax.tree.leaves(carry.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b)[slots], rtol=1e-4, atol=1e-5)
+        single_rows = read_jsonl(tmp_path / f"single_{point['slots'][0]}" / "metrics.jsonl")
+        for row, program_row in zip(single_rows, program_rows):
+            for key in ("episode/return", "loss/total", "eval/return"):
+                if key in row:
+                    expected = np.array(row[key], dtype=float)
+                    got = np.array(program_row[key], dtype=float)[slots]
+                    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=key)
+    # The grid points really differ (the hyperparameters reached the program).
+    leaves = np.asarray(jax.tree.leaves(carry.params)[0])
+    assert not np.allclose(leaves[0], leaves[6])
+
+
+@pytest.mark.slow
+def test_shape_changing_field_runs_separate_programs_and_the_report_ranks_points(tmp_path, capsys):
+    from benchmarks import sweep as sweep_report
+
+    folder = tmp_path / "grid"
+    ppo.main(["--preset", "debug", "--no-progress", "--run-dir", str(folder), "--num-seeds", "2", "--eval-every", "0",
+              "--sweep", "layer_width=16,32", "lr=1e-4,1e-3"])
+    assert "sweep folder:" in capsys.readouterr().out
+    index = json.loads((folder / "sweep.json").read_text())
+    assert [p["values"] for p in index["programs"]] == [{"layer_width": 16}, {"layer_width": 32}]
+    assert len(index["points"]) == 4 and index["shape_free"] == ["lr"]
+    saved = read_jsonl(folder / "program_001" / "metrics.jsonl")[-1]
+    assert len(saved["loss/total"]) == 4  # 2 learning rates x 2 seeds
+    # Re-running the same command resumes (nothing left to train) instead of refusing the folders.
+    ppo.main(["--preset", "debug", "--no-progress", "--run-dir", str(folder), "--num-seeds", "2", "--eval-every", "0",
+              "--sweep", "layer_width=16,32", "lr=1e-4,1e-3"])
+
+    result = sweep_report.main([str(folder)])
+    ranked = result["ranked"]
+    assert len(ranked) == 4 and all(p["complete"] for p in ranked)
+    figures = [p["iqm"] for p in ranked if p["iqm"] is not None]
+    assert figures == sorted(figures, reverse=True)
+    for point in ranked:
+        if point["iqm"] is not None:
+            assert point["low"] <= point["iqm"] <= point["high"]
+    text = (folder / "sweep.md").read_text()
+    assert "| rank | layer_width | lr |" in text and text.count("program_00") == 4
+    assert (folder / "sweep.png").stat().st_size > 1000
+    assert json.loads((folder / "sweep_results.json").read_text())["ranked"][0]["values"]
+
+
+def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path):
+    from benchmarks import sweep as sweep_report
+
+    with pytest.raises(UserError, match="not a sweep folder"):
+        sweep_report.report(tmp_path)
