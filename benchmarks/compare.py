@@ -296,6 +296,7 @@ def run_task(task: Task, runs_root: str | Path, in_process: bool = False) -> int
     run_dir = task.run_dir(runs_root)
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = _read_json(run_dir / TASK_RECORD) or {}
+    commit = git_commit()  # the code the run starts with, not whatever is checked out when it ends
     start, cpu_start = time.perf_counter(), _cpu_seconds(in_process)
     if in_process:
         status = _run_in_process(task.method.module, argv)
@@ -306,7 +307,7 @@ def run_task(task: Task, runs_root: str | Path, in_process: bool = False) -> int
         "module": task.method.module, "argv": argv, "returncode": status, "machine": host_description(),
         "wall_seconds": round(float(previous.get("wall_seconds", 0.0)) + seconds, 1),
         "cpu_seconds": round(float(previous.get("cpu_seconds", 0.0)) + cpu_seconds, 1),
-        "commit": git_commit(),
+        "commit": commit,
     })
     return status
 
