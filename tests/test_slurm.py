@@ -97,6 +97,18 @@ def test_ppo_family_array_trains_one_seed_per_task(checkout, env):
 
 
 @pytest.mark.slow
+def test_sweep_array_splits_one_sweep_over_its_tasks(checkout, env):
+    folder = checkout / "runs" / "sweep_array"
+    job = submit(checkout, "sweep_array.sbatch", ["ppo", "--preset", "debug", "--eval-every", "0", "--run-dir",
+                                                  str(folder), "--sweep", "lr=1e-4,1e-3"], ["--array=0-1", *CPU_JOB], env)
+    assert_completed(wait(job), count=2)
+    index = json.loads((folder / "sweep.json").read_text())
+    assert [p["folder"] for p in index["programs"]] == ["program_000", "program_001"], "one program per task"
+    for program in index["programs"]:
+        assert summary(folder / program["folder"])["complete"]
+
+
+@pytest.mark.slow
 def test_dreamer_trains(checkout, env):
     job = submit(checkout, "dreamer.sbatch", ["--version", "3", "--preset", "debug"], CPU_JOB, env)
     assert_completed(wait(job))

@@ -13,7 +13,7 @@ from online_rl import ppo
 from utils.config import apply_presets, load_presets
 from utils.errors import UserError
 from utils.io import read_jsonl
-from utils.sweep import grid_points, grid_specs, parse_sweep, split_grid
+from utils.sweep import grid_points, grid_specs, parse_part, parse_sweep, plan_programs, split_grid
 
 
 def debug_config(tmp_path, name="run", **overrides) -> ppo.PPOConfig:
@@ -122,8 +122,74 @@ def test_shape_changing_field_runs_separate_programs_and_the_report_ranks_points
     assert json.loads((folder / "sweep_results.json").read_text())["ranked"][0]["values"]
 
 
+def test_parts_split_the_grid_so_every_job_gets_work_and_no_point_is_trained_twice():
+    grid = {"layer_width": [16, 32], "lr": [1e-4, 3e-4, 1e-3], "ent_coef": [0.003, 0.01]}
+    whole = plan_programs(grid, ["lr", "ent_coef"])
+    assert [p.values for p in whole] == [{"layer_width": 16}, {"layer_width": 32}]
+    assert all(len(p.points) == 6 for p in whole)
+    for parts in (1, 2, 3, 4, 5, 12, 40):
+        programs = plan_programs(grid, ["lr", "ent_coef"], parts)
+        trained = [{**p.values, **v} for p in programs for v in p.points]
+        assert trained == [{**p.values, **v} for p in whole for v in p.points], "same points, same order"
+        assert len(programs) >= min(parts, 12), f"{parts} jobs all get a program"
+        assert [p.folder for p in programs] == [f"program_{i:03d}" for i in range(len(programs))]
+    shape_free_only = plan_programs({"lr": [1e-4, 3e-4, 1e-3]}, ["lr"], 2)
+    assert [len(p.points) for p in shape_free_only] == [1, 2] and all(p.values == {} for p in shape_free_only)
+    assert parse_part("") == (0, 1) and parse_part("2/4") == (2, 4)
+    for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(UserError, match="--sweep-part must be K/N"):
+            parse_part(bad)
+
+
+@pytest.mark.slow
+def test_array_parts_together_train_the_whole_sweep(tmp_path):
+    """Two jobs of an array (``--sweep-part 0/2`` and ``1/2``) write one sweep folder that holds every
+    point, equal to the same points trained by one job."""
+    from benchmarks import sweep as sweep_report
+
+    args = ["--preset", "debug", "--no-progress", "--num-seeds", "2", "--eval-every", "0",
+            "--sweep", "lr=1e-4,1e-3"]
+    ppo.main([*args, "--run-dir", str(tmp_path / "parts"), "--sweep-part", "0/2"])
+    partial = sweep_report.load(tmp_path / "parts")[1]
+    assert [p["complete"] for p in partial] == [True, False], "part 0 trains the first program only"
+    ppo.main([*args, "--run-dir", str(tmp_path / "parts"), "--sweep-part", "1/2"])
+    ppo.main([*args, "--run-dir", str(tmp_path / "whole")])
+    parts, whole = sweep_report.load(tmp_path / "parts")[1], sweep_report.load(tmp_path / "whole")[1]
+    assert [p["values"] for p in parts] == [p["values"] for p in whole] == [{"lr": 1e-4}, {"lr": 1e-3}]
+    assert all(p["complete"] for p in parts)
+    for a, b in zip(parts, whole):
+        np.testing.assert_allclose(a["final"], b["final"], rtol=1e-4)
+    with pytest.raises(SystemExit) as stop:
+        ppo.main([*args, "--run-dir", str(tmp_path / "bad"), "--sweep-part", "2/2"])
+    assert stop.value.code == 2
+
+
 def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path):
     from benchmarks import sweep as sweep_report
 
     with pytest.raises(UserError, match="not a sweep folder"):
         sweep_report.report(tmp_path)
+
+
+@pytest.mark.slow
+def test_dreamer_sweeps_its_learning_rates_and_entropy_in_one_program(tmp_path):
+    """Dreamer uses the same runner: a grid over shape-free fields is one program whose slots equal the
+    single runs of its points."""
+    from world_models import dreamer
+
+    base = dict(progress=False, eval_envs=0, num_seeds=1, env="Craftax-Classic-Symbolic-v1")
+    cfg = dreamer.make_config(3, ["debug"], run_dir=str(tmp_path / "sweep"),
+                              sweep=("actor_lr=1e-4,1e-3", "actor_entropy=0.0003,0.01"), **base)
+    result = dreamer.sweep(cfg)
+    assert len(result["programs"]) == 1, "a grid of shape-free fields is one program"
+    index = result["index"]
+    assert index["shape_free"] == ["actor_lr", "actor_entropy"] and len(index["points"]) == 4
+    carry = result["programs"][0]["carry"]
+    assert jax.tree.leaves(carry.agent.params)[0].shape[0] == 4
+    point = index["points"][3]
+    single = dreamer.train(dreamer.make_config(3, ["debug"], run_dir=str(tmp_path / "single"), **point["values"],
+                                               **base))
+    for a, b in zip(jax.tree.leaves(single["carry"].agent.params), jax.tree.leaves(carry.agent.params)):
+        np.testing.assert_allclose(np.asarray(a)[0], np.asarray(b)[point["slots"][0]], rtol=2e-4, atol=2e-5)
+    actor = lambda slot: np.concatenate([np.ravel(x[slot]) for x in jax.tree.leaves(carry.agent.params["actor"])])
+    assert not np.allclose(actor(0), actor(3)), "the points' values reached the program"

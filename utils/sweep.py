@@ -18,19 +18,127 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from utils.errors import UserError
 from utils.io import atomic_write_json
 
 #: Fields a sweep may not vary: the seeds are what the intervals are taken over, the rest says where
 #: and how results are written (or would put points of different envs in one ranking).
-NOT_SWEEPABLE = frozenset({"seed", "num_seeds", "preset", "run_dir", "run_name", "sweep", "devices", "progress",
+NOT_SWEEPABLE = frozenset({"seed", "num_seeds", "preset", "run_dir", "run_name", "sweep", "sweep_part", "devices",
+                           "progress",
                            "tensorboard", "wandb", "wandb_project", "checkpoint_every", "save_trajectories",
                            "save_every", "env"})
 
 INDEX_FILE = "sweep.json"
+
+
+@dataclasses.dataclass
+class SweepFields:
+    """The command-line fields of an entry point that can sweep (mixed into its config dataclass)."""
+
+    sweep: tuple[str, ...] = ()
+    """Hyperparameter grid, e.g. --sweep lr=1e-4,3e-4 ent_coef=0.003,0.01: every point x every seed. Fields in
+    the algorithm's SWEEP_FIELDS train in one compiled program; others (widths, env counts) run one program per
+    value. Rank the points with python -m benchmarks.sweep FOLDER."""
+    sweep_part: str = ""
+    """K/N: train only part K (0-based) of N of the sweep's programs, e.g. one Slurm array task each
+    (scripts/sbatch/sweep_array.sbatch); every part writes the same sweep.json. Empty: the whole sweep."""
+
+    #: Fields that change no array shape, so a sweep over them trains in one program (per algorithm).
+    SWEEP_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One compiled program of a sweep: its folder, its shape-changing values and the shape-free points
+    it trains together (each with all of the run's seeds)."""
+
+    folder: str
+    values: dict
+    points: list[dict]
+
+
+def hyper_of(cfg: Any) -> dict[str, float]:
+    """The config's values of its ``SWEEP_FIELDS``, as Python floats: what a compiled update reads as
+    traced values (one per slot), so that a sweep over them is one program and a single run is a sweep
+    of one point."""
+    return {name: float(getattr(cfg, name)) for name in cfg.SWEEP_FIELDS}
+
+
+def sweep_folder(cfg: Any, area: str, algo: str) -> Path:
+    """Where a sweep writes: ``--run-dir``, or the run folder a single run would get, with ``-sweep``."""
+    from utils.run_dir import default_run_name, resolve_run_dir
+
+    return resolve_run_dir(dataclasses.replace(cfg, run_name=cfg.run_name or f"{default_run_name(cfg)}-sweep"),
+                           area, algo)
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"K/N"`` as ``(K, N)``; ``""`` is the whole sweep, ``(0, 1)``."""
+    if not text:
+        return 0, 1
+    k, sep, n = text.partition("/")
+    try:
+        part, parts = int(k), int(n)
+    except ValueError:
+        part, parts = -1, 0
+    if not sep or parts < 1 or not 0 <= part < parts:
+        raise UserError(f"--sweep-part must be K/N with 0 <= K < N (e.g. 0/4 for the first of 4 jobs), got {text!r}")
+    return part, parts
+
+
+def plan_programs(grid: dict[str, list], shape_free: Sequence[str], parts: int = 1) -> list[Program]:
+    """The sweep's programs, in a fixed order every part computes alike: one per combination of the
+    shape-changing fields, each split into enough pieces of its shape-free points that ``parts`` jobs
+    all get work (a grid of shape-free fields only still spreads over an array of jobs)."""
+    program_grid, inner_grid = split_grid(grid, shape_free)
+    groups, inner = grid_points(program_grid), grid_points(inner_grid)
+    pieces = min(len(inner), max(1, math.ceil(parts / len(groups))))
+    programs = []
+    for values in groups:
+        for piece in range(pieces):
+            chunk = inner[piece * len(inner) // pieces:(piece + 1) * len(inner) // pieces]
+            programs.append(Program(f"program_{len(programs):03d}", values, chunk))
+    return programs
+
+
+def run_grid(cfg: Any, area: str, algo: str, train_program: Callable[[Any, list[dict]], dict]) -> dict:
+    """Train this part's programs of ``cfg.sweep`` (every point x every seed), one after the other.
+
+    ``train_program(program_cfg, points)`` trains one program: ``program_cfg`` is ``cfg`` with the
+    program's shape-changing values and its own run folder in the sweep folder, and ``points`` the
+    shape-free values of each of its points (slot ``p * num_seeds + s`` is seed ``s`` of point ``p``).
+    ``sweep.json`` lists every program and point of the whole sweep before anything trains, so a partial
+    sweep (or one part of an array) can be ranked; re-running the command resumes every program.
+    """
+    grid = parse_sweep(cfg, cfg.sweep)
+    part, parts = parse_part(getattr(cfg, "sweep_part", ""))
+    folder = sweep_folder(cfg, area, algo)
+    shape_free = [f for f in grid if f in cfg.SWEEP_FIELDS]
+    programs = plan_programs(grid, shape_free, parts)
+    index = {"area": area, "algo": algo, "env": cfg.env, "fields": list(grid), "grid": grid, "shape_free": shape_free,
+             "seed": cfg.seed, "num_seeds": cfg.num_seeds, "programs": [], "points": []}
+    for program in programs:
+        index["programs"].append({"folder": program.folder, "values": program.values,
+                                  "slots": len(program.points) * cfg.num_seeds})
+        for p, values in enumerate(program.points):
+            index["points"].append({"values": {**program.values, **values}, "program": program.folder,
+                                    "slots": [p * cfg.num_seeds + s for s in range(cfg.num_seeds)]})
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    write_index(Path(folder), index)
+    results = []
+    for number, program in enumerate(programs):
+        if number % parts != part:
+            continue
+        # The program's folder records the shape-free values it trains (its config's sweep), for reading only.
+        inner_values = {k: list(dict.fromkeys(v[k] for v in program.points)) for k in shape_free}
+        program_cfg = dataclasses.replace(cfg, **program.values, run_dir=str(Path(folder) / program.folder),
+                                          run_name=None, sweep=grid_specs(inner_values), sweep_part="")
+        results.append(train_program(program_cfg, [dataclasses.replace(program_cfg, **v) for v in program.points]))
+    return {"index": index, "programs": results, "run_dir": Path(folder)}
 
 
 def _parse_value(text: str, like: Any, flag: str) -> Any:

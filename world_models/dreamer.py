@@ -27,6 +27,7 @@ import numpy as np
 from flax import struct
 
 from utils import envs, training
+from utils import sweep as sweeps
 from utils.config import RunConfig, apply_presets, load_presets, parse_config
 from utils.errors import UserError, exit_on_user_error
 from utils.evaluation import Policy, make_evaluate
@@ -43,8 +44,11 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 @dataclasses.dataclass
-class DreamerConfig(RunConfig):
+class DreamerConfig(RunConfig, sweeps.SweepFields):
     """Dreamer V1/V2/V3 (defaults: the chosen version's paper settings; see --preset debug / xs..xl / cpu)."""
+
+    #: Read by the gradient step as traced values (``Agent.hyper``): a --sweep over them is one program.
+    SWEEP_FIELDS: ClassVar[tuple[str, ...]] = ("model_lr", "actor_lr", "critic_lr", "actor_entropy")
 
     #: No schedule depends on the run's length (the replay buffer, learning rates and the actor's
     #: entropy are constant), so a finished run extends when re-run with a larger --total-steps.
@@ -370,9 +374,10 @@ def where_env(mask: jax.Array, new, old):
 
 class Program(NamedTuple):
     """The compiled pieces. ``init``, ``init_from_reset`` and ``collect`` are for one seed;
-    ``train_chunk(carry, length)`` takes the seeds stacked (``init_seeds``), runs ``length`` updates
-    and returns ``(carry, (episode stats [seeds, length], metrics [seeds, length]))``; ``init(key)`` is
-    ``init_from_reset(key', *env.reset(reset_key))``."""
+    ``train_chunk(carry, length, hyper=None)`` takes the seeds stacked (``init_seeds``), runs ``length``
+    updates and returns ``(carry, (episode stats [seeds, length], metrics [seeds, length]))``; ``hyper``
+    holds ``Agent.hyper``'s fields, one value per seed (slot) when a sweep trains several points at once.
+    ``init(key)`` is ``init_from_reset(key', *env.reset(reset_key))``."""
 
     agent: Agent
     init: Callable[[jax.Array], TrainCarry]
@@ -435,7 +440,7 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
 
     latent_keys = tuple(agent.replay_fields(agent.initial_policy_state(1)))  # empty without replay context
 
-    def train(agent_state: AgentState, replay: replay_lib.Replay, latents: dict, key: jax.Array):
+    def train(agent_state: AgentState, replay: replay_lib.Replay, latents: dict, key: jax.Array, hyper: dict):
         """``grad_steps`` gradient steps; returns the replay's ``latents`` as they refreshed them (replay
         context; ``{}`` without). Only these fields travel through the loops and the branch around them:
         a replay passed back out of them could cost a copy of every observation per update."""
@@ -443,7 +448,8 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
         def grad_step(state, key):
             agent_state, latents = state
             agent_state, updated, metrics = agent.replay_step(
-                agent_state, replay._replace(data={**replay.data, **latents}), key, cfg.batch_size, cfg.batch_length)
+                agent_state, replay._replace(data={**replay.data, **latents}), key, cfg.batch_size, cfg.batch_length,
+                hyper)
             return (agent_state, {k: updated.data[k] for k in latents}), metrics
 
         (agent_state, latents), metrics = jax.lax.scan(grad_step, (agent_state, latents),
@@ -460,7 +466,7 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
                               key=key)
         return carry, stats.sum()
 
-    def update(carry: TrainCarry, _):
+    def update(carry: TrainCarry, hyper: dict):
         """One update of every seed (``carry`` leads with the seed axis). Whether to train is decided
         once for all seeds -- they step in lockstep -- so that ``cond`` stays a branch; on a per-seed
         predicate vmap turns it into a select that runs the gradient steps during prefill too."""
@@ -471,19 +477,22 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
         ready = replay_lib.can_sample(first.replay, sequence_length(cfg)) & (first.env_steps >= cfg.prefill)
         train_seeds = jax.vmap(train)
         latents = {k: carry.replay.data[k] for k in latent_keys}
-        metrics_shape = jax.eval_shape(train_seeds, carry.agent, carry.replay, latents, train_key)[2]
-        skip = lambda agent_state, replay, latents, key: (
+        metrics_shape = jax.eval_shape(train_seeds, carry.agent, carry.replay, latents, train_key, hyper)[2]
+        skip = lambda agent_state, replay, latents, key, hyper: (
             agent_state, latents, jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), metrics_shape))
         agent_state, latents, metrics = jax.lax.cond(ready, train_seeds, skip, carry.agent, carry.replay, latents,
-                                                     train_key)
+                                                     train_key, hyper)
         metrics["perf/grad_steps"] = agent_state.grad_steps.astype(jnp.float32)
         replay = carry.replay._replace(data={**carry.replay.data, **latents})
         carry = carry.replace(agent=agent_state, replay=replay, key=key, update=carry.update + 1)
         return carry, (stats, metrics)
 
-    def train_chunk(carry: TrainCarry, length: int):
+    def train_chunk(carry: TrainCarry, length: int, hyper: dict | None = None):
         """``length`` updates of every seed; outputs lead with the seed axis, then the update."""
-        carry, outputs = jax.lax.scan(update, carry, None, length=length)
+        if hyper is None:
+            seeds = jax.tree.leaves(carry.key)[0].shape[0]
+            hyper = {k: jnp.full(seeds, v, jnp.float32) for k, v in agent.hyper().items()}
+        carry, outputs = jax.lax.scan(lambda c, _: update(c, hyper), carry, None, length=length)
         return carry, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outputs)
 
     return Program(agent, init, init_from_reset, collect, train_chunk)
@@ -551,12 +560,15 @@ def chunk_means(metrics: dict) -> dict[str, np.ndarray]:
                 for k, v in metrics.items()}
 
 
-def train(cfg: DreamerConfig, stop_after_updates: int | None = None) -> dict:
+def train(cfg: DreamerConfig, stop_after_updates: int | None = None, points: list[dict] | None = None) -> dict:
     """Train (or resume) the run described by ``cfg``; returns the summary, final carry and run folder.
 
     ``stop_after_updates`` ends the loop early as if the process had been killed there (for tests).
+    ``points``: values of ``SWEEP_FIELDS`` trained together in this one program, each with all of
+    ``cfg``'s seeds (slot ``p * num_seeds + s`` starts exactly like seed ``s``; default: ``cfg``'s own).
     """
     validate(cfg)
+    points = points or [sweeps.hyper_of(cfg)]
     env = envs.make(cfg.env, cfg.num_envs, reset_ratio=cfg.reset_ratio)
     program = make_train(cfg, env)
     agent = program.agent
@@ -564,10 +576,12 @@ def train(cfg: DreamerConfig, stop_after_updates: int | None = None) -> dict:
     total_updates = num_updates_for(cfg)
     loop = HostLoop(cfg, AREA, algo_name(cfg), steps_per_update=cfg.num_envs * cfg.collect_steps,
                     total_updates=total_updates, achievement_names=env.achievement_names)
-    carry = loop.restore(init_seeds(program, env, seed_keys(cfg)))
+    per_slot = lambda tree: jax.tree.map(lambda x: jnp.concatenate([x] * len(points)), tree)
+    carry = loop.restore(per_slot(init_seeds(program, env, seed_keys(cfg))))
+    hyper = {k: jnp.asarray(np.repeat([p[k] for p in points], cfg.num_seeds), jnp.float32) for k in points[0]}
 
     jit = lambda f: jax.jit(f, compiler_options=compiler_options(cfg, env))
-    run_chunk = jit(lambda c: program.train_chunk(c, length))
+    run_chunk = jit(lambda c, h: program.train_chunk(c, length, h))
     run_eval = None
     if cfg.eval_envs:
         evaluate = make_evaluate(cfg.env, cfg.eval_envs, make_policy(agent, make_store(cfg, env)),
@@ -578,21 +592,31 @@ def train(cfg: DreamerConfig, stop_after_updates: int | None = None) -> dict:
     run_report = jit(lambda params, replay, key: openloop(first_seed(params), first_seed(replay), key))
 
     def train_chunk(carry: TrainCarry, _length: int) -> ChunkOutput:
-        carry, (stats, metrics) = run_chunk(carry)
+        carry, (stats, metrics) = run_chunk(carry, hyper)
         stats, metrics = jax.device_get((stats, metrics))
         return ChunkOutput(carry, stats, chunk_means(metrics))
 
     def evaluate(carry: TrainCarry, key: jax.Array) -> dict:
         metrics = {}
         if run_eval is not None:
-            keys = jax.random.split(key, cfg.num_seeds)
+            keys = per_slot(jax.random.split(key, cfg.num_seeds))
             metrics.update(loop.eval_metrics(jax.device_get(run_eval(carry.agent.params, keys))))
         report = jax.device_get(run_report(carry.agent.params, carry.replay, key))
         metrics.update(write_report(report, loop.run_dir, cfg.report_context, env.is_pixels))
         return metrics
 
+    summary_fields = (lambda: {"sweep_points": len(points), "slots": len(points) * cfg.num_seeds}) \
+        if len(points) > 1 else None
     return loop.run(carry, train_chunk, updates_per_chunk=length, evaluate=evaluate, eval_every=cfg.eval_every,
-                    stop_after_updates=stop_after_updates)
+                    summary_fields=summary_fields, stop_after_updates=stop_after_updates)
+
+
+def sweep(cfg: DreamerConfig, stop_after_updates: int | None = None) -> dict:
+    """Every point of ``cfg.sweep`` x every seed (:func:`utils.sweep.run_grid`): the learning rates and
+    the entropy bonus train in one program; other fields (sizes, train ratio) one program per value."""
+    return sweeps.run_grid(cfg, AREA, algo_name(cfg),
+                           lambda program_cfg, points: train(program_cfg, stop_after_updates,
+                                                             [sweeps.hyper_of(p) for p in points]))
 
 
 def parse_dreamer_config(argv: Sequence[str] | None = None) -> DreamerConfig:
@@ -606,7 +630,12 @@ def main(argv: list[str] | None = None) -> dict:
     from utils.jax_setup import enable_compilation_cache
 
     enable_compilation_cache()
-    result = train(parse_dreamer_config(argv))
+    cfg = parse_dreamer_config(argv)
+    if cfg.sweep:
+        result = sweep(cfg)
+        print(f"sweep folder: {result['run_dir']} (rank it: python -m benchmarks.sweep {result['run_dir']})")
+        return result
+    result = train(cfg)
     print(f"run folder: {result['run_dir']}")
     return result
 

@@ -84,18 +84,24 @@ class Agent:
         return pack(self.wm.spec, policy_state[0]) if self.cfg.replay_context else {}
 
     # -- learning -------------------------------------------------------------------------------------
+    def hyper(self) -> dict[str, float]:
+        """The shape-free hyperparameters a gradient step reads (``DreamerConfig.SWEEP_FIELDS``), at the
+        config's values; a sweep passes traced values of the same names, one per vmapped slot."""
+        return {"model_lr": self.cfg.model_lr, "actor_lr": self.cfg.actor_lr, "critic_lr": self.cfg.critic_lr,
+                "actor_entropy": self.cfg.ac.actor_entropy}
+
     def replay_step(self, state: AgentState, replay: replay_lib.Replay, key: jax.Array, batch_size: int,
-                    batch_length: int) -> tuple[AgentState, replay_lib.Replay, dict]:
+                    batch_length: int, hyper: dict | None = None) -> tuple[AgentState, replay_lib.Replay, dict]:
         """One gradient step on a batch drawn from ``replay``. Without ``replay_context`` each chunk
         starts from zeros and replay is returned unchanged; with it, each chunk starts from the latent
         stored with the row before it and the chunk's rows get this step's posteriors."""
         batch_key, step_key = jax.random.split(key)
         if not self.cfg.replay_context:
             batch = replay_lib.sample(replay, batch_key, batch_size, batch_length)
-            state, metrics = self.train_step(state, batch, step_key)
+            state, metrics = self.train_step(state, batch, step_key, hyper=hyper)
             return state, replay, metrics
         context, batch, index = replay_lib.sample_with_context(replay, batch_key, batch_size, batch_length)
-        state, metrics, post = self.train_step_posterior(state, batch, step_key, self.context_start(context))
+        state, metrics, post = self.train_step_posterior(state, batch, step_key, self.context_start(context), hyper)
         return state, replay_lib.write(replay, index, pack(self.wm.spec, post)), metrics
 
     def context_start(self, context: dict) -> tuple[RSSMState, jax.Array]:
@@ -105,20 +111,24 @@ class Agent:
         return latent, jax.nn.one_hot(context["action"], self.num_actions)
 
     def train_step(self, state: AgentState, batch: dict, key: jax.Array,
-                   start: tuple[RSSMState, jax.Array] | None = None) -> tuple[AgentState, dict]:
+                   start: tuple[RSSMState, jax.Array] | None = None, hyper: dict | None = None
+                   ) -> tuple[AgentState, dict]:
         """One gradient step of the world model, actor and critic on ``batch`` (``[T, B]`` rows), the
-        world model observing it from ``start`` (see :meth:`WorldModel.loss`; zeros without)."""
-        return self.train_step_posterior(state, batch, key, start)[:2]
+        world model observing it from ``start`` (see :meth:`WorldModel.loss`; zeros without).
+        ``hyper``: :meth:`hyper`'s fields, possibly traced (default: the config's values)."""
+        return self.train_step_posterior(state, batch, key, start, hyper)[:2]
 
     def train_step_posterior(self, state: AgentState, batch: dict, key: jax.Array,
-                             start: tuple[RSSMState, jax.Array] | None = None) -> tuple[AgentState, dict, RSSMState]:
+                             start: tuple[RSSMState, jax.Array] | None = None, hyper: dict | None = None
+                             ) -> tuple[AgentState, dict, RSSMState]:
         """:meth:`train_step`, also returning the world-model pass's posteriors ``[T, B]`` (before the update)."""
         cfg = self.cfg
+        hyper = self.hyper() if hyper is None else hyper
         wm_key, imag_key = jax.random.split(key)
         params, opt_state = dict(state.params), dict(state.opt_state)
 
         grads, (post, metrics) = jax.grad(self.wm.loss, has_aux=True)(params["wm"], batch, wm_key, start)
-        params["wm"], opt_state["wm"] = self._apply("wm", grads, params["wm"], opt_state["wm"])
+        params["wm"], opt_state["wm"] = self._apply("wm", grads, params["wm"], opt_state["wm"], hyper["model_lr"])
 
         flat = lambda x: x.reshape((-1,) + x.shape[2:])
         start = jax.tree.map(lambda x: flat(jax.lax.stop_gradient(x)), post)
@@ -130,15 +140,17 @@ class Agent:
             start, start_cont = jax.tree.map(lambda x: x[picked], (start, start_cont))
         grads, (traj, returns, weight, retnorm, actor_metrics) = jax.grad(self.ac.actor_loss, has_aux=True)(
             params["actor"], self.wm, params["wm"], params["critic"], params["slow_critic"], state.retnorm,
-            start, start_cont, imag_key)
-        params["actor"], opt_state["actor"] = self._apply("actor", grads, params["actor"], opt_state["actor"])
+            start, start_cont, imag_key, hyper["actor_entropy"])
+        params["actor"], opt_state["actor"] = self._apply("actor", grads, params["actor"], opt_state["actor"],
+                                                          hyper["actor_lr"])
 
         replay = None
         if cfg.ac.replay_value_scale:
             replay = self._replay_targets(params, post, batch, returns[0], picked)
         grads, critic_metrics = jax.grad(self.ac.critic_loss, has_aux=True)(
             params["critic"], params["slow_critic"], traj, returns, weight, replay)
-        params["critic"], opt_state["critic"] = self._apply("critic", grads, params["critic"], opt_state["critic"])
+        params["critic"], opt_state["critic"] = self._apply("critic", grads, params["critic"], opt_state["critic"],
+                                                            hyper["critic_lr"])
 
         grad_steps = state.grad_steps + 1
         if cfg.slow_critic == "copy":
@@ -174,6 +186,11 @@ class Agent:
             boot = jax.lax.stop_gradient(self.ac.value(value_params, feat)).reshape(-1).at[picked].set(start_returns)
         return ReplayTargets(feat, batch["reward"], batch["is_terminal"], boot.reshape(shape))
 
-    def _apply(self, name: str, grads, params, opt_state):
-        updates, opt_state = self.optimizers[name].update(grads, opt_state, params)
+    def _apply(self, name: str, grads, params, opt_state, lr):
+        """An optimiser step at learning rate ``lr`` (maybe traced). The optimiser is rebuilt around it:
+        Adam's state does not depend on the rate, so checkpoints keep their format (see
+        ``online_rl.common.make_optimizer`` for the same choice in PPO)."""
+        eps, clip = {"wm": (self.cfg.model_eps, self.cfg.model_grad_clip)}.get(
+            name, (self.cfg.ac_eps, self.cfg.ac_grad_clip))
+        updates, opt_state = optimizer(lr, eps, clip).update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state

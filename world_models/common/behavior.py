@@ -127,10 +127,13 @@ class ActorCritic:
 
     # -- losses ---------------------------------------------------------------------------------------
     def actor_loss(self, actor_params, wm: WorldModel, wm_params: dict, critic_params, target_params,
-                   retnorm: ReturnNorm, start: RSSMState, start_cont: jax.Array, key: jax.Array):
+                   retnorm: ReturnNorm, start: RSSMState, start_cont: jax.Array, key: jax.Array,
+                   actor_entropy: jax.Array | float | None = None):
         """``(loss, (imagined rollout, returns, weights, new ReturnNorm, metrics))`` for one batch of
-        start states; gradients reach only ``actor_params``."""
+        start states; gradients reach only ``actor_params``. ``actor_entropy`` (default the config's)
+        may be a traced value, so a sweep over it trains in one program."""
         cfg = self.cfg
+        actor_entropy = cfg.actor_entropy if actor_entropy is None else actor_entropy
         traj = self.imagine(wm, wm_params, actor_params, start, key)
         feat = features(traj.states)  # [H + 1, N, F]
         reward = wm.reward(wm_params, feat[1:])
@@ -157,7 +160,7 @@ class ActorCritic:
             objective = reinforce()
         else:
             objective = cfg.actor_grad_mix * dynamics() + (1 - cfg.actor_grad_mix) * reinforce()
-        loss = -(weight * (objective + cfg.actor_entropy * entropy)).mean()
+        loss = -(weight * (objective + actor_entropy * entropy)).mean()
         metrics.update(self.diagnostics(returns, values, weight, entropy, retnorm))
         metrics.update({
             "loss/actor": loss,
