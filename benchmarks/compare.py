@@ -41,6 +41,7 @@ from typing import Any, Iterable
 import yaml
 
 from benchmarks import records
+from benchmarks.common import git_commit, host_description
 from utils.errors import UserError, exit_on_user_error
 from utils.io import atomic_write_json, check_output_path
 
@@ -263,29 +264,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def host_description() -> str:
-    """CPU, GPUs (from nvidia-smi, so no JAX backend starts in this process) and the JAX version."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from benchmarks.common import cpu_description
-
-    parts = [cpu_description()]
-    if shutil.which("nvidia-smi"):
-        try:
-            names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                   capture_output=True, text=True, timeout=20).stdout.split("\n")
-            gpus = [n.strip() for n in names if n.strip()]
-            if gpus:
-                parts.append(f"{len(gpus)} x {gpus[0]}")
-        except (OSError, subprocess.SubprocessError):
-            pass
-    try:
-        parts.append(f"JAX {version('jax')}")
-    except PackageNotFoundError:
-        pass
-    return "; ".join(parts)
-
-
 def run_task(task: Task, runs_root: str | Path, in_process: bool = False) -> int:
     """Train (or resume) one task through its entry point; returns its exit status.
 
@@ -319,20 +297,6 @@ def _cpu_seconds(in_process: bool) -> float:
 
     usage = resource.getrusage(resource.RUSAGE_SELF if in_process else resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def git_commit() -> str | None:
-    """The checkout's commit (with ``+dirty`` when it has uncommitted changes), so a figure names the code."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _run_in_process(module: str, argv: list[str]) -> int:

@@ -41,6 +41,11 @@ SCHEMA = "craftax-baselines/record/1"
 #: An aggregate names records and methods to pool across tasks (``{"schema", "name", "title",
 #: "description", "records": [names], "methods": [names]}``); the report renders it, nothing writes it.
 AGGREGATE_SCHEMA = "craftax-baselines/aggregate/1"
+#: A measured table that is not a learning comparison (throughput, cost of a setting): ``{"schema",
+#: "name", "title", "description", "command", "machine", "commit", "columns": [{"key", "label",
+#: "digits"}], "rows": [{key: value or [repeats]}]}``. A list cell holds repeated measurements; the
+#: report prints their median and range. Written by the benchmark scripts through :func:`write_table`.
+TABLE_SCHEMA = "craftax-baselines/table/1"
 CURVE_POINTS = 20
 #: The cap on all of docs/data (issue: comparisons that decide), checked by ``benchmarks.report --check``.
 MAX_DATA_BYTES = 20 * 1024 * 1024
@@ -183,6 +188,25 @@ def write(path: str | Path, record: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"schema": SCHEMA, **record}, indent=1) + "\n")
+    return path
+
+
+def write_table(path: str | Path, *, name: str, title: str, command: str, columns: list[dict], rows: list[dict],
+                description: str = "") -> Path:
+    """A :data:`TABLE_SCHEMA` file for ``benchmarks.report``, stamped with this machine and commit: a
+    figure on the page always says what measured it and on what."""
+    from benchmarks.common import git_commit, host_description
+
+    known = {c["key"] for c in columns}
+    for row in rows:
+        unknown = set(row) - known
+        if unknown:
+            raise ValueError(f"row keys {sorted(unknown)} are not columns of table {name!r}")
+    table = {"schema": TABLE_SCHEMA, "name": name, "title": title, "description": description, "command": command,
+             "machine": host_description(), "commit": git_commit(), "columns": columns, "rows": _clean(rows)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(table, indent=1) + "\n")
     return path
 
 

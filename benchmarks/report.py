@@ -432,6 +432,39 @@ def render_aggregate(aggregate: dict, loaded: dict[str, dict], data_name: str) -
     return "\n".join(lines) + "\n", {rel: (plot_profile, args, data_hash(list(args)))}
 
 
+def table_cell(value, digits: int) -> str:
+    """A plain value, or the median and range of repeated measurements (a list)."""
+    if isinstance(value, list):
+        values = [v for v in value if v is not None]
+        if not values:
+            return "-"
+        if len(values) == 1:
+            return fmt(values[0], digits)
+        return f"{fmt(float(np.median(values)), digits)} ({fmt(min(values), digits)}-{fmt(max(values), digits)})"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return fmt(value, digits)
+    return "-" if value is None else str(value)
+
+
+def render_table(table: dict, data_name: str) -> str:
+    """A measured table (``records.TABLE_SCHEMA``): its columns as given, with the machine, commit and
+    command that produced it, so a figure on the page is never separated from how it was measured."""
+    columns = table["columns"]
+    repeats = {len(v) for row in table["rows"] for v in row.values() if isinstance(v, list)}
+    lines = [f"### {table['title']}", ""]
+    if table.get("description"):
+        lines += [table["description"].strip(), ""]
+    lines += ["| " + " | ".join(c["label"] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for row in table["rows"]:
+        lines.append("| " + " | ".join(table_cell(row.get(c["key"]), c.get("digits", 2)) for c in columns) + " |")
+    spread = (f" Cells with repeats: median (min-max) of {', '.join(map(str, sorted(repeats)))} measurements."
+              if repeats else "")
+    commit = (table.get("commit") or "unknown")[:12]
+    lines += ["", f"Measured on {table.get('machine') or 'an unrecorded machine'}, commit `{commit}`, by "
+              f"`{table['command']}`; data: `docs/data/{data_name}`.{spread}"]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------------
@@ -450,6 +483,8 @@ def build(results_md: Path, data_dir: Path) -> tuple[str, dict[str, tuple]]:
         block, figures = render_aggregate(aggregate, loaded, f"{name}.json")
         text = replace_block(text, name, block)
         all_figures.update(figures)
+    for name, table in records.load_all(data_dir, records.TABLE_SCHEMA).items():
+        text = replace_block(text, name, render_table(table, f"{name}.json"))
     return text, all_figures
 
 

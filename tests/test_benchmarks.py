@@ -89,3 +89,18 @@ def test_offline_loader_on_a_small_dataset(tmp_path):
     result = printed_json(output)
     assert result["transitions"] == 2048 and result["loader"][0]["transitions_per_second"] > 0
     assert result["train_bc_transitions_per_second"] > 0 and result["train_awr_transitions_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_scale_throughput_writes_both_tables_at_debug_size(tmp_path):
+    from benchmarks import scale_throughput
+
+    written = scale_throughput.main(["--preset", "debug", "--total-steps", "512", "--devices", "1", "2",
+                                     "--repeats", "1", "--sweep", "lr=1e-4,3e-4", "--num-seeds", "1",
+                                     "--out", str(tmp_path)])
+    devices = json.loads(open(written["devices"]).read())
+    assert [r["devices"] for r in devices["rows"]] == [1, 2] and all(r["sps"][0] > 0 for r in devices["rows"])
+    assert devices["rows"][0]["relative"] == [1.0]
+    sweep = json.loads(open(written["sweep"]).read())
+    assert len(sweep["rows"]) == 2 and all(r["seconds"][0] > 0 for r in sweep["rows"])
+    assert "2 points x 1 seeds" in sweep["rows"][0]["arm"]

@@ -257,3 +257,23 @@ def test_aggregate_pools_tasks_on_a_normalised_score_and_draws_profiles(tmp_path
     assert f"| base | {expected:.2f} [" in block
     assert report.figure_hash(docs / "figures" / "report_family_profile.png")
     assert report.check(page, docs / "data") == []
+
+
+def test_measured_tables_render_with_their_machine_command_and_repeats(tmp_path):
+    docs = tmp_path / "docs"
+    path = records.write_table(docs / "data" / "speed.json", name="speed", title="Speed", command="python -m x --y 1",
+                               columns=[{"key": "devices", "label": "devices", "digits": 0},
+                                        {"key": "sps", "label": "env steps/s", "digits": 0}],
+                               rows=[{"devices": 1, "sps": [1000.0, 1200.0, 900.0]}, {"devices": 2, "sps": 1500.0}])
+    table = json.loads(path.read_text())
+    assert table["schema"] == records.TABLE_SCHEMA and table["machine"] and "commit" in table
+    with pytest.raises(ValueError, match="not columns"):
+        records.write_table(docs / "data" / "bad.json", name="bad", title="Bad", command="c",
+                            columns=[{"key": "a", "label": "a"}], rows=[{"b": 1}])
+    page = docs / "results.md"
+    page.write_text("# Results\n")
+    assert report.main(["--results-md", str(page)]) == 0
+    text = page.read_text()
+    assert "| devices | env steps/s |" in text and "| 1 | 1,000 (900-1,200) |" in text and "| 2 | 1,500 |" in text
+    assert "by `python -m x --y 1`; data: `docs/data/speed.json`" in text and "median (min-max) of 3" in text
+    assert report.check(page, docs / "data") == []
