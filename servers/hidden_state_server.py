@@ -1,7 +1,8 @@
-"""HTTP service that turns Craftax observations or texts into LLM hidden states.
+"""HTTP service that turns Craftax observations, texts or frames into LLM hidden states.
 
     python -m servers.hidden_state_server --model Qwen/Qwen2.5-0.5B-Instruct --layer -1 --pooling last
     python -m servers.hidden_state_server --model runs/tiny_llm --preset debug      # CPU, seconds
+    python -m servers.hidden_state_server --model runs/tiny_vlm --preset debug      # frames, CPU
 
 One process loads the model once and serves many clients (PPO with live LLM features, evaluation,
 tools), so a GPU is shared instead of every client loading its own copy. Observations go through
@@ -15,6 +16,10 @@ Endpoints (docs/servers.md has examples; the live schema is at ``/openapi.json``
   With ``?format=f16`` (or ``Accept: application/octet-stream``) or ``?format=f32`` the vectors
   come back as raw little-endian floats with their shape in ``X-Shape``
   (``utils/hidden_state_client.py`` defines the format).
+* ``POST /v1/image_hidden_states`` (a vision-language model's server): frames as raw uint8
+  (``X-Shape``, ``X-Dtype: uint8``, ``X-Env``), one PNG (``image/png``, ``X-Env``) or JSON
+  ``{"env": ..., "images": [<base64 PNG>, ...]}`` -> the same answers, ``modality`` ``image``
+  (``servers/images.py``). A server computes one modality: the other endpoint answers 422.
 * ``GET /health``: model, layer, pooling, dim and the limits; 503 once the model keeps failing.
 * ``GET /v1/stats``: requests, model calls and batch sizes so far.
 
@@ -41,32 +46,44 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from servers.batching import BatcherStopped, DeadlineExceeded, MicroBatcher, QueueFull
+from servers.images import read_frames
 from servers.limits import MB, BodyLimit, Limits, check_texts, printable
 from servers.schemas import (
     ErrorResponse,
     HealthResponse,
     HiddenStatesRequest,
     HiddenStatesResponse,
+    ImageHiddenStatesRequest,
     StatsResponse,
 )
 from utils.config import parse_config
 from utils.errors import UserError, exit_on_user_error
-from utils.hidden_state_client import BINARY_MEDIA_TYPE, WIRE_FORMATS, encode_vectors
-from utils.llm import RESOLVED_FIELDS, LLMBackend, LLMSpec, make_backend, resolve_layer
-from utils.llm import identity as llm_identity
+from utils.hidden_state_client import (
+    BINARY_MEDIA_TYPE,
+    DTYPE_HEADER,
+    ENV_HEADER,
+    IMAGE_HIDDEN_STATES_PATH,
+    PNG_MEDIA_TYPE,
+    SHAPE_HEADER,
+    WIRE_FORMATS,
+    encode_vectors,
+)
+from utils.llm import LLMBackend, LLMSpec, feature_identity, make_backend
+from utils.llm.prompts import FRAME_ENV_NAMES
 from utils.text_obs import TEXT_ENV_NAMES, obs_layout, render_texts
 
 AREA, COMMAND = "servers", "hidden_state_server"
 HIDDEN_STATES_PATH = "/v1/hidden_states"
 _MAX_REPORTED_ERRORS = 10
-_RESOLVED_HEADERS = {"backend": "X-Backend", "compute_dtype": "X-Compute-Dtype",
-                     "model_revision": "X-Model-Revision"}
+_IDENTITY_HEADERS = {"backend": "X-Backend", "compute_dtype": "X-Compute-Dtype",
+                     "model_revision": "X-Model-Revision", "modality": "X-Modality",
+                     "image_processor": "X-Image-Processor"}
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +114,10 @@ class ServerConfig(LLMSpec):
     """Largest request body in MB (10^6 bytes), refused with 413 before it is parsed."""
     max_text_chars: int = Limits.max_text_chars
     """Longest text in characters, refused with 413 before it is tokenised."""
+    max_image_mb: float = Limits.max_image_bytes / MB
+    """Largest PNG frame in MB (10^6 bytes), refused with 413 before it is decoded."""
+    max_image_pixels: int = Limits.max_image_pixels
+    """Most pixels (height x width) of one frame, refused with 413 before it is decoded."""
     max_queue: int = Limits.max_queue
     """Most texts waiting for the model; more get 429 with Retry-After."""
     request_timeout_s: float = Limits.request_timeout_s
@@ -107,6 +128,7 @@ class ServerConfig(LLMSpec):
     def limits(self) -> Limits:
         """The limit flags as ``servers.limits.Limits``, checked (a UserError names a bad flag)."""
         return Limits(max_body_bytes=int(self.max_body_mb * MB), max_text_chars=self.max_text_chars,
+                      max_image_bytes=int(self.max_image_mb * MB), max_image_pixels=self.max_image_pixels,
                       max_queue=self.max_queue, request_timeout_s=self.request_timeout_s,
                       unhealthy_after=self.unhealthy_after).check()
 
@@ -187,15 +209,17 @@ async def _on_user_error(_: Request, exc: UserError) -> JSONResponse:
 
 _ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
     (400, "Body is not valid JSON."),
-    (413, "Body over --max-body-mb, a text over --max-text-chars, or more items than the max "
-          "batch: split or shorten the request."),
-    (422, "Invalid request: wrong fields, observation length, env, invalid Unicode, or a prompt "
-          "too long."),
+    (413, "Body over --max-body-mb, a text over --max-text-chars, a frame over --max-image-mb or "
+          "--max-image-pixels, or more items than the max batch: split or shorten the request."),
+    (422, "Invalid request: wrong fields, observation length, env, invalid Unicode, a frame that "
+          "does not decode, a prompt too long, or features of the other modality than the server's."),
     (429, "Too many texts waiting for the model; retry after the Retry-After header's seconds."),
     (500, "The model failed on valid input (a server problem)."),
     (503, "The server is shutting down."),
     (504, "Not computed within the request's deadline (--request-timeout-s or X-Timeout-S)."),
 )}
+_FRAME_ERRORS = {**_ERRORS, 415: {"model": ErrorResponse, "description": (
+    "A Content-Type that is not application/json, image/png or application/octet-stream.")}}
 _BINARY_ANSWER = {"description": "With ?format=f16|f32 or Accept: application/octet-stream: the "
                                  "vectors as raw little-endian floats, row-major; X-Shape is "
                                  "'count,dim' and X-Dtype 'float16' or 'float32'.",
@@ -234,6 +258,53 @@ async def _disconnected(request: Request) -> None:
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready; its request was dropped."""
+
+
+async def compute_answer(batcher: MicroBatcher, items: list, request: Request, timeout_s: float):
+    """The batcher's float32 rows for ``items``, or the Response to send instead (the client left);
+    every other outcome is an HTTPException with the status of the error table (docs/servers.md)."""
+    try:
+        return await compute_or_drop(batcher, items, request, timeout_s)
+    except UserError as error:  # e.g. a prompt longer than max_length: the request's fault
+        raise HTTPException(422, str(error)) from None
+    except QueueFull as error:
+        raise HTTPException(429, f"{error}; the server is at capacity",
+                            headers={"Retry-After": str(error.retry_after_s)}) from None
+    except DeadlineExceeded:
+        raise HTTPException(504, f"not computed within {timeout_s:g} s (the server's "
+                                 f"--request-timeout-s or the client's {TIMEOUT_HEADER}); "
+                                 "the server is overloaded, retry later") from None
+    except ClientGone:
+        return Response(status_code=CLIENT_GONE)
+    except BatcherStopped as error:
+        raise HTTPException(503, str(error)) from None
+    except Exception as error:  # noqa: BLE001 - a model failure on valid input: say which
+        log.exception("model call failed")
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise HTTPException(500, f"the model failed on this request "
+                                 f"({type(error).__name__}: {printable(reason)})") from None
+
+
+def wrong_modality(identity: dict[str, Any]) -> HTTPException:
+    """422 for a request of the modality this server does not compute (one line, with the fix)."""
+    if identity["modality"] == "image":
+        return HTTPException(422, f"this server's model {identity['model']} computes image features "
+                                  f"(modality image): POST frames to {IMAGE_HIDDEN_STATES_PATH} "
+                                  "(HiddenStateClient.image_hidden_states), or start a server with a text model")
+    return HTTPException(422, f"this server's model {identity['model']} computes text features (modality "
+                              f"text): POST texts or observations to {HIDDEN_STATES_PATH}, or start a server "
+                              "with a vision-language model for frames")
+
+
+def model_compute(backend: LLMBackend, modality: str):
+    """What the batcher's worker thread calls on gathered items: texts, or (env, frame) pairs."""
+    if modality == "text":
+        return backend.hidden_states
+
+    def frames(items: list[tuple[str, np.ndarray]]) -> np.ndarray:
+        return backend.image_hidden_states([frame for _, frame in items], [env for env, _ in items])
+
+    return frames
 
 
 async def compute_or_drop(batcher: MicroBatcher, texts: list[str], request: Request,
@@ -279,18 +350,12 @@ def create_app(backend: LLMBackend, spec: LLMSpec, *, max_batch: int = 64,
     if max_batch < 1 or max_wait_ms < 0:
         raise UserError(f"max_batch must be >= 1 and max_wait_ms >= 0 (got {max_batch}, {max_wait_ms})")
     limits.check()
-    batcher = MicroBatcher(backend.hidden_states, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                           max_queue=limits.max_queue)
-    layer_index = getattr(backend, "layer_index", None)
-    if layer_index is None:
-        layer_index = resolve_layer(spec.layer, backend.num_layers, spec.model)
     # The feature identity clients compare (online_rl_llm.features.IDENTITY_FIELDS): the spec's
-    # fields plus what the backend resolved where the model loaded (utils.llm.RESOLVED_FIELDS).
-    resolved = getattr(backend, "identity", None) or llm_identity(spec)
-    identity = {"model": spec.model, "layer": spec.layer, "layer_index": int(layer_index),
-                "pooling": spec.pooling, "template_hash": spec.template_hash(),
-                "dim": int(backend.hidden_size), "thinking": bool(spec.thinking),
-                **{k: resolved.get(k) for k in RESOLVED_FIELDS}}
+    # fields, what the backend resolved where the model loaded, and the modality.
+    identity = feature_identity(spec, backend)
+    modality = identity["modality"]
+    batcher = MicroBatcher(model_compute(backend, modality), max_batch=max_batch,
+                           max_wait_ms=max_wait_ms, max_queue=limits.max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -303,11 +368,12 @@ def create_app(backend: LLMBackend, spec: LLMSpec, *, max_batch: int = 64,
     app = FastAPI(
         title="Craftax hidden-state server",
         version="1",
-        summary="LLM hidden states of Craftax observations (rendered to canonical text) or texts.",
+        summary="LLM hidden states of Craftax observations (rendered to canonical text), texts or frames.",
         description=("Send texts, or symbolic observations with their env (rendered to the canonical "
-                     "text of utils/text_obs.py); get one hidden-state vector per item, plus the "
-                     "model, layer and pooling that produced it. Concurrent requests share model "
-                     "calls. Errors are 4xx/5xx with a one-line 'detail'."),
+                     "text of utils/text_obs.py), or, to a vision-language model's server, frames; get "
+                     "one hidden-state vector per item, plus the model, layer, pooling and modality that "
+                     "produced it. Concurrent requests share model calls. Errors are 4xx/5xx with a "
+                     "one-line 'detail'."),
         lifespan=lifespan,
     )
     app.state.batcher = batcher
@@ -318,8 +384,15 @@ def create_app(backend: LLMBackend, spec: LLMSpec, *, max_batch: int = 64,
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     binary_headers = {"X-Layer-Index": str(identity["layer_index"]), "X-Pooling": spec.pooling,
                       "X-Template-Hash": identity["template_hash"],
-                      **{header: str(identity[k]) for k, header in _RESOLVED_HEADERS.items()
+                      **{header: str(identity[k]) for k, header in _IDENTITY_HEADERS.items()
                          if identity[k] is not None}}
+
+    def vectors_answer(states: np.ndarray, fmt: str, texts: list[str] | None = None):
+        """The vectors as JSON (with the identity) or as raw floats (identity in headers)."""
+        if fmt != "json":
+            content, headers = encode_vectors(states, fmt)
+            return Response(content, media_type=BINARY_MEDIA_TYPE, headers={**headers, **binary_headers})
+        return HiddenStatesResponse(**identity, count=len(states), vectors=states.tolist(), texts=texts)
 
     @app.get("/health", response_model=HealthResponse,
              responses={503: {"model": HealthResponse, "description": "The model keeps failing."}},
@@ -329,12 +402,13 @@ def create_app(backend: LLMBackend, spec: LLMSpec, *, max_batch: int = 64,
         failing = s.failed_in_a_row >= limits.unhealthy_after
         answer = HealthResponse(
             **identity, num_layers=int(backend.num_layers), template=spec.template,
-            system_prompt=spec.system_prompt, max_batch=max_batch,
-            max_wait_ms=max_wait_ms, envs=list(TEXT_ENV_NAMES),
+            system_prompt=spec.system_prompt, max_batch=max_batch, max_wait_ms=max_wait_ms,
+            envs=list(TEXT_ENV_NAMES if modality == "text" else FRAME_ENV_NAMES),
             status="failing" if failing else "ok",
             detail=(f"the last {s.failed_in_a_row} model calls failed; last error: "
                     f"{printable(s.last_error or '')}") if failing else None,
             max_body_bytes=limits.max_body_bytes, max_text_chars=limits.max_text_chars,
+            max_image_bytes=limits.max_image_bytes, max_image_pixels=limits.max_image_pixels,
             max_queue=limits.max_queue, queued=s.queued, request_timeout_s=limits.request_timeout_s)
         if failing:
             return JSONResponse(status_code=503, content=answer.model_dump())
@@ -358,6 +432,8 @@ def create_app(backend: LLMBackend, spec: LLMSpec, *, max_batch: int = 64,
             None, alias="format", description="json (default), f16 or f32 (raw little-endian "
             "floats, shape in X-Shape); Accept: application/octet-stream also means f16."),
     ):
+        if modality != "text":
+            raise wrong_modality(identity)
         fmt = answer_format(fmt, request.headers.get("accept", ""))
         if fmt != "json" and body.return_texts:
             raise HTTPException(422, "return_texts needs the JSON answer (format=json): a binary "
@@ -374,34 +450,62 @@ def create_app(backend: LLMBackend, spec: LLMSpec, *, max_batch: int = 64,
             texts = body.texts
         else:
             texts = await run_in_threadpool(observation_texts, body.observations, body.env)
-        try:
-            states = await compute_or_drop(batcher, texts, request, timeout_s)
-        except UserError as error:  # e.g. a prompt longer than max_length: the request's fault
-            raise HTTPException(422, str(error)) from None
-        except QueueFull as error:
-            raise HTTPException(429, f"{error}; the server is at capacity",
-                                headers={"Retry-After": str(error.retry_after_s)}) from None
-        except DeadlineExceeded:
-            raise HTTPException(504, f"not computed within {timeout_s:g} s (the server's "
-                                     f"--request-timeout-s or the client's {TIMEOUT_HEADER}); "
-                                     "the server is overloaded, retry later") from None
-        except ClientGone:
-            return Response(status_code=CLIENT_GONE)
-        except BatcherStopped as error:
-            raise HTTPException(503, str(error)) from None
-        except Exception as error:  # noqa: BLE001 - a model failure on valid input: say which
-            log.exception("model call failed")
-            reason = (str(error).strip().splitlines() or [""])[0]
-            raise HTTPException(500, f"the model failed on this request "
-                                     f"({type(error).__name__}: {printable(reason)})") from None
-        if fmt != "json":
-            content, headers = encode_vectors(states, fmt)
-            return Response(content, media_type=BINARY_MEDIA_TYPE,
-                            headers={**headers, **binary_headers})
-        return HiddenStatesResponse(**identity, count=len(texts), vectors=states.tolist(),
-                                    texts=texts if body.return_texts else None)
+        states = await compute_answer(batcher, texts, request, timeout_s)
+        if isinstance(states, Response):
+            return states
+        return vectors_answer(states, fmt, texts if body.return_texts else None)
 
+    @app.post(IMAGE_HIDDEN_STATES_PATH, response_model=HiddenStatesResponse,
+              responses={200: _BINARY_ANSWER, **_FRAME_ERRORS}, response_model_exclude_none=True,
+              openapi_extra={"requestBody": _FRAMES_BODY},
+              summary="Hidden states of frames (a vision-language model's server)")
+    async def image_hidden_states(
+        request: Request,
+        fmt: Optional[Literal[WIRE_FORMATS]] = Query(  # type: ignore[valid-type]
+            None, alias="format", description="json (default), f16 or f32, as for /v1/hidden_states."),
+        # Declared for the schema only: read_frames reads the headers with the body they describe.
+        env_header: Optional[str] = Header(None, alias=ENV_HEADER, description="Binary bodies: the frames' env."),
+        shape_header: Optional[str] = Header(None, alias=SHAPE_HEADER,
+                                             description="Raw frames: N,height,width,3 (row-major uint8)."),
+        dtype_header: Optional[str] = Header(None, alias=DTYPE_HEADER, description="Raw frames: uint8."),
+    ):
+        if modality != "image":
+            raise wrong_modality(identity)
+        fmt = answer_format(fmt, request.headers.get("accept", ""))
+        timeout_s = request_timeout(request.headers.get(TIMEOUT_HEADER), limits.request_timeout_s)
+        body = await request.body()
+        env, frames = await run_in_threadpool(read_frames, request.headers.get("content-type"), body,
+                                              request.headers, limits, max_batch)
+        states = await compute_answer(batcher, [(env, frame) for frame in frames], request, timeout_s)
+        if isinstance(states, Response):
+            return states
+        return vectors_answer(states, fmt)
+
+    add_schema(app, ImageHiddenStatesRequest)
     return app
+
+
+_BINARY_STRING = {"schema": {"type": "string", "format": "binary"}}
+_FRAMES_BODY = {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/ImageHiddenStatesRequest"}},
+    PNG_MEDIA_TYPE: _BINARY_STRING,
+    BINARY_MEDIA_TYPE: _BINARY_STRING,
+}}
+"""The image endpoint reads its body itself (JSON, one PNG, or raw frames), so the schema of its
+three forms is declared here; the JSON form's model is added to the components by add_schema."""
+
+
+def add_schema(app: FastAPI, model) -> None:
+    """List ``model`` in ``/openapi.json``'s components (a body the endpoint parses itself)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        schema["components"]["schemas"].setdefault(
+            model.__name__, model.model_json_schema(ref_template="#/components/schemas/{model}"))
+        return schema
+
+    app.openapi = openapi
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,6 +583,14 @@ def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0, *,
         sock.close()
 
 
+def warm_up(backend: LLMBackend) -> None:
+    """One small call, so the first client does not pay lazy initialisation."""
+    if getattr(backend, "modality", "text") == "image":
+        backend.image_hidden_states(np.zeros((1, 16, 16, 3), np.uint8), FRAME_ENV_NAMES[0])
+    else:
+        backend.hidden_states(["warm-up"])
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(ServerConfig, AREA, COMMAND, argv).check()
@@ -491,26 +603,27 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    print(f"loading {spec.model} ({spec.backend}, layer {spec.layer}, pooling {spec.pooling}) ...",
-          flush=True)
+    print(f"loading {spec.model} ({spec.backend}, layer {spec.layer}, pooling {spec.pooling}, "
+          f"modality {spec.modality}) ...", flush=True)
     start = time.perf_counter()
     try:
         backend = make_backend(spec)
-        backend.hidden_states(["warm-up"])  # first call pays lazy initialisation, not a client
+        warm_up(backend)
     except BaseException:
         sock.close()
         raise
     app = create_app(backend, spec, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
                      limits=limits)
     identity = app.state.identity
-    print(f"model ready in {time.perf_counter() - start:.1f} s: dim {identity['dim']}, layer index "
+    print(f"model ready in {time.perf_counter() - start:.1f} s: {identity['modality']} features, "
+          f"dim {identity['dim']}, layer index "
           f"{identity['layer_index']} of {backend.num_layers}, {identity['compute_dtype']}, revision "
           f"{identity['model_revision']}; max batch {cfg.max_batch}, max wait {cfg.max_wait_ms:g} ms",
           flush=True)
     url = base_url(sock)
     sock.listen(2048)  # a client that reads the line below can connect at once
-    print(f"serving on {url}  (POST {url}{HIDDEN_STATES_PATH}, GET {url}/health, docs {url}/docs)",
-          flush=True)
+    path = HIDDEN_STATES_PATH if identity["modality"] == "text" else IMAGE_HIDDEN_STATES_PATH
+    print(f"serving on {url}  (POST {url}{path}, GET {url}/health, docs {url}/docs)", flush=True)
     serve(app, sock, log_level=cfg.log_level, access_log=cfg.access_log)
 
 

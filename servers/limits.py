@@ -8,6 +8,9 @@ Each limit stops a request before the expensive step it guards:
   it never gave back (JSON parsing, then pydantic's copies).
 * ``max_text_chars``, before tokenising: a 10 MB text took 36 s of tokeniser time, blocking every
   other request behind it, only to be refused for being longer than ``max_length`` tokens.
+* ``max_image_bytes`` and ``max_image_pixels``, before decoding a frame (``servers/images.py``):
+  a PNG's size is read from its header, a raw frame's from ``X-Shape``, so a few hundred bytes
+  claiming 50,000 x 50,000 pixels are refused without allocating them.
 * ``max_queue`` (in ``servers/batching.py``): texts waiting for the model; past it a request gets
   429 with ``Retry-After`` instead of a place in an ever longer queue.
 * ``request_timeout_s``: a request not computed within it gets 504, and the batcher drops it.
@@ -33,12 +36,20 @@ class Limits:
 
     max_body_bytes: int = 32 * MB
     max_text_chars: int = 32_768
+    max_image_bytes: int = 4 * MB
+    """Largest PNG (after base64 decoding); a raw frame's size follows from its pixels."""
+    max_image_pixels: int = 1 << 20
+    """Most pixels (height x width) of one frame: 1024 x 1024. Craftax frames have 4,000 to 15,000."""
     max_queue: int = 1024
     request_timeout_s: float = 60.0
     unhealthy_after: int = 3
 
     def check(self) -> "Limits":
-        for name in ("max_body_bytes", "max_text_chars", "max_queue", "unhealthy_after"):
+        for name in ("max_body_bytes", "max_image_bytes"):  # given in MB on the command line
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_bytes", "_mb").replace("_", "-")
+                raise UserError(f"{flag} must be more than 0, got {getattr(self, name) / MB:g}")
+        for name in ("max_text_chars", "max_image_pixels", "max_queue", "unhealthy_after"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.request_timeout_s > 0:

@@ -11,10 +11,15 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from utils.llm.prompts import FRAME_ENV_NAMES
 from utils.text_obs import TEXT_ENV_NAMES
 
 # Literal over the renderer's own list: the schema enumerates exactly the envs that have a text.
 EnvName = Literal[TEXT_ENV_NAMES]  # type: ignore[valid-type]
+# Frames of every env have a prompt (utils/llm/prompts.py).
+FrameEnvName = Literal[FRAME_ENV_NAMES]  # type: ignore[valid-type]
+Pooling = Literal["last", "mean", "image_mean"]
+Modality = Literal["text", "image"]
 
 
 # "Exactly one of" in the schema itself, so a client generated from /openapi.json (or a schema fuzzer)
@@ -66,13 +71,34 @@ class HiddenStatesRequest(BaseModel):
         return len(self.texts if self.texts is not None else self.observations or [])
 
 
+class ImageHiddenStatesRequest(BaseModel):
+    """Frames of one env as base64-encoded PNG files (the JSON form of the image endpoint; raw uint8
+    frames and single PNG files go as binary bodies)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"env": "Craftax-Classic-Pixels-v1", "images": ["iVBORw0KGgo..."]}]},
+    )
+
+    env: FrameEnvName = Field(description="Env the frames come from; it picks the prompt.")
+    images: list[str] = Field(min_length=1, description="Base64-encoded PNG files, one per frame.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_text_inputs(cls, value):
+        if isinstance(value, dict) and ({"texts", "observations"} & set(value)):
+            raise ValueError("texts and observations go to /v1/hidden_states; this endpoint takes "
+                             "'images' (base64 PNG) with their 'env'")
+        return value
+
+
 class HiddenStatesResponse(BaseModel):
     """The vectors, in request order, and what produced them."""
 
     model: str = Field(description="Model folder or hub id the server loaded.")
     layer: int = Field(description="Layer as configured (negative counts from the end).")
     layer_index: int = Field(description="Index into transformers' hidden_states: 0 = embeddings.")
-    pooling: Literal["last", "mean"] = Field(description="How token states became one vector.")
+    pooling: Pooling = Field(description="How token states became one vector.")
     template_hash: str = Field(description="Hash of the prompt template and system prompt.")
     dim: int = Field(description="Length of each vector (the model's hidden size).")
     thinking: bool = Field(default=False, description="Qwen3-style enable_thinking (in the template hash when on).")
@@ -81,7 +107,10 @@ class HiddenStatesResponse(BaseModel):
         default=None, description="Resolved compute dtype (float32, bfloat16 or float16), never 'auto'.")
     model_revision: Optional[str] = Field(
         default=None, description="Hub snapshot commit, or 'local:' + a fingerprint of a local folder.")
-    count: int = Field(description="Number of vectors (= texts or observations sent).")
+    modality: Modality = Field(default="text", description="Features of texts or of images (frames).")
+    image_processor: Optional[str] = Field(
+        default=None, description="Image features: the image processor's class and a hash of its settings.")
+    count: int = Field(description="Number of vectors (= texts, observations or frames sent).")
     vectors: list[list[float]] = Field(description="float32 hidden states, [count, dim].")
     texts: Optional[list[str]] = Field(
         default=None, description="The canonical texts, when return_texts was set.")
@@ -97,7 +126,7 @@ class HealthResponse(BaseModel):
     layer: int
     layer_index: int
     num_layers: int
-    pooling: Literal["last", "mean"]
+    pooling: Pooling
     template: str
     system_prompt: Optional[str]
     template_hash: str
@@ -108,11 +137,17 @@ class HealthResponse(BaseModel):
     model_revision: Optional[str] = Field(
         default=None, description="Hub snapshot commit, or 'local:' + a fingerprint of a local folder.")
     dim: int
-    max_batch: int = Field(description="Most texts or observations one request may carry.")
+    modality: Modality = Field(default="text", description="text: POST /v1/hidden_states; image: "
+                                                           "POST /v1/image_hidden_states.")
+    image_processor: Optional[str] = Field(
+        default=None, description="Image features: the image processor's class and a hash of its settings.")
+    max_batch: int = Field(description="Most texts, observations or frames one request may carry.")
     max_wait_ms: float = Field(description="How long a batch waits for more requests.")
-    envs: list[str] = Field(description="Envs whose observations the server can render.")
+    envs: list[str] = Field(description="Envs whose observations (text) or frames (image) the server takes.")
     max_body_bytes: int = Field(description="Largest request body; larger gets 413 unread.")
     max_text_chars: int = Field(description="Longest text in characters; longer gets 413.")
+    max_image_bytes: int = Field(default=0, description="Largest PNG frame in bytes; larger gets 413 undecoded.")
+    max_image_pixels: int = Field(default=0, description="Most pixels of one frame; more get 413 undecoded.")
     max_queue: int = Field(description="Most texts waiting for the model; more get 429.")
     queued: int = Field(description="Texts waiting for the model now.")
     request_timeout_s: float = Field(description="Deadline of a request; past it, 504.")
@@ -148,5 +183,5 @@ class ErrorResponse(BaseModel):
         default=None, description="Each validation problem, for 422 answers to invalid fields.")
 
 
-__all__ = ["HiddenStatesRequest", "HiddenStatesResponse", "HealthResponse", "StatsResponse",
-           "ErrorResponse", "ErrorItem", "EnvName"]
+__all__ = ["HiddenStatesRequest", "ImageHiddenStatesRequest", "HiddenStatesResponse", "HealthResponse",
+           "StatsResponse", "ErrorResponse", "ErrorItem", "EnvName", "FrameEnvName"]

@@ -17,7 +17,12 @@ Definitions every backend follows:
   last layer's output *after* the model's final norm (transformers puts the normed state last).
   Negative values count from the end, so -1 is the last layer and -(num_layers + 1) the embeddings.
 * **pooling** ``last``: the state of the prompt's last token; ``mean``: the mean over all prompt
-  tokens (template and chat markup included, padding excluded).
+  tokens (template and chat markup included, padding excluded); ``image_mean`` (image features
+  only): the mean over the image's tokens.
+* **modality** ``text`` (texts and observations rendered to text) or ``image`` (frames, through a
+  vision-language model: ``utils.llm.vision``); ``auto`` is ``image`` for a model whose config
+  has a vision tower, else ``text``. One backend computes one modality, and the modality is part
+  of every feature identity, so text and image features are never mixed.
 * **prompt**: ``template`` with ``{text}`` replaced by the text (a plain replace, so other braces
   need no escaping). With a ``system_prompt``, a tokenizer that has a chat template renders
   ``[system, user]`` messages with ``add_generation_prompt=True`` (the last token is then the
@@ -56,6 +61,10 @@ engine processes at once (a worker switching models must not hold two).
   room.
 * ``sglang`` (GPU): the last layer through ``return_hidden_states`` (SGLang returns the final,
   normed state only, so intermediate layers are refused), and generation.
+
+Image features (``modality="image"``) have a transformers backend (CPU or GPU) and a vLLM one
+(GPU, last layer): ``utils/llm/vision.py`` and ``utils/llm/vision_vllm.py``, with the prompts of
+``utils/llm/prompts.py``.
 """
 
 from __future__ import annotations
@@ -79,14 +88,17 @@ __all__ = [
     "LLMError", "LLMSpec", "LLMBackend", "TransformersBackend", "VLLMBackend", "SGLangBackend",
     "make_backend", "close_backend", "observation_features", "model_dims", "model_config", "resolve_layer",
     "check_spec", "load_tokenizer", "PromptBuilder", "identity", "model_revision",
-    "RESOLVED_FIELDS", "is_resolved", "identity_differences", "check_identity",
+    "RESOLVED_FIELDS", "IMAGE_FIELDS", "is_resolved", "identity_differences", "check_identity",
     "truncation_overrides", "pool_states", "pool_token_states", "check_not_unit_norm",
     "require_vllm", "require_sglang", "sglang_engine_options", "sglang_prompt_states",
     "vllm_engine_options", "vllm_pooler_options", "vllm_pooling_switches", "vllm_truncation_plan",
     "ENGINE_CHUNK_ROWS", "prompt_chunks", "free_bytes", "shm_dir",
+    "MODALITIES", "is_vision_model", "resolve_modality", "feature_identity", "chat_template_options",
+    "TransformersVisionBackend", "VLLMVisionBackend", "frame_features",
 ]
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "image_mean")
+MODALITIES = ("auto", "text", "image")
 BACKENDS = ("transformers", "vllm", "sglang")
 GPU_BACKENDS = ("vllm", "sglang")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -112,7 +124,8 @@ class LLMSpec:
     layer: int = -1
     """Index into transformers' hidden_states: 0 = embeddings, k = after decoder layer k, -1 = last (after the final norm)."""
     pooling: str = "last"
-    """Pool token states into one vector: 'last' (last prompt token) or 'mean' (all prompt tokens)."""
+    """Pool token states into one vector: 'last' (last prompt token), 'mean' (all prompt tokens) or
+    'image_mean' (the image's tokens; image features only)."""
     template: str = "{text}"
     """Prompt template; '{text}' is replaced by the observation text."""
     system_prompt: str | None = None
@@ -129,6 +142,9 @@ class LLMSpec:
     """'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N' (transformers backend)."""
     thinking: bool = False
     """Qwen3-style chat templates: render with enable_thinking=True (off by default: answer directly)."""
+    modality: str = "auto"
+    """What the features are of: 'text', 'image' (frames, through a vision-language model) or 'auto'
+    (image for a model with a vision tower, else text)."""
 
     # -- validation ------------------------------------------------------------------------------
 
@@ -142,6 +158,10 @@ class LLMSpec:
             raise LLMError(f"unknown LLM backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise LLMError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.modality not in MODALITIES:
+            raise LLMError(f"unknown modality {self.modality!r}; use one of {', '.join(MODALITIES)}")
+        if self.pooling == "image_mean" and self.modality == "text":
+            raise LLMError("pooling image_mean averages an image's tokens; text features use last or mean")
         if "{text}" not in self.template:
             raise LLMError(f"template {self.template!r} has no '{{text}}' placeholder for the observation")
         if self.batch_size < 1 or self.max_length < 1:
@@ -157,6 +177,10 @@ class LLMSpec:
                   "prompt_format": PROMPT_FORMAT_VERSION}
         if self.thinking:  # only when on, so hashes of labels made before the flag stay valid
             fields["thinking"] = True
+        if self.modality == "image":  # the words around a frame (utils/llm/prompts.py) shape it too
+            from utils.llm.prompts import frame_prompts_digest
+
+            fields["frame_prompts"] = frame_prompts_digest()
         payload = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -173,6 +197,8 @@ class LLMSpec:
                  "compute_dtype": self.dtype, "model_revision": None}
         if self.thinking:
             block["thinking"] = True
+        if self.modality == "image":  # only then, so text labels' blocks stay as they were
+            block["modality"] = "image"
         return block
 
     @classmethod
@@ -188,7 +214,8 @@ class LLMSpec:
                    template=block["template"], system_prompt=block.get("system_prompt"),
                    backend=block.get("backend", "transformers"),
                    dtype=block.get("compute_dtype", "auto"),
-                   thinking=bool(block.get("thinking", False)), **runtime)
+                   thinking=bool(block.get("thinking", False)),
+                   modality=block.get("modality", "auto"), **runtime)
         stored = block.get("template_hash")
         if stored is not None and stored != spec.template_hash():
             raise LLMError(f"label block's template_hash {stored} does not match its template "
@@ -258,6 +285,23 @@ def model_dims(model: str) -> tuple[int, int]:
     return int(text_config.num_hidden_layers), int(text_config.hidden_size)
 
 
+def is_vision_model(model: str) -> bool:
+    """Whether ``model``'s config has a vision tower (``vision_config``), read without weights."""
+    return getattr(model_config(model), "vision_config", None) is not None
+
+
+def resolve_modality(spec: LLMSpec) -> LLMSpec:
+    """``spec`` with ``modality`` decided (``auto`` -> image for a vision-language model, else text)
+    and checked against the model, so a text backend never gets an image spec or the reverse."""
+    vision = is_vision_model(spec.model)
+    modality = ("image" if vision else "text") if spec.modality == "auto" else spec.modality
+    if modality == "image" and not vision:
+        raise LLMError(f"model {spec.model} has no vision tower (no vision_config in its config), so it "
+                       "cannot compute image features; use a vision-language model (e.g. python -m "
+                       "utils.testing.tiny_vlm runs/tiny_vlm) or --modality text")
+    return spec.replace(modality=modality).validate()
+
+
 def resolve_layer(layer: int, num_layers: int, model: str = "the model") -> int:
     """Map ``layer`` (negative counts from the end) to an index 0..num_layers, or raise."""
     index = layer + num_layers + 1 if layer < 0 else layer
@@ -285,6 +329,14 @@ def load_tokenizer(model: str):
     return tokenizer
 
 
+def chat_template_options(template: Any, thinking: bool) -> dict[str, Any]:
+    """Extra chat-template arguments: Qwen3-style templates open a <think> block unless told not to,
+    so ``enable_thinking`` is passed, only to templates that read the switch (others render
+    exactly as before)."""
+    template = template or ""
+    return {"enable_thinking": thinking} if isinstance(template, str) and "enable_thinking" in template else {}
+
+
 class PromptBuilder:
     """Texts -> prompt strings -> token ids, the same way for every backend."""
 
@@ -293,11 +345,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.uses_chat_template = (spec.system_prompt is not None
                                    and bool(getattr(tokenizer, "chat_template", None)))
-        # Qwen3-style templates open a <think> block unless told not to; passed only to templates
-        # that read the switch, so other templates render exactly as before.
-        template = getattr(tokenizer, "chat_template", None) or ""
-        self.chat_options = ({"enable_thinking": spec.thinking}
-                             if isinstance(template, str) and "enable_thinking" in template else {})
+        self.chat_options = chat_template_options(getattr(tokenizer, "chat_template", None), spec.thinking)
 
     def prompt(self, text: str) -> str:
         """The exact string handed to the tokenizer for ``text``."""
@@ -447,6 +495,10 @@ RESOLVED_FIELDS = ("backend", "compute_dtype", "model_revision")
 offline checkpoints, PPO-LLM run folders, the hidden-state server's /health). Records written
 before they were recorded lack them; records written before a model was loaded (a freshly
 enqueued labels block) or by a spec with ``dtype="auto"`` hold ``auto`` / None."""
+IMAGE_FIELDS = ("modality", "image_processor")
+"""What image features add to an identity: the modality and :func:`utils.llm.vision.processor_fingerprint`
+(how frames are resized and normalised). Records without ``modality`` are of text features."""
+_IDENTITY_DEFAULTS = {"modality": "text"}
 
 
 def is_resolved(value: Any) -> bool:
@@ -466,11 +518,34 @@ def identity_differences(recorded: dict[str, Any], current: dict[str, Any],
     report it) is a difference. ``differences`` read ``"field: recorded -> current"``."""
     differences, unchecked = [], []
     for key in fields:
-        if key in RESOLVED_FIELDS and not is_resolved(recorded.get(key)):
+        default = _IDENTITY_DEFAULTS.get(key)  # a record without a modality is of text features
+        was, now = recorded.get(key, default), current.get(key, default)
+        if key in RESOLVED_FIELDS and not is_resolved(was):
             unchecked.append(key)
-        elif recorded.get(key) != current.get(key):
-            differences.append(f"{key}: {recorded.get(key)!r} -> {current.get(key)!r}")
+        elif was != now:
+            differences.append(f"{key}: {was!r} -> {now!r}")
     return differences, unchecked
+
+
+def feature_identity(spec: LLMSpec, backend: Any) -> dict[str, Any]:
+    """Everything that says what ``backend``'s vectors are, as the server reports it with every
+    answer: the spec's fields, the layer index and dim, what the backend resolved where its model
+    loaded (:data:`RESOLVED_FIELDS`) and the modality (with the image processor for images).
+
+    ``spec`` may still say ``modality="auto"``; the backend's modality decides it (a stand-in
+    without one computes text features)."""
+    resolved = getattr(backend, "identity", None) or identity(spec)
+    modality = resolved.get("modality", "text")
+    if spec.modality != modality:
+        spec = spec.replace(modality=modality)
+    layer_index = getattr(backend, "layer_index", None)
+    if layer_index is None:
+        layer_index = resolve_layer(spec.layer, backend.num_layers, spec.model)
+    return {"model": spec.model, "layer": spec.layer, "layer_index": int(layer_index),
+            "pooling": spec.pooling, "template_hash": spec.template_hash(),
+            "dim": int(backend.hidden_size), "thinking": bool(spec.thinking),
+            **{k: resolved.get(k) for k in RESOLVED_FIELDS},
+            "modality": modality, "image_processor": resolved.get("image_processor")}
 
 
 def check_identity(recorded: dict[str, Any], current: dict[str, Any], fields: Sequence[str], *,
@@ -519,27 +594,42 @@ def pool_states(states, mask, pooling: str):
     return torch.where(keep, states.float(), 0.0).sum(1) / mask.sum(1, keepdim=True).float()
 
 
+def decoder_of(model):
+    """The decoder stack (``layers``, final ``norm``) of a causal LM or of a vision-language model,
+    whose base model holds it as ``language_model`` next to the vision tower."""
+    base = model.base_model
+    return getattr(base, "language_model", base)
+
+
 class TransformersBackend:
     """Hugging Face transformers on CPU or GPU: batched, left-padded, explicit position ids."""
 
+    modality = "text"
+
     def __init__(self, spec: LLMSpec):
-        import torch
         from transformers import AutoModelForCausalLM
+
+        self._resolve(spec)
+        self.tokenizer = load_tokenizer(spec.model)
+        self.prompts = PromptBuilder(spec, self.tokenizer)
+        self.model = self._load(AutoModelForCausalLM, self.loaded_layers).to(self.device).eval()
+
+    def _resolve(self, spec: LLMSpec) -> None:
+        """Dims, layer, device, dtype and identity, from the config alone: what every transformers
+        backend (text or image) settles before it loads any weights."""
+        import torch
 
         self.spec = spec.validate()
         self.num_layers, self.hidden_size = model_dims(spec.model)
         self.layer_index = resolve_layer(spec.layer, self.num_layers, spec.model)
         self.device = _resolve_device(spec, torch.cuda.is_available())
         self.dtype = _resolve_dtype(spec, self.device)
-        self.tokenizer = load_tokenizer(spec.model)
-        self.prompts = PromptBuilder(spec, self.tokenizer)
         self.identity = {**identity(spec, cuda_available=torch.cuda.is_available()),
                          "compute_dtype": self.dtype}
         self._torch = torch
         # Layer k < num_layers needs only k decoder layers (1 for the embeddings): load no more.
         self.loaded_layers = (self.num_layers if self.layer_index == self.num_layers
                               else max(self.layer_index, 1))
-        self.model = self._load(AutoModelForCausalLM, self.loaded_layers).to(self.device).eval()
 
     def _load(self, auto_class, keep: int):
         """The model with its first ``keep`` decoder layers; without the final norm when truncated,
@@ -559,11 +649,12 @@ class TransformersBackend:
         except (OSError, ValueError, KeyError) as exc:
             raise _load_failure(self.spec.model, "weights", exc) from exc
         if keep < self.num_layers:
-            layers = len(model.base_model.layers)
+            decoder = decoder_of(model)
+            layers = len(decoder.layers)
             if layers != keep:
                 raise LLMError(f"model {self.spec.model} loaded {layers} decoder layers when "
                                f"{keep} were asked for; use the last layer (-1)")
-            model.base_model.norm = self._torch.nn.Identity()
+            decoder.norm = self._torch.nn.Identity()
         return model
 
     def _pad(self, rows: Sequence[Sequence[int]]):
@@ -657,7 +748,12 @@ def make_backend(spec: LLMSpec, *, hidden_states: bool = True,
     start its hidden-state engine up front (transformers uses one model for both anyway).
     ``engine_options`` go to the GPU engine's constructor as they are (e.g. ``load_format="dummy"``
     for throughput checks with random weights); the transformers backend takes none."""
-    spec.validate()
+    if spec.validate().backend == "transformers" and engine_options:
+        raise LLMError(f"engine options {sorted(engine_options)} are for the vllm and sglang "
+                       "backends; the transformers backend takes none")
+    spec = resolve_modality(spec)
+    if spec.modality == "image":
+        return _make_vision_backend(spec, engine_options)
     if spec.backend == "vllm":
         from utils.llm.vllm_engine import VLLMBackend
 
@@ -666,10 +762,21 @@ def make_backend(spec: LLMSpec, *, hidden_states: bool = True,
         from utils.llm.sglang_engine import SGLangBackend
 
         return SGLangBackend(spec, hidden_states=hidden_states, engine_options=engine_options)
-    if engine_options:
-        raise LLMError(f"engine options {sorted(engine_options)} are for the vllm and sglang "
-                       "backends; the transformers backend takes none")
     return TransformersBackend(spec)
+
+
+def _make_vision_backend(spec: LLMSpec, engine_options: dict[str, Any] | None) -> LLMBackend:
+    """The image-feature backend of a resolved ``spec`` (``utils/llm/vision*.py``)."""
+    if spec.backend == "vllm":
+        from utils.llm.vision_vllm import VLLMVisionBackend
+
+        return VLLMVisionBackend(spec, engine_options=engine_options)
+    if spec.backend != "transformers":
+        raise LLMError(f"image features run on the transformers or vllm backend, not {spec.backend}; "
+                       "pass --backend transformers or --backend vllm")
+    from utils.llm.vision import TransformersVisionBackend
+
+    return TransformersVisionBackend(spec)
 
 
 def check_spec(spec: LLMSpec) -> tuple[int, int]:
@@ -678,6 +785,7 @@ def check_spec(spec: LLMSpec) -> tuple[int, int]:
     Returns (num_layers, hidden_size). The GPU and vLLM checks happen where the model loads."""
     num_layers, hidden_size = model_dims(spec.validate().model)
     resolve_layer(spec.layer, num_layers, spec.model)
+    resolve_modality(spec)
     return num_layers, hidden_size
 
 
@@ -776,6 +884,8 @@ from utils.llm.sglang_engine import (  # noqa: E402
     sglang_engine_options,
     sglang_prompt_states,
 )
+from utils.llm.vision import TransformersVisionBackend, frame_features  # noqa: E402
+from utils.llm.vision_vllm import VLLMVisionBackend  # noqa: E402
 from utils.llm.vllm_engine import (  # noqa: E402  (re-exported: one import path for callers)
     VLLMBackend,
     require_vllm,

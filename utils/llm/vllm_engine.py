@@ -239,6 +239,19 @@ def extract_budget(folder: str) -> int:
     return int(min(free_bytes(folder) * EXTRACT_SHARE, MAX_EXTRACT_BYTES))
 
 
+def shutdown_engines(engines: list) -> None:
+    """Stop ``vllm.LLM`` engines' processes now. vllm.LLM 0.32 has no public shutdown; its engine
+    core client's ``shutdown`` stops the engine process, which otherwise lives (holding its GPU
+    memory) until the object is garbage-collected. Empties ``engines``."""
+    for engine in engines:
+        core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+        shutdown = getattr(core, "shutdown", None) or getattr(engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+    engines.clear()
+    gc.collect()
+
+
 class VLLMBackend:
     """vLLM on a GPU: pooling runner for the last layer, truncation + extraction for others.
 
@@ -405,19 +418,12 @@ class VLLMBackend:
         return texts
 
     def close(self) -> None:
-        """Shut both engines' processes down and delete the extraction folder. vllm.LLM 0.32 has
-        no public shutdown; its engine core client's ``shutdown`` stops the engine process, which
-        otherwise lives until the object is garbage-collected. Idempotent."""
+        """Shut both engines' processes down (:func:`shutdown_engines`) and delete the extraction
+        folder. Idempotent."""
         self._closed = True
         engines = [e for e in (self._llm, self._generator) if e is not None]
         self._llm = self._generator = None
-        for engine in engines:
-            core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
-            shutdown = getattr(core, "shutdown", None) or getattr(engine, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
-        del engines
-        gc.collect()
+        shutdown_engines(engines)
         if self._extract_dir is not None:
             self._extract_dir.cleanup()
             self._extract_dir = None
