@@ -104,9 +104,9 @@ def measure_sweep(args: argparse.Namespace, work: Path) -> list[dict]:
     seeds = ["--num-seeds", str(args.num_seeds)]
     one, separate = [], []
     for repeat in range(args.repeats):
-        cache = work / f"cache-sweep-r{repeat}"
+        cache = None if args.warm_cache else work / f"cache-sweep-r{repeat}"
         one.append(run(ppo_command(args, work / f"sweep-r{repeat}", *seeds, "--sweep", *args.sweep), base_env(cache)))
-        cache = work / f"cache-separate-r{repeat}"
+        cache = None if args.warm_cache else work / f"cache-separate-r{repeat}"
         separate.append(sum(run(ppo_command(args, work / f"single{i}-r{repeat}", *seeds, *flags), base_env(cache))
                             for i, flags in enumerate(points)))
         print(f"repeat {repeat}: one program {one[-1]:.0f} s, separate runs {separate[-1]:.0f} s", flush=True)
@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-seeds", type=int, default=2, help="seeds per point in the sweep table")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=["devices", "sweep"], help="measure one table only")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="sweep arms use the usual compilation cache (quick checks; the table then leaves "
+                             "compilation out)")
     parser.add_argument("--out", default=str(DEFAULT_DATA), help="folder for the tables (default: docs/data)")
     args = parser.parse_args(argv)
     if args.devices[0] != 1 and args.simulate:
@@ -157,8 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
                 Path(args.out) / "scale_sweep_cost.json", name="scale_sweep_cost",
                 title=f"A sweep in one program against separate runs ({args.env}, preset {args.preset})",
                 command=command.strip(),
-                description=(f"Wall seconds for the whole grid at {args.total_steps:,} env steps per seed, start-up and "
-                             "compilation included, each arm with an empty compilation cache."),
+                description=(f"Wall seconds for the whole grid at {args.total_steps:,} env steps per seed, start-up "
+                             + ("included, programs from a warm compilation cache." if args.warm_cache else
+                                "and compilation included, each arm with an empty compilation cache.")),
                 columns=[{"key": "arm", "label": "how the grid runs"},
                          {"key": "seconds", "label": "wall seconds", "digits": 0},
                          {"key": "relative", "label": "relative to one program", "digits": 2}],

@@ -97,7 +97,7 @@ def test_scale_throughput_writes_both_tables_at_debug_size(tmp_path):
 
     written = scale_throughput.main(["--preset", "debug", "--total-steps", "512", "--devices", "1", "2",
                                      "--repeats", "1", "--sweep", "lr=1e-4,3e-4", "--num-seeds", "1",
-                                     "--out", str(tmp_path)])
+                                     "--warm-cache", "--out", str(tmp_path)])
     devices = json.loads(open(written["devices"]).read())
     assert [r["devices"] for r in devices["rows"]] == [1, 2] and all(r["sps"][0] > 0 for r in devices["rows"])
     assert devices["rows"][0]["relative"] == [1.0]

@@ -239,3 +239,20 @@ def test_bandit_benchmark_prints_a_row_per_chunk(capsys):
     assert [row.split(" | ")[0] for row in rows] == ["| 340", "| 740"], "gradient steps after each chunk"
     with pytest.raises(SystemExit):
         main(["--set", "deter"])
+
+
+@pytest.mark.slow
+def test_early_train_ratio_trains_more_per_update_until_its_switch_and_resumes_on_schedule(tmp_path):
+    """``--early-train-ratio 8 --early-steps 128`` at the debug preset (16 env steps per update, train
+    ratio 4: 2 gradient steps per update): 4 per update for the first 8 updates, 2 after; a run killed
+    at the switch and resumed keeps the schedule."""
+    cfg = debug_config(tmp_path, 3, early_train_ratio=8.0, early_steps=128)
+    rows = read_jsonl(Path(train(cfg)["run_dir"]) / "metrics.jsonl")
+    # Training starts in the 4th update (prefill): 5 early updates x 4, then 8 late updates x 2.
+    assert [r["perf/grad_steps"][0] for r in rows] == [4, 20, 28, 36]
+    killed = debug_config(tmp_path, 3, name="killed", early_train_ratio=8.0, early_steps=128)
+    train(killed, stop_after_updates=8)
+    resumed = read_jsonl(Path(train(killed)["run_dir"]) / "metrics.jsonl")
+    assert [r["perf/grad_steps"][0] for r in resumed] == [4, 20, 28, 36]
+    with pytest.raises(UserError, match="multiple of num_envs x collect_steps = 16"):
+        train(debug_config(tmp_path, 3, name="bad", early_train_ratio=8.0, early_steps=100))

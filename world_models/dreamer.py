@@ -17,6 +17,8 @@ Runs are filed under ``runs/world_models/dreamer_v<k>/<env>/<run-name>/``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import sys
 import warnings
 from typing import Any, Callable, ClassVar, NamedTuple, Sequence
@@ -67,6 +69,11 @@ class DreamerConfig(RunConfig, sweeps.SweepFields):
     train_ratio: float = 32.0
     """Replayed steps per env step (V3's definition); gradient steps per update are
     train_ratio * num_envs * collect_steps / (batch_size * batch_length) and must be whole."""
+    early_train_ratio: float = 0.0
+    """Train ratio for the first --early-steps env steps (then --train-ratio): more gradient steps while
+    the reward head has not yet separated achievements, fewer once it has; 0: one ratio throughout."""
+    early_steps: int = 0
+    """Env steps per seed trained at --early-train-ratio (a whole number of updates)."""
     prefill: int = 256
     """Env steps per env with uniform random actions before training starts (>= batch_length)."""
     replay_size: int = 1_000_000
@@ -255,20 +262,33 @@ def make_config(version: int = 3, presets: Sequence[str] = (), **fields) -> Drea
     return dataclasses.replace(cfg, **fields)
 
 
-def grad_steps_per_update(cfg: DreamerConfig) -> int:
-    """Whole gradient steps per update at ``train_ratio``, or a UserError saying how to get them."""
+def grad_steps_per_update(cfg: DreamerConfig, ratio: float | None = None) -> int:
+    """Whole gradient steps per update at ``ratio`` (default ``train_ratio``), or a UserError saying how to
+    get them."""
+    ratio = cfg.train_ratio if ratio is None else ratio
     env_steps = cfg.num_envs * cfg.collect_steps
-    exact = cfg.train_ratio * env_steps / (cfg.batch_size * cfg.batch_length)
+    exact = ratio * env_steps / (cfg.batch_size * cfg.batch_length)
     if exact < 1 - 1e-9 or abs(exact - round(exact)) > 1e-6:
-        per_env_step = cfg.train_ratio * cfg.num_envs / (cfg.batch_size * cfg.batch_length)
+        per_env_step = ratio * cfg.num_envs / (cfg.batch_size * cfg.batch_length)
         fix = next((k for k in range(1, 10_001) if abs(k * per_env_step - round(k * per_env_step)) < 1e-6
                     and round(k * per_env_step) >= 1), None)
         hint = f"; e.g. --collect-steps {fix}" if fix else ""
         raise UserError(
-            f"train_ratio {cfg.train_ratio} x {env_steps} env steps per update / ({cfg.batch_size} x "
+            f"train_ratio {ratio} x {env_steps} env steps per update / ({cfg.batch_size} x "
             f"{cfg.batch_length}) replayed steps per gradient step = {exact:.4g} gradient steps per update; "
             f"it must be a whole number >= 1{hint}")
     return int(round(exact))
+
+
+def early_updates(cfg: DreamerConfig) -> int:
+    """Updates trained at ``early_train_ratio`` (0: no schedule)."""
+    if not cfg.early_train_ratio or not cfg.early_steps:
+        return 0
+    per_update = cfg.num_envs * cfg.collect_steps
+    if cfg.early_steps % per_update or cfg.early_steps < 0:
+        raise UserError(f"--early-steps {cfg.early_steps} must be a whole number of updates: a multiple of "
+                        f"num_envs x collect_steps = {per_update}")
+    return cfg.early_steps // per_update
 
 
 def sequence_length(cfg: DreamerConfig) -> int:
@@ -295,6 +315,8 @@ def validate(cfg: DreamerConfig) -> None:
     if cfg.act not in ("silu", "elu", "relu"):
         raise UserError(f"--act must be silu, elu or relu, got {cfg.act!r}")
     grad_steps_per_update(cfg)
+    if early_updates(cfg):
+        grad_steps_per_update(cfg, cfg.early_train_ratio)
     AgentConfig.from_fields(cfg)  # the named settings' choices
     if cfg.imag_starts > cfg.batch_size * cfg.batch_length:
         raise UserError(f"--imag-starts {cfg.imag_starts} is more than the {cfg.batch_size * cfg.batch_length} "
@@ -389,7 +411,6 @@ class Program(NamedTuple):
 def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
     agent = Agent(AgentConfig.from_fields(cfg), env.obs_shape, env.num_actions)
     store = make_store(cfg, env)
-    grad_steps = grad_steps_per_update(cfg)
     capacity = cfg.replay_size // cfg.num_envs
     n = cfg.num_envs
 
@@ -440,7 +461,8 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
 
     latent_keys = tuple(agent.replay_fields(agent.initial_policy_state(1)))  # empty without replay context
 
-    def train(agent_state: AgentState, replay: replay_lib.Replay, latents: dict, key: jax.Array, hyper: dict):
+    def train(agent_state: AgentState, replay: replay_lib.Replay, latents: dict, key: jax.Array, hyper: dict,
+              grad_steps: int):
         """``grad_steps`` gradient steps; returns the replay's ``latents`` as they refreshed them (replay
         context; ``{}`` without). Only these fields travel through the loops and the branch around them:
         a replay passed back out of them could cost a copy of every observation per update."""
@@ -466,7 +488,7 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
                               key=key)
         return carry, stats.sum()
 
-    def update(carry: TrainCarry, hyper: dict):
+    def update(carry: TrainCarry, hyper: dict, grad_steps: int):
         """One update of every seed (``carry`` leads with the seed axis). Whether to train is decided
         once for all seeds -- they step in lockstep -- so that ``cond`` stays a branch; on a per-seed
         predicate vmap turns it into a select that runs the gradient steps during prefill too."""
@@ -475,7 +497,7 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
         key, train_key = keys[:, 0], keys[:, 1]
         first = jax.tree.map(lambda x: x[0], carry)
         ready = replay_lib.can_sample(first.replay, sequence_length(cfg)) & (first.env_steps >= cfg.prefill)
-        train_seeds = jax.vmap(train)
+        train_seeds = jax.vmap(functools.partial(train, grad_steps=grad_steps))
         latents = {k: carry.replay.data[k] for k in latent_keys}
         metrics_shape = jax.eval_shape(train_seeds, carry.agent, carry.replay, latents, train_key, hyper)[2]
         skip = lambda agent_state, replay, latents, key, hyper: (
@@ -487,12 +509,14 @@ def make_train(cfg: DreamerConfig, env: envs.VecEnv) -> Program:
         carry = carry.replace(agent=agent_state, replay=replay, key=key, update=carry.update + 1)
         return carry, (stats, metrics)
 
-    def train_chunk(carry: TrainCarry, length: int, hyper: dict | None = None):
-        """``length`` updates of every seed; outputs lead with the seed axis, then the update."""
+    def train_chunk(carry: TrainCarry, length: int, hyper: dict | None = None, ratio: float | None = None):
+        """``length`` updates of every seed at train ratio ``ratio`` (default ``train_ratio``); outputs lead
+        with the seed axis, then the update."""
+        grad_steps = grad_steps_per_update(cfg, ratio)
         if hyper is None:
             seeds = jax.tree.leaves(carry.key)[0].shape[0]
             hyper = {k: jnp.full(seeds, v, jnp.float32) for k, v in agent.hyper().items()}
-        carry, outputs = jax.lax.scan(lambda c, _: update(c, hyper), carry, None, length=length)
+        carry, outputs = jax.lax.scan(lambda c, _: update(c, hyper, grad_steps), carry, None, length=length)
         return carry, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outputs)
 
     return Program(agent, init, init_from_reset, collect, train_chunk)
@@ -532,7 +556,10 @@ def num_updates_for(cfg: DreamerConfig) -> int:
 
 
 def chunk_length(cfg: DreamerConfig) -> int:
-    return training.largest_chunk(num_updates_for(cfg), cfg.updates_per_chunk)
+    """Updates per compiled chunk; with an early train ratio, also a divisor of its updates, so that no
+    chunk straddles the switch."""
+    total, early = num_updates_for(cfg), early_updates(cfg)
+    return training.largest_chunk(total, cfg.updates_per_chunk, math.gcd(total, early) if early else None)
 
 
 def compiler_options(cfg: DreamerConfig, env: envs.VecEnv) -> dict | None:
@@ -582,6 +609,8 @@ def train(cfg: DreamerConfig, stop_after_updates: int | None = None, points: lis
 
     jit = lambda f: jax.jit(f, compiler_options=compiler_options(cfg, env))
     run_chunk = jit(lambda c, h: program.train_chunk(c, length, h))
+    switch = early_updates(cfg)
+    run_early = jit(lambda c, h: program.train_chunk(c, length, h, cfg.early_train_ratio)) if switch else None
     run_eval = None
     if cfg.eval_envs:
         evaluate = make_evaluate(cfg.env, cfg.eval_envs, make_policy(agent, make_store(cfg, env)),
@@ -592,7 +621,8 @@ def train(cfg: DreamerConfig, stop_after_updates: int | None = None, points: lis
     run_report = jit(lambda params, replay, key: openloop(first_seed(params), first_seed(replay), key))
 
     def train_chunk(carry: TrainCarry, _length: int) -> ChunkOutput:
-        carry, (stats, metrics) = run_chunk(carry, hyper)
+        early = run_early is not None and int(jax.device_get(carry.update[0])) < switch
+        carry, (stats, metrics) = (run_early if early else run_chunk)(carry, hyper)
         stats, metrics = jax.device_get((stats, metrics))
         return ChunkOutput(carry, stats, chunk_means(metrics))
 
