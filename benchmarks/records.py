@@ -46,6 +46,11 @@ AGGREGATE_SCHEMA = "craftax-baselines/aggregate/1"
 #: "digits"}], "rows": [{key: value or [repeats]}]}``. A list cell holds repeated measurements; the
 #: report prints their median and range. Written by the benchmark scripts through :func:`write_table`.
 TABLE_SCHEMA = "craftax-baselines/table/1"
+#: Per-seed final scores of methods on several tasks, with no curves (offline RL: one evaluation per
+#: trained seed): ``{"schema", "name", "title", "description", "command", "machine", "commit", "metric",
+#: "baseline", "seed_role", "settings", "tasks": {task: {method: [per-seed values]}}}``. The report
+#: compares every method with ``baseline`` within each task. Written by ``benchmarks.offline_table``.
+SCORES_SCHEMA = "craftax-baselines/scores/1"
 CURVE_POINTS = 20
 #: The cap on all of docs/data (issue: comparisons that decide), checked by ``benchmarks.report --check``.
 MAX_DATA_BYTES = 20 * 1024 * 1024
@@ -191,23 +196,37 @@ def write(path: str | Path, record: dict) -> Path:
     return path
 
 
-def write_table(path: str | Path, *, name: str, title: str, command: str, columns: list[dict], rows: list[dict],
-                description: str = "") -> Path:
-    """A :data:`TABLE_SCHEMA` file for ``benchmarks.report``, stamped with this machine and commit: a
-    figure on the page always says what measured it and on what."""
+def _write_stamped(path: str | Path, schema: str, fields: dict) -> Path:
+    """A data file stamped with this machine and commit: a figure on the page always says what measured
+    it and on what."""
     from benchmarks.common import git_commit, host_description
 
+    document = {"schema": schema, **fields, "machine": host_description(), "commit": git_commit()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(_clean(document), indent=1) + "\n")
+    return path
+
+
+def write_table(path: str | Path, *, name: str, title: str, command: str, columns: list[dict], rows: list[dict],
+                description: str = "") -> Path:
+    """A :data:`TABLE_SCHEMA` file for ``benchmarks.report``."""
     known = {c["key"] for c in columns}
     for row in rows:
         unknown = set(row) - known
         if unknown:
             raise ValueError(f"row keys {sorted(unknown)} are not columns of table {name!r}")
-    table = {"schema": TABLE_SCHEMA, "name": name, "title": title, "description": description, "command": command,
-             "machine": host_description(), "commit": git_commit(), "columns": columns, "rows": _clean(rows)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(table, indent=1) + "\n")
-    return path
+    return _write_stamped(path, TABLE_SCHEMA, {"name": name, "title": title, "description": description,
+                                                "command": command, "columns": columns, "rows": rows})
+
+
+def write_scores(path: str | Path, *, name: str, title: str, command: str, metric: str, baseline: str,
+                 tasks: dict[str, dict[str, list[float]]], description: str = "", seed_role: str = "report",
+                 settings: dict | None = None) -> Path:
+    """A :data:`SCORES_SCHEMA` file for ``benchmarks.report``."""
+    return _write_stamped(path, SCORES_SCHEMA, {
+        "name": name, "title": title, "description": description, "command": command, "metric": metric,
+        "baseline": baseline, "seed_role": seed_role, "settings": settings or {}, "tasks": tasks})
 
 
 def read(path: str | Path) -> dict:

@@ -465,6 +465,42 @@ def render_table(table: dict, data_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_scores(document: dict, data_name: str) -> str:
+    """Methods by task (``records.SCORES_SCHEMA``): each cell's IQM and mean with intervals over seeds,
+    and each method against the baseline method of the same task, with the page's only verdicts."""
+    base_name, metric = document["baseline"], document["metric"]
+    lines = [f"### {document['title']}", ""]
+    if document.get("description"):
+        lines += [document["description"].strip(), ""]
+    role = ("Seeds used to choose settings: read as tuning, not as a result." if document.get("seed_role") == "tuning"
+            else "")
+    lines += [f"Metric: {metric}, the final evaluation of each trained seed. Against `{base_name}` on the same "
+              "data: IQM difference and P(method > baseline), stratified bootstrap 95% intervals over seeds; "
+              f"\"above\"/\"below\" only when the interval excludes 0 with at least {stats.MIN_SEEDS_CLAIM} seeds "
+              "a side, else \"level\". " + role, "",
+              f"| data | method | seeds | IQM [95% CI] | mean [95% CI] | IQM difference to {base_name} [95% CI] | "
+              f"P(method > {base_name}) [95% CI] | verdict |", "|---|---|---|---|---|---|---|---|"]
+    seed = 0
+    for task, methods in document["tasks"].items():
+        base = np.asarray(methods.get(base_name, []), dtype=np.float64)
+        for name, values in methods.items():
+            seed += 1
+            scores = np.asarray(values, dtype=np.float64)
+            cells = [task, name, str(scores.size), estimate_text(scores, "IQM", seed), estimate_text(scores, "mean", seed)]
+            if name == base_name or base.size == 0:
+                cells += ["(baseline)" if name == base_name else "no baseline on this data", "", ""]
+            else:
+                diff = stats.difference(scores, base, "IQM", seed=seed)
+                word = diff.verdict if diff.verdict != "too few seeds" else (
+                    f"no claim (fewer than {stats.MIN_SEEDS_CLAIM} seeds)")
+                cells += [diff.estimate.text(), stats.probability_of_improvement(scores, base, seed=seed).text(), word]
+            lines.append("| " + " | ".join(cells) + " |")
+    commit = (document.get("commit") or "unknown")[:12]
+    lines += ["", f"Evaluated on {document.get('machine') or 'an unrecorded machine'}, commit `{commit}`; collected by "
+              f"`{document['command']}`; data: `docs/data/{data_name}`."]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------------
@@ -485,6 +521,8 @@ def build(results_md: Path, data_dir: Path) -> tuple[str, dict[str, tuple]]:
         all_figures.update(figures)
     for name, table in records.load_all(data_dir, records.TABLE_SCHEMA).items():
         text = replace_block(text, name, render_table(table, f"{name}.json"))
+    for name, document in records.load_all(data_dir, records.SCORES_SCHEMA).items():
+        text = replace_block(text, name, render_scores(document, f"{name}.json"))
     return text, all_figures
 
 

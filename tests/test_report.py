@@ -277,3 +277,37 @@ def test_measured_tables_render_with_their_machine_command_and_repeats(tmp_path)
     assert "| devices | env steps/s |" in text and "| 1 | 1,000 (900-1,200) |" in text and "| 2 | 1,500 |" in text
     assert "by `python -m x --y 1`; data: `docs/data/speed.json`" in text and "median (min-max) of 3" in text
     assert report.check(page, docs / "data") == []
+
+
+def evaluate_many_document(bc, iql, tier="medium-replay"):
+    """What offline_rl.evaluate_many --out writes, for two methods on one tier."""
+    row = lambda method, values: {"env": "Craftax-Classic-Symbolic-v1", "dataset": f"/data/tiers/{tier}",
+                                  "tier": tier, "method": method, "features": "obs",
+                                  "normalized_score": {"values": values}, "return": {"values": values}}
+    return {"settings": {"episodes": 64}, "table": [row("iql", iql), row("bc", bc)]}
+
+
+def test_offline_scores_table_compares_each_method_with_the_baseline_per_dataset(tmp_path):
+    from benchmarks import offline_table
+
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(evaluate_many_document([10.0, 12.0, 11.0], [40.0, 42.0, 45.0])))
+    data = tmp_path / "docs" / "data"
+    path = offline_table.main([str(table), "--name", "offline_toy", "--title", "Toy tiers", "--out", str(data)])
+    document = json.loads(path.read_text())
+    assert document["schema"] == records.SCORES_SCHEMA
+    assert document["tasks"] == {"Craftax-Classic-Symbolic-v1 / medium-replay": {"iql": [40.0, 42.0, 45.0],
+                                                                              "bc": [10.0, 12.0, 11.0]}}
+    page = tmp_path / "docs" / "results.md"
+    page.write_text("# Results\n")
+    assert report.main(["--results-md", str(page)]) == 0
+    text = page.read_text()
+    assert "| Craftax-Classic-Symbolic-v1 / medium-replay | iql | 3 |" in text and "| above |" in text
+    assert "(baseline)" in text and "`python -m benchmarks.offline_table" in text
+    # Two seeds a side: no claim, however far apart.
+    table.write_text(json.dumps(evaluate_many_document([10.0, 12.0], [40.0, 42.0])))
+    offline_table.main([str(table), "--name", "offline_toy", "--title", "Toy tiers", "--out", str(data)])
+    assert report.main(["--results-md", str(page)]) == 0
+    assert "no claim (fewer than 3 seeds)" in page.read_text() and "| above |" not in page.read_text()
+    with pytest.raises(SystemExit):
+        offline_table.main([str(table), "--name", "x", "--title", "x", "--baseline", "awr", "--out", str(data)])
