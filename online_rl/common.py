@@ -25,7 +25,6 @@ from utils import sweep as sweeps
 from utils.config import RunConfig
 from utils.errors import UserError
 from utils.evaluation import Policy
-from utils.run_dir import default_run_name, resolve_run_dir
 from utils.training import ChunkOutput, HostLoop, init_per_seed
 
 
@@ -85,15 +84,12 @@ class PPOFamilyConfig(RunConfig):
 
 
 @dataclasses.dataclass
-class ScaleOutConfig(PPOFamilyConfig):
-    """PPO-family fields of the runs :func:`run_training` drives: devices and sweeps."""
+class ScaleOutConfig(PPOFamilyConfig, sweeps.SweepFields):
+    """PPO-family fields of the runs :func:`run_training` drives: devices and sweeps (SWEEP_FIELDS: lr,
+    max_grad_norm, gamma, gae_lambda, clip_eps, ent_coef, vf_coef train in one program)."""
 
     devices: int = 0
     """Devices to split the envs over (data parallel, one global program); 0: all local devices."""
-    sweep: tuple[str, ...] = ()
-    """Hyperparameter grid, e.g. --sweep lr=1e-4,3e-4 ent_coef=0.003,0.01: every point x every seed. Fields in
-    SWEEP_FIELDS (lr, max_grad_norm, gamma, gae_lambda, clip_eps, ent_coef, vf_coef, ...) train in one compiled
-    program; others (layer_width, num_envs, ...) run one program per value. Rank with python -m benchmarks.sweep."""
 
 
 class Transition(NamedTuple):
@@ -119,11 +115,14 @@ class Algorithm(NamedTuple):
     """One seed's compiled program. ``train_chunk(carry, length, hyper=None) -> (carry, (stats, losses),
     saved)`` where ``hyper`` holds the shape-free hyperparameters (:func:`hyper_of`; None: the config's)
     and ``saved`` is ``(Transition rollout [T, N], last_value [N])`` of the chunk's last update when
-    trajectories are saved, else None. ``carry.params`` are what ``policy`` acts with."""
+    trajectories are saved, else None. ``carry.params`` are what ``policy`` acts with. ``load_start``
+    (None unless a fine-tuning flag is set: :mod:`online_rl.finetune`) checks ``--init-from``'s policy
+    and returns the :class:`online_rl.finetune.Start` that puts it into the fresh carry."""
 
     init: Callable[[jax.Array], Any]
     train_chunk: Callable[..., tuple]
     policy: Policy
+    load_start: Callable[[], Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,7 +162,7 @@ def hyper_of(cfg: PPOFamilyConfig) -> dict[str, float]:
     ``train_chunk(carry, length, hyper)`` takes them as an argument, so :func:`run_training` passes them
     as traced float32 scalars, one per slot, and vmaps over them beside the seeds: a sweep over them is
     one program, and a single run is a sweep of one point."""
-    return {name: float(getattr(cfg, name)) for name in cfg.SWEEP_FIELDS}
+    return sweeps.hyper_of(cfg)
 
 
 def make_optimizer(cfg: PPOFamilyConfig, total_updates: int, hyper: dict | None = None) -> optax.GradientTransformation:
@@ -292,6 +291,7 @@ def run_training(cfg: ScaleOutConfig, area: str, algo: str,
     if save_rollout and jax.process_count() > 1:
         raise UserError("--save-trajectories needs a single-process run; save from one host")
     algorithm = make_train(cfg, env, total_updates, save_rollout)
+    start = algorithm.load_start() if algorithm.load_start else None  # checked before anything is compiled
 
     def per_slot(tree):
         """Seed-major ``[seeds, ...]`` -> ``[points * seeds, ...]``: every point starts from the same seeds."""
@@ -300,7 +300,11 @@ def run_training(cfg: ScaleOutConfig, area: str, algo: str,
     hyper = {k: jnp.asarray(np.repeat([p[k] for p in points], cfg.num_seeds), jnp.float32) for k in points[0]}
     loop = HostLoop(cfg, area, algo, steps_per_update=cfg.num_envs * cfg.num_steps,
                     total_updates=total_updates, achievement_names=env.achievement_names)
-    carry = per_slot(init_per_seed(algorithm.init, seed_keys(cfg)))
+    carry = init_per_seed(algorithm.init, seed_keys(cfg))
+    if start is not None and not loop.resuming:
+        loop.say(f"starting from the {start.description}")
+        carry = start.apply(carry)
+    carry = per_slot(carry)
     jit_kwargs, eval_kwargs, on_mesh = {}, {}, lambda tree: tree
     if mesh.size > 1:
         carry = parallel.place(carry, mesh, ENV_FIELDS, axis=1, size=cfg.num_envs)
@@ -343,32 +347,13 @@ def run_training(cfg: ScaleOutConfig, area: str, algo: str,
 def run_sweep(cfg: ScaleOutConfig, area: str, algo: str,
               make_train: Callable[[Any, envs.VecEnv, int, bool], Algorithm],
               stop_after_updates: int | None = None) -> dict:
-    """Every point of ``cfg.sweep`` times every seed: one compiled program per combination of the
-    shape-changing fields, each training all shape-free points at once (:func:`run_training` with
-    ``points``). Writes ``sweep.json`` (:mod:`utils.sweep`) into the sweep folder, beside one run folder
-    per program; re-running the command resumes every program. Returns the index and each program's result.
-    """
-    grid = sweeps.parse_sweep(cfg, cfg.sweep)
-    program_grid, inner_grid = sweeps.split_grid(grid, cfg.SWEEP_FIELDS)
-    folder = resolve_run_dir(dataclasses.replace(cfg, run_name=cfg.run_name or f"{default_run_name(cfg)}-sweep"),
-                             area, algo)
-    inner_points = sweeps.grid_points(inner_grid)
-    index = {"area": area, "algo": algo, "env": cfg.env, "fields": list(grid), "grid": grid,
-             "shape_free": list(inner_grid), "seed": cfg.seed, "num_seeds": cfg.num_seeds, "programs": [], "points": []}
-    results = []
-    for number, program_values in enumerate(sweeps.grid_points(program_grid)):
-        name = f"program_{number:03d}"
-        program_cfg = dataclasses.replace(cfg, **program_values, run_dir=str(folder / name), run_name=None,
-                                          sweep=sweeps.grid_specs(inner_grid))
-        points = [hyper_of(dataclasses.replace(program_cfg, **values)) for values in inner_points]
-        index["programs"].append({"folder": name, "values": program_values, "slots": len(points) * cfg.num_seeds})
-        for p, values in enumerate(inner_points):
-            index["points"].append({"values": {**program_values, **values}, "program": name,
-                                    "slots": [p * cfg.num_seeds + s for s in range(cfg.num_seeds)]})
-        folder.mkdir(parents=True, exist_ok=True)
-        sweeps.write_index(folder, index)  # written as programs start, so a partial sweep can be read
-        results.append(run_training(program_cfg, area, algo, make_train, stop_after_updates, points=points))
-    return {"index": index, "programs": results, "run_dir": folder}
+    """Every point of ``cfg.sweep`` times every seed (this part's programs with ``--sweep-part``): one
+    compiled program per combination of the shape-changing fields, each training its shape-free points at
+    once (:func:`run_training` with ``points``); see :func:`utils.sweep.run_grid` for the folder layout."""
+    return sweeps.run_grid(cfg, area, algo,
+                           lambda program_cfg, points: run_training(program_cfg, area, algo, make_train,
+                                                                    stop_after_updates,
+                                                                    points=[hyper_of(p) for p in points]))
 
 
 def run_main(config_cls: type, area: str, algo: str, train: Callable, argv: list[str] | None,

@@ -10,6 +10,10 @@ second (intrinsic) value output and the policy's advantage mixes both returns.
     python -m online_rl.ppo --preset cpu --bonus icm    # curiosity: ICM forward-model error
     python -m online_rl.ppo --preset cpu --bonus e3b    # elliptical episodic bonus on ICM embeddings
     python -m online_rl.ppo --preset cpu --bonus rnd    # Random Network Distillation
+    python -m online_rl.ppo --preset cpu --init-from RUN --critic-warmup 10 --init-kl-coef 0.1   # fine-tune
+
+``--init-from`` starts from a trained policy (an offline-RL run or another PPO run), ``--critic-warmup``
+and ``--init-kl-coef`` protect it in the first updates (:mod:`online_rl.finetune`).
 
 Runs with a bonus are filed under ``runs/online_rl/ppo_<bonus>`` so they never share a run folder
 with plain PPO.
@@ -24,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from online_rl import finetune
 from online_rl.bonuses import BonusBatch, ReturnScale, make_bonus
 from online_rl.common import (
     Algorithm,
@@ -49,10 +54,11 @@ from utils.returns import gae
 from utils.training import EpisodeStats
 
 AREA, ALGO = "online_rl", "ppo"
+HEADS = ("params",)  # where the ActorCritic's actor and critic sit in the parameters (online_rl.finetune)
 
 
 @dataclasses.dataclass
-class PPOConfig(ScaleOutConfig):
+class PPOConfig(ScaleOutConfig, finetune.FineTuneFields):
     """PPO with GAE and an optional exploration bonus (PPO: Craftax-baseline defaults)."""
 
     bonus: str = "none"
@@ -119,6 +125,15 @@ class TrainCarry:
     bonus: Any  # BonusCarry with --bonus, else None
 
 
+@struct.dataclass
+class AnchoredCarry(TrainCarry):
+    """The carry with --init-kl-coef: also the initial policy's parameters, which the KL penalty pulls
+    towards (in the checkpoint, so a resumed run keeps its anchor). Other runs keep :class:`TrainCarry`,
+    whose checkpoints are unchanged."""
+
+    anchor: Any = None
+
+
 def make_network(cfg: PPOConfig, env: envs.VecEnv, value_outputs: int = 1) -> ActorCritic:
     return actor_critic(env.num_actions, env.is_pixels, cfg.layer_width, cfg.num_layers, cfg.activation,
                         value_outputs=value_outputs)
@@ -136,14 +151,17 @@ def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollou
     never from ``cfg``, so they can be traced values that differ between vmapped slots (a sweep)."""
     bonus = make_bonus(cfg, env)
     network = make_network(cfg, env, bonus.value_outputs if bonus else 1)
-    optimizer = make_optimizer(cfg, total_updates)
+    labels = finetune.critic_labels(HEADS)
+    optimizer = finetune.optimizer(cfg, lambda: make_optimizer(cfg, total_updates), labels)
+    with_kl = cfg.init_kl_coef > 0
 
     def init(key: jax.Array) -> TrainCarry:
         key, init_key, reset_key, bonus_key = jax.random.split(key, 4)
         obs, env_state = env.reset(reset_key)
         params = network.init(init_key, obs[:1])
         bonus_carry = BonusCarry(bonus.init(bonus_key, obs), ReturnScale.create(cfg.num_envs)) if bonus else None
-        return TrainCarry(params, optimizer.init(params), env_state, obs, key, jnp.int32(0), bonus_carry)
+        fields = (params, optimizer.init(params), env_state, obs, key, jnp.int32(0), bonus_carry)
+        return AnchoredCarry(*fields, anchor=params) if with_kl else TrainCarry(*fields)
 
     def env_step(carry: TrainCarry, _):
         key, action_key, step_key = jax.random.split(carry.key, 3)
@@ -170,7 +188,8 @@ def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollou
         logs = {**logs, "explore/intrinsic_reward": reward_int.mean(), "explore/intrinsic_return_std": scale.stats.std}
         return advantages, targets, batch, carry.replace(bonus=BonusCarry(state, scale)), logs
 
-    def loss_fn(params, batch, hp):
+    def loss_fn(params, batch, hp, kl=None):
+        """The PPO loss; ``kl``: ``(anchor params, coefficient)`` with --init-kl-coef, else None."""
         transitions, advantages, targets, intrinsic = batch
         logits, value = network.apply(params, transitions.obs)
         value, value_int = split_value(value, bonus is not None)
@@ -183,7 +202,11 @@ def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollou
             logs["loss/value_int"] = clipped_value_loss(value_int, old_value_int, targets_int, hp["clip_eps"])
             value_loss = value_loss + logs["loss/value_int"]
         total = actor_loss + hp["vf_coef"] * value_loss - hp["ent_coef"] * diagnostics["loss/entropy"]
-        return total, {"loss/total": total, **logs}
+        logs = {"loss/total": total, **logs}
+        if kl is not None:
+            anchor, coef = kl
+            total, logs = finetune.add_init_kl(total, logs, logits, network.apply(anchor, transitions.obs)[0], coef)
+        return total, logs
 
     def update(carry: TrainCarry, hp: dict):
         carry, (rollout, intrinsic, stats) = jax.lax.scan(env_step, carry, None, length=cfg.num_steps)
@@ -201,10 +224,11 @@ def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollou
 
         flat = lambda x: x.reshape((-1,) + x.shape[2:])
         data = jax.tree.map(flat, (rollout._replace(terminal_obs=None), advantages, targets, bonus_data))
-        params, opt_state, key, losses = minibatch_epochs(lambda p, b: loss_fn(p, b, hp),
-                                                          make_optimizer(cfg, total_updates, hp), carry.params,
-                                                          carry.opt_state, carry.key, data, epochs=cfg.update_epochs,
-                                                          num_minibatches=cfg.num_minibatches)
+        kl = (carry.anchor, finetune.init_kl_coef(cfg, carry.update, cfg.num_envs * cfg.num_steps)) if with_kl else None
+        update_optimizer = finetune.optimizer(cfg, lambda: make_optimizer(cfg, total_updates, hp), labels, carry.update)
+        params, opt_state, key, losses = minibatch_epochs(lambda p, b: loss_fn(p, b, hp, kl), update_optimizer,
+                                                          carry.params, carry.opt_state, carry.key, data,
+                                                          epochs=cfg.update_epochs, num_minibatches=cfg.num_minibatches)
         carry = carry.replace(params=params, opt_state=opt_state, key=key, update=carry.update + 1)
         if bonus:
             state, key, bonus_logs = bonus.learn(carry.bonus.state, carry.key, bonus_batch, cfg.num_minibatches)
@@ -213,8 +237,17 @@ def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollou
         saved = (rollout, last_value) if save_rollout else None
         return carry, (stats.sum(), {**losses, **logs}, saved)
 
+    def params_like(source: dict):
+        """Parameter shapes of a PPO run with this network and the source's bonus (its value outputs)."""
+        source_bonus = make_bonus(dataclasses.replace(cfg, bonus=source.get("bonus", "none")), env)
+        source_network = make_network(cfg, env, source_bonus.value_outputs if source_bonus else 1)
+        return jax.eval_shape(lambda key: source_network.init(key, env.reset(key)[0][:1]), jax.random.PRNGKey(0))
+
+    transfer = finetune.Transfer(ALGO, ("layer_width", "num_layers", "activation"), params_like, HEADS,
+                                 offline=True, kl=True)
     policy = memoryless_policy(lambda params, obs: network.apply(params, obs)[0])
-    return Algorithm(init, scan_updates(update, save_rollout, hyper_of(cfg)), policy)
+    return Algorithm(init, scan_updates(update, save_rollout, hyper_of(cfg)), policy,
+                     finetune.starter(cfg, env, init, total_updates, transfer))
 
 
 def train(cfg: PPOConfig, stop_after_updates: int | None = None) -> dict:

@@ -6,6 +6,10 @@ Each update stores the hidden state every env had when the rollout began, so the
 
     python -m online_rl.ppo_rnn --preset debug
     python -m online_rl.ppo_rnn --preset cpu --env Craftax-Classic-Symbolic-v1 --total-steps 2000000
+    python -m online_rl.ppo_rnn --preset cpu --init-from RUN --critic-warmup 10   # fine-tune a PPO-RNN run
+
+``--init-from`` takes another PPO-RNN run only: an offline or feed-forward policy has no GRU to start
+this one's (:mod:`online_rl.finetune`); ``--init-kl-coef`` is not available here.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from online_rl import finetune
 from online_rl.common import (
     Algorithm,
     Policy,
@@ -41,10 +46,11 @@ from utils.returns import gae
 from utils.training import EpisodeStats
 
 AREA, ALGO = "online_rl", "ppo_rnn"
+HEADS = ("params", "ActorCritic_0")  # the ActorCritic on top of the GRU (online_rl.finetune)
 
 
 @dataclasses.dataclass
-class PPORNNConfig(ScaleOutConfig):
+class PPORNNConfig(ScaleOutConfig, finetune.FineTuneFields):
     """PPO-RNN (Craftax-baseline defaults; see --preset cpu / debug)."""
 
     hidden_size: int = 512
@@ -155,7 +161,8 @@ def replay(network: RecurrentActorCritic, params, init_hidden, obs, first, actio
 def make_train(cfg: PPORNNConfig, env: envs.VecEnv, total_updates: int, save_rollout: bool) -> Algorithm:
     """One seed's ``init`` and ``train_chunk`` (see :class:`online_rl.common.Algorithm`)."""
     network = make_network(cfg, env)
-    optimizer = make_optimizer(cfg, total_updates)
+    labels = finetune.critic_labels(HEADS)
+    optimizer = finetune.optimizer(cfg, lambda: make_optimizer(cfg, total_updates), labels)
     collect = make_collect(cfg, env, network, save_rollout)
     zeros_hidden = lambda n: jnp.zeros((n, cfg.hidden_size))
 
@@ -187,10 +194,10 @@ def make_train(cfg: PPORNNConfig, env: envs.VecEnv, total_updates: int, save_rol
         env_major = lambda x: jnp.swapaxes(x, 0, 1)
         data = (jax.tree.map(env_major, rollout._replace(terminal_obs=None)), env_major(first), init_hidden,
                 env_major(advantages), env_major(targets))
-        params, opt_state, key, losses = minibatch_epochs(lambda p, b: loss_fn(p, b, hp),
-                                                          make_optimizer(cfg, total_updates, hp), carry.params,
-                                                          carry.opt_state, carry.key, data, epochs=cfg.update_epochs,
-                                                          num_minibatches=cfg.num_minibatches)
+        update_optimizer = finetune.optimizer(cfg, lambda: make_optimizer(cfg, total_updates, hp), labels, carry.update)
+        params, opt_state, key, losses = minibatch_epochs(lambda p, b: loss_fn(p, b, hp), update_optimizer,
+                                                          carry.params, carry.opt_state, carry.key, data,
+                                                          epochs=cfg.update_epochs, num_minibatches=cfg.num_minibatches)
         carry = carry.replace(params=params, opt_state=opt_state, key=key, update=carry.update + 1)
         saved = (rollout, last_value) if save_rollout else None
         return carry, (stats.sum(), losses, saved)
@@ -200,7 +207,11 @@ def make_train(cfg: PPORNNConfig, env: envs.VecEnv, total_updates: int, save_rol
         return jax.random.categorical(key, logits[0]), hidden
 
     policy = Policy(act, zeros_hidden, lambda hidden, done: jnp.where(done[:, None], 0.0, hidden))
-    return Algorithm(init, scan_updates(update, save_rollout, hyper_of(cfg)), policy)
+    params_like = lambda source: jax.eval_shape(init, jax.random.PRNGKey(0)).params  # same network (checked)
+    transfer = finetune.Transfer(ALGO, ("layer_width", "num_layers", "activation", "hidden_size"), params_like,
+                                 HEADS, offline=False, kl=False)
+    return Algorithm(init, scan_updates(update, save_rollout, hyper_of(cfg)), policy,
+                     finetune.starter(cfg, env, init, total_updates, transfer))
 
 
 def train(cfg: PPORNNConfig, stop_after_updates: int | None = None) -> dict:

@@ -20,6 +20,14 @@ def tiny_llm_path(tmp_path_factory) -> str:
     return build_tiny_llm(tmp_path_factory.mktemp("tiny_llm"))
 
 
+@pytest.fixture(scope="session")
+def tiny_vlm_path(tmp_path_factory) -> str:
+    """A tiny random Gemma-3-shaped VLM and processor on disk (utils/testing/tiny_vlm.py), built once a session."""
+    from utils.testing.tiny_vlm import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"))
+
+
 # Tests that each compile and train whole programs for a minute or more on a cold compilation cache
 # (measured: docs/results.md, "Test suite"). The README's test command leaves them out (`-m "not slow"`)
 # so a new user's first run stays under 15 minutes; CI runs them as its second command (`-m slow`).
@@ -55,6 +63,11 @@ SLOW_TESTS = (
     "tests/test_dreamer_smoke.py::test_achievement_events_split_first_unlocks_from_repeats_on_classic",  # 54
     "tests/test_world_models.py::test_prefill_skips_training_for_every_seed_with_a_real_branch",  # 50
     "tests/test_envs.py::test_optimistic_resets_and_episode_statistics",  # 43
+    # Compiles the Craftax-Classic pixel env twice (evaluation in process and through a server): 40 s warm.
+    "tests/test_vlm_labelling.py::test_awr_on_image_features_evaluates_with_live_features_in_process_and_through_the_server",
+    # Fine-tuning (online_rl/finetune.py): each compiles and trains its own programs (cold seconds):
+    "tests/test_init_from.py::test_critic_warmup_freezes_the_actor_and_the_kl_to_the_initial_policy_decays",  # 216
+    "tests/test_init_from.py::test_ppo_rnn_starts_from_a_ppo_rnn_run_and_its_warmup_freezes_the_gru",  # 220
 )
 
 

@@ -222,7 +222,8 @@ _COUNT_NAME = re.compile(
     r"^(episodes|deter|hidden|stoch|classes|units|layers|cnn_depth|cnn_stages|bins|fps|shards_in_memory)$"
 )
 #: Count-like integers whose docs give 0 a meaning ("0: only at the end", "0: in this process").
-ZERO_ALLOWED = frozenset({"eval_every", "eval_envs", "eval_episodes", "num_workers", "few_shot_count", "prefill"})
+ZERO_ALLOWED = frozenset({"eval_every", "eval_envs", "eval_episodes", "num_workers", "few_shot_count", "prefill",
+                          "early_steps"})
 #: Integers where a negative value means something (a layer counted from the last, any seed).
 SIGNED = frozenset({"seed", "layer", "llm_layer"})
 #: Fields that name something a command writes: a folder, or a file. (``--out`` is a file for some
