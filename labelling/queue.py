@@ -57,7 +57,7 @@ GROUP = "workers"
 _FAR_PAST_MS = 86_400_000  # idle time given to a released job: stale for every worker at once
 _DONE_LOG_MAXLEN = 1_000_000
 _MIN_SERVER = (6, 2)  # XPENDING ... IDLE
-_JOB_FIELDS = ("key", "source", "out", "shard", "rows", "spec")
+_JOB_FIELDS = ("key", "source", "out", "shard", "rows", "spec", "feature")
 _DEAD_FIELDS = ("error", "attempts", "failures", "reclaims", "worker", "failed_at")
 
 
@@ -240,12 +240,21 @@ class Job:
         spec = LLMSpec(**json.loads(self.fields["spec"]))
         return dataclasses.replace(spec, **{k: v for k, v in runtime.items() if v is not None})
 
+    @property
+    def feature(self) -> str | None:
+        """The array the job's features go to; None (jobs enqueued before features had names):
+        the default for the spec's modality."""
+        return self.fields.get("feature") or None
 
-def job_fields(source: str, out: str, shard: str, rows: int, spec: LLMSpec) -> dict[str, str]:
-    """Stream fields of one job. Paths are absolute: workers may start elsewhere."""
+
+def job_fields(source: str, out: str, shard: str, rows: int, spec: LLMSpec,
+               feature: str | None = None) -> dict[str, str]:
+    """Stream fields of one job. Paths are absolute: workers may start elsewhere. ``feature``:
+    the array the features are stored under (default: by the spec's modality)."""
     source, out = str(Path(source).resolve()), str(Path(out).resolve())
-    return {"key": f"{out}::{shard}", "source": source, "out": out, "shard": shard,
-            "rows": str(rows), "spec": json.dumps(dataclasses.asdict(spec), sort_keys=True)}
+    fields = {"key": f"{out}::{shard}", "source": source, "out": out, "shard": shard,
+              "rows": str(rows), "spec": json.dumps(dataclasses.asdict(spec), sort_keys=True)}
+    return {**fields, "feature": feature} if feature else fields
 
 
 # Every script that changes a delivered job first checks, in the same script, that the caller still

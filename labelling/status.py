@@ -19,7 +19,7 @@ from labelling.labels import is_complete
 from labelling.queue import JobQueue, QueueConfig, connect
 from utils.config import parse_config
 from utils.errors import exit_on_user_error
-from utils.trajectories import DatasetError, read_manifest
+from utils.trajectories import DatasetError, default_feature_name, feature_blocks, read_manifest
 
 AREA, COMMAND = "labelling", "status"
 
@@ -48,9 +48,11 @@ def output_progress(out_dirs: list[str]) -> list[dict[str, Any]]:
             rows.append({"out": out, "error": str(exc)})
             continue
         source = manifest.get("source") or {}
-        labels = manifest.get("labels") or {}
+        feature = source.get("feature") or default_feature_name("text")  # the one this folder adds
+        labels = feature_blocks(manifest).get(feature) or {}
         rows.append({"out": out, "labelled": len(manifest["shards"]), "shards": source.get("shards"),
-                     "complete": is_complete(manifest), "model": labels.get("model"),
+                     "complete": is_complete(manifest), "feature": feature,
+                     "modality": labels.get("modality", "text"), "model": labels.get("model"),
                      "layer": labels.get("layer"), "pooling": labels.get("pooling")})
     return rows
 
@@ -93,8 +95,8 @@ def format_status(stats: dict[str, Any], outputs: list[dict[str, Any]]) -> str:
             lines.append(f"  output {out['out']}: {out['error']}")
         else:
             lines.append(f"  output {out['out']}: {out['labelled']}/{out['shards']} shards labelled"
-                         f"{' (complete)' if out['complete'] else ''}; model {out['model']}, "
-                         f"layer {out['layer']}, {out['pooling']} pooling")
+                         f"{' (complete)' if out['complete'] else ''}; {out['feature']}: {out['modality']} features "
+                         f"of model {out['model']}, layer {out['layer']}, {out['pooling']} pooling")
     if stats["dead"]:
         lines.append("requeue dead letters after fixing their cause: python -m labelling.status "
                      "--requeue-dead")

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from labelling.labels import check_output_labels, label_shard, labels_block, update_manifest
+from labelling.labels import check_output_labels, label_shard, labels_block, resolve_feature, update_manifest
 from labelling.queue import Job, JobQueue, QueueConfig, connect, default_worker_name, one_line
 from utils.config import parse_config
 from utils.errors import UserError, exit_on_user_error
@@ -264,8 +264,9 @@ def process_job(job: Job, backend: LLMBackend, queue: JobQueue, consumer: str = 
     ``still_held()``; otherwise it is deleted and None returned (the job was lost meanwhile)."""
     spec = job.spec()
     labels = labels_block(spec, backend.hidden_size, getattr(backend, "identity", None))
+    feature = resolve_feature(job.feature, labels.get("modality", "text"))
     out = Path(job.out)
-    check_output_labels(out, labels)  # fail before spending compute on mismatched labels
+    check_output_labels(out, labels, feature)  # fail before spending compute on mismatched labels
     source = TrajectoryDataset(job.source)
     files = [s["file"] for s in source.shards]
     if job.shard not in files:
@@ -277,7 +278,7 @@ def process_job(job: Job, backend: LLMBackend, queue: JobQueue, consumer: str = 
         staging = _staging_dir(out, consumer)
         staged = staging / job.shard
         try:
-            seconds = label_shard(source, files.index(job.shard), backend, staging).seconds
+            seconds = label_shard(source, files.index(job.shard), backend, staging, feature).seconds
             if not still_held():
                 return None
             os.replace(staged, target)  # atomic; another holder could only write the same shard
@@ -288,7 +289,7 @@ def process_job(job: Job, backend: LLMBackend, queue: JobQueue, consumer: str = 
     elif not still_held():
         return None
     with queue.manifest_lock(job.out):
-        update_manifest(job.source, out, labels)
+        update_manifest(job.source, out, labels, feature)
     return {"seconds": f"{seconds:.3f}", "skipped": int(skipped)}
 
 

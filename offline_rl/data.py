@@ -24,18 +24,24 @@ import torch
 
 from utils.errors import UserError
 from utils.feature_norm import usable_std
-from utils.llm import RESOLVED_FIELDS, is_resolved
-from utils.trajectories import DatasetError, TrajectoryDataset
+from utils.llm import IMAGE_FIELDS, RESOLVED_FIELDS, is_resolved
+from utils.trajectories import DatasetError, TrajectoryDataset, describe_features, feature_blocks
 
-FEATURES = ("none", "hidden_state")
-"""Inputs besides the observation: nothing, or the labelled LLM hidden states."""
+NO_FEATURES = "none"
+"""``--features none``: the observation only. Any other value names a labelled feature of the
+dataset (``utils.trajectories.feature_blocks``: ``hidden_state`` for text LLM labels,
+``image_hidden_state`` for a vision-language model's, or a name given at labelling)."""
+FEATURE_SLOT = "hidden_state"
+"""What batches call the chosen feature, whatever its array's name, so the algorithms read one key."""
 
-LABEL_FIELDS = ("model", "layer", "pooling", "template", "template_hash", "hidden_size", *RESOLVED_FIELDS)
-"""Fields of a labelled dataset's ``labels`` block that a policy using its features depends on: the
-feature identity that ``offline_rl.evaluate`` compares with the live features it computes
-(``utils.llm.check_identity``). The last three (``utils.llm.RESOLVED_FIELDS``: backend, resolved
-compute dtype, model revision) are missing, or ``auto`` / None, in datasets labelled before they
-were recorded: such a dataset still trains, with a note, and evaluation cannot check them."""
+LABEL_FIELDS = ("model", "layer", "pooling", "template", "template_hash", "hidden_size", *RESOLVED_FIELDS,
+                *IMAGE_FIELDS)
+"""Fields of a feature's identity block that a policy using it depends on: the feature identity
+that ``offline_rl.evaluate`` compares with the live features it computes
+(``utils.llm.check_identity``). ``utils.llm.RESOLVED_FIELDS`` (backend, resolved compute dtype,
+model revision) are missing, or ``auto`` / None, in datasets labelled before they were recorded:
+such a dataset still trains, with a note, and evaluation cannot check them. ``IMAGE_FIELDS``
+(modality, image processor) are absent from text labels, whose modality is then text."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,42 +56,48 @@ class DataSpec:
     schema_version: int
     num_transitions: int
     num_shards: int
-    features: str
+    features: str  # "none" or the name of the feature array the policy reads
     feature_dim: int  # 0 without features
-    labels: dict[str, Any] | None  # the manifest's labels block when features are used
+    labels: dict[str, Any] | None  # the feature's identity block when features are used
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """Per-row arrays a training batch needs."""
-        return ("obs", "action", "hidden_state") if self.feature_dim else ("obs", "action")
+        """Per-row arrays a training batch needs (the feature under :data:`FEATURE_SLOT`)."""
+        return ("obs", "action", FEATURE_SLOT) if self.feature_dim else ("obs", "action")
 
     @property
     def transition_keys(self) -> tuple[str, ...]:
         """What a one-step TD target adds (IQL): reward, done and the next row's inputs (see
         :class:`TransitionDataset`)."""
-        nexts = ("next_obs", "next_hidden_state") if self.feature_dim else ("next_obs",)
+        nexts = ("next_obs", "next_" + FEATURE_SLOT) if self.feature_dim else ("next_obs",)
         return ("reward", "done", *nexts, "next_valid")
 
+    @property
+    def feature_array(self) -> str:
+        """The stored array read as :data:`FEATURE_SLOT`."""
+        return self.features if self.feature_dim else FEATURE_SLOT
 
-def open_dataset(directory: str | Path, features: str = "none") -> tuple[TrajectoryDataset, DataSpec]:
+
+def open_dataset(directory: str | Path, features: str = NO_FEATURES) -> tuple[TrajectoryDataset, DataSpec]:
     """Open a dataset and check it can feed a policy with ``features``; one DatasetError line if not.
 
     Missing manifests and unknown schema versions are reported by ``TrajectoryDataset`` itself;
-    this adds the empty-dataset and the missing-labels cases.
+    this adds the empty-dataset and the missing-labels cases. The dataset returned reads the
+    chosen feature as :data:`FEATURE_SLOT` (:class:`TransitionDataset`).
     """
-    if features not in FEATURES:
-        raise UserError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
+    if not features:
+        raise UserError(f"--features must be {NO_FEATURES} or the name of a labelled feature, e.g. hidden_state")
     if not directory:
         raise UserError("no dataset given: pass --dataset DIR (a folder written by "
                         "python -m online_rl.ppo --save-trajectories DIR)")
-    dataset = TrajectoryDataset(directory)
+    dataset = TransitionDataset(directory, features if features != NO_FEATURES else FEATURE_SLOT)
     manifest = dataset.manifest
     if dataset.num_transitions == 0:
         raise DatasetError(f"{dataset.directory}: the dataset has no transitions; "
                            "let the run that writes it save at least one rollout")
     labels, feature_dim = None, 0
-    if features == "hidden_state":
-        labels, feature_dim = _check_labels(dataset)
+    if features != NO_FEATURES:
+        labels, feature_dim = _check_labels(dataset, features)
     spec = DataSpec(
         directory=str(dataset.directory),
         env_name=str(manifest["env_name"]),
@@ -102,15 +114,20 @@ def open_dataset(directory: str | Path, features: str = "none") -> tuple[Traject
     return dataset, spec
 
 
-def _check_labels(dataset: TrajectoryDataset) -> tuple[dict[str, Any], int]:
-    """The labels block and hidden size of a labelled dataset whose every shard has hidden states."""
+def _check_labels(dataset: TrajectoryDataset, feature: str) -> tuple[dict[str, Any], int]:
+    """The identity block and hidden size of ``feature``, a labelled feature of the dataset that
+    every shard holds."""
     fix = ("label it with python -m labelling.enqueue and python -m labelling.worker, "
            "or train with --features none")
-    labels = dataset.manifest.get("labels")
-    if not isinstance(labels, dict):
-        raise DatasetError(f"{dataset.directory}: --features hidden_state needs a labelled dataset, "
-                           f"but manifest.json has no 'labels' block; {fix}")
-    missing = [k for k in LABEL_FIELDS if k not in labels and k not in RESOLVED_FIELDS]
+    blocks = feature_blocks(dataset.manifest)
+    if not blocks:
+        raise DatasetError(f"{dataset.directory}: --features {feature} needs a labelled dataset, "
+                           f"but manifest.json has no 'features' (or 'labels') block; {fix}")
+    if feature not in blocks:
+        raise DatasetError(f"{dataset.directory}: no feature {feature!r}; this dataset has "
+                           f"{describe_features(blocks)}: pass one of them as --features")
+    labels = blocks[feature]
+    missing = [k for k in LABEL_FIELDS if k not in labels and k not in (*RESOLVED_FIELDS, *IMAGE_FIELDS)]
     if missing:
         raise DatasetError(f"{dataset.directory}: the manifest's labels block lacks "
                            f"{', '.join(missing)}; re-run the labelling, or train with --features none")
@@ -123,11 +140,11 @@ def _check_labels(dataset: TrajectoryDataset) -> tuple[dict[str, Any], int]:
         path = dataset.shard_path(i)
         try:
             with np.load(path, allow_pickle=False) as npz:  # reads the zip index only
-                has_hidden = "hidden_state" in npz.files
+                has_feature = feature in npz.files
         except (OSError, ValueError, EOFError) as exc:
             raise DatasetError(f"{path}: unreadable shard ({exc}); restore or regenerate it") from exc
-        if not has_hidden:
-            raise DatasetError(f"{path}: --features hidden_state needs a hidden_state array in every "
+        if not has_feature:
+            raise DatasetError(f"{path}: --features {feature} needs a {feature} array in every "
                                f"shard, this one has none (labelling unfinished?); {fix}")
     return dict(labels), int(labels["hidden_size"])
 
@@ -138,7 +155,8 @@ def _check_labels(dataset: TrajectoryDataset) -> tuple[dict[str, Any], int]:
 
 
 def feature_stats(dataset: TrajectoryDataset, feature_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of ``hidden_state`` over the whole training set, for z-normalisation.
+    """Mean and std of the features (``hidden_state``, or what :func:`open_dataset`'s dataset reads
+    under that name) over the whole training set, for z-normalisation.
 
     Sums in float64 shard by shard (float16 sums would overflow). Dimensions that never vary get
     std 1, so a value seen only at evaluation time is not blown up by a tiny divisor.
@@ -147,7 +165,7 @@ def feature_stats(dataset: TrajectoryDataset, feature_dim: int) -> tuple[np.ndar
     total_sq = np.zeros(feature_dim)
     count = 0
     for i in range(dataset.num_shards):
-        hidden = dataset.load_shard(i, ("hidden_state",))["hidden_state"]
+        hidden = dataset.load_shard(i, (FEATURE_SLOT,))[FEATURE_SLOT]
         if hidden.ndim != 2 or hidden.shape[1] != feature_dim:
             raise DatasetError(f"{dataset.shard_path(i)}: hidden_state has shape {hidden.shape}, but the "
                                f"manifest's labels say hidden_size {feature_dim}; re-run the labelling")
@@ -237,11 +255,12 @@ def critic_values(dataset: TrajectoryDataset, value_fn, batch_size: int, keys: S
 # Next observations
 # ----------------------------------------------------------------------------------------------
 
-_NEXT = {"next_obs": "obs", "next_hidden_state": "hidden_state"}
+_NEXT = {"next_obs": "obs", "next_" + FEATURE_SLOT: FEATURE_SLOT}
 
 
 class TransitionDataset(TrajectoryDataset):
-    """A dataset whose shards also offer ``next_obs`` (``next_hidden_state``) and ``next_valid`` per row.
+    """A dataset whose shards also offer ``next_obs`` (``next_hidden_state``) and ``next_valid`` per row,
+    and that reads the array ``feature`` as ``hidden_state`` (:data:`FEATURE_SLOT`).
 
     Rows are env-major inside a shard, so a row's successor is the next row of the same stream: no
     new file format and no second decode. A stream's last row in a shard has its successor in the
@@ -251,13 +270,26 @@ class TransitionDataset(TrajectoryDataset):
     only; every transition that is used is a true (s, a, r, s') of the data.
     """
 
+    def __init__(self, directory: str | Path, feature: str = FEATURE_SLOT):
+        super().__init__(directory)
+        self.feature = feature
+
+    def _load_slots(self, i: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """Shard ``i``'s ``keys``, the feature array read under the slot's name."""
+        shard = super().load_shard(i, [self.feature if k == FEATURE_SLOT else k for k in keys])
+        if FEATURE_SLOT in keys and self.feature != FEATURE_SLOT:
+            shard[FEATURE_SLOT] = shard.pop(self.feature)
+        return shard
+
     def load_shard(self, i: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         wanted = list(keys) if keys is not None else None
-        if wanted is None or not any(k in _NEXT or k == "next_valid" for k in wanted):
-            return super().load_shard(i, keys)
+        if wanted is None:
+            return super().load_shard(i)
+        if not any(k in _NEXT or k == "next_valid" for k in wanted):
+            return self._load_slots(i, wanted)
         base = [k for k in wanted if k not in _NEXT and k != "next_valid"]
         sources = [_NEXT[k] for k in wanted if k in _NEXT]
-        shard = super().load_shard(i, list(dict.fromkeys([*base, *sources, "done"])))
+        shard = self._load_slots(i, list(dict.fromkeys([*base, *sources, "done"])))
         rows = len(shard["done"])
         n = self.num_streams
         steps = rows // n
@@ -303,9 +335,9 @@ class EpochBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, directory: str, keys: Sequence[str], batch_size: int, seed: int, epoch: int,
                  row_arrays: Mapping[str, np.ndarray] | None = None, row_mask: np.ndarray | None = None,
-                 shards_in_memory: int = 4):
+                 shards_in_memory: int = 4, feature: str = FEATURE_SLOT):
         super().__init__()
-        self.directory, self.keys, self.batch_size = directory, list(keys), batch_size
+        self.directory, self.keys, self.batch_size, self.feature = directory, list(keys), batch_size, feature
         self.seed, self.epoch, self.shards_in_memory = seed, epoch, shards_in_memory
         self.row_arrays = dict(row_arrays or {})
         if row_mask is not None:
@@ -314,7 +346,7 @@ class EpochBatches(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        dataset = TransitionDataset(self.directory)
+        dataset = TransitionDataset(self.directory, self.feature)
         order = np.random.default_rng([self.seed, self.epoch]).permutation(dataset.num_shards)
         seed = int(np.random.SeedSequence([self.seed, self.epoch, worker]).generate_state(1)[0])
         batches = dataset.iter_batches(self.batch_size, seed=seed, keys=self.keys,
@@ -426,7 +458,7 @@ class BatchLoader:
         dropping the first ``skip`` (a resumed run continues mid-epoch with the same batches)."""
         self.close()
         source = EpochBatches(self.spec.directory, self.keys, self.batch_size, self.seed, epoch,
-                              row_arrays, row_mask, self.shards_in_memory)
+                              row_arrays, row_mask, self.shards_in_memory, self.spec.feature_array)
         if self.num_workers:
             loader = torch.utils.data.DataLoader(
                 source, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch,

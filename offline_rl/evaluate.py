@@ -2,11 +2,14 @@
 
 Every trained seed plays ``--episodes`` episodes, all in one batch of envs (one env per episode,
 each counted at its first ``done``). Observations go from the JAX env to the PyTorch policy and
-actions back once per step. A policy trained with ``--features hidden_state`` gets its features
-live through the project's LLM backend (``utils.llm.observation_features``: the canonical text
-renderer, the labels' model, layer, pooling and prompt), rounded to the labels' storage dtype and
-z-normalised inside the network with the training-set statistics from the checkpoint, so it
-sees exactly what labelling would have stored for the same observation.
+actions back once per step. A policy trained with LLM features (``--features hidden_state``, or
+``image_hidden_state`` on a pixel dataset labelled by a vision-language model) gets them live
+through the project's LLM backend: ``utils.llm.observation_features`` for text features (the
+canonical text renderer, the labels' model, layer, pooling and prompt), ``utils.llm.frame_features``
+for image features (the frames as uint8, the env family's prompt, the labels' VLM, layer and
+pooling); rounded to the labels' storage dtype and z-normalised inside the network with the
+training-set statistics from the checkpoint, so it sees exactly what labelling would have stored
+for the same observation.
 
     python -m offline_rl.evaluate --run-dir runs/offline_rl/bc/Craftax-Classic-Symbolic-v1/default-s0
     python -m offline_rl.evaluate --run-dir RUN --dataset DATA --gif runs/bc.gif   # + data policy's return
@@ -84,13 +87,15 @@ class EvalConfig:
 def make_feature_fn(payload: dict[str, Any], llm_model: str | None = None, batch_size: int = 64,
                     device: str = "auto", server_url: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """Observations -> the LLM features the policy was trained on, computed live (in this process,
-    or by the hidden-state server at ``server_url``, which renders, prompts and pools the same way).
+    or by the hidden-state server at ``server_url``, which renders, prompts and pools the same way):
+    text features of the rendered observation, or image features of the frame when the labels say
+    ``modality: image``.
 
     The live features' identity (``LABEL_FIELDS``: model, layer, pooling, prompt, hidden size,
-    backend, resolved compute dtype, model revision) must equal the labels' (``utils.llm.
-    check_identity``: fields an older labels block does not record get a note). ``llm_model``
-    loads the model from another place, so model and revision are then not compared (a note
-    names a revision that differs); backend and dtype still are."""
+    backend, resolved compute dtype, model revision, modality and image processor) must equal the
+    labels' (``utils.llm.check_identity``: fields an older labels block does not record get a
+    note). ``llm_model`` loads the model from another place, so model and revision are then not
+    compared (a note names a revision that differs); backend and dtype still are."""
     from utils import llm
 
     labels = payload.get("labels") or {}
@@ -117,9 +122,10 @@ def make_feature_fn(payload: dict[str, Any], llm_model: str | None = None, batch
     check_live_features(labels, spec, backend, llm_model=llm_model)
     storage = np.dtype(labels.get("dtype", "float32"))
     env_name = payload["env_name"]
+    compute = llm.frame_features if labels.get("modality") == "image" else llm.observation_features
 
     def features(obs: np.ndarray) -> np.ndarray:
-        states = llm.observation_features(backend, obs, env_name)
+        states = compute(backend, obs, env_name)
         return states.astype(storage).astype(np.float32)  # what the labelled dataset stores
 
     return features

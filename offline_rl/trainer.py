@@ -17,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -42,8 +42,9 @@ class OfflineConfig(RunConfig):
     """Environment; default the dataset's. When given it must match the dataset (a safety check)."""
     dataset: str = ""
     """Dataset folder written by `python -m online_rl.ppo --save-trajectories DIR`, or a labelled copy."""
-    features: Literal["none", "hidden_state"] = "none"
-    """Extra policy input: none, or the labelled LLM hidden states (z-normalised with training-set stats)."""
+    features: str = "none"
+    """Extra policy input: none, or a labelled feature of the dataset (z-normalised with training-set stats):
+    hidden_state (a text LLM's labels), image_hidden_state (a vision-language model's), or a --feature name."""
     num_seeds: int = 1
     """Independent seeds trained in lockstep, each on its own slice of every batch."""
     total_steps: int = 20_000

@@ -133,6 +133,53 @@ def _totals(shards: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Labelled features (written by labelling, read by offline RL and the tools)
+# ----------------------------------------------------------------------------------------------
+
+FEATURES_KEY = "features"
+"""Manifest block: feature array name -> the identity block of the hidden states stored under it."""
+LEGACY_LABELS_KEY = "labels"
+"""The first labelled format's one block, for the array ``hidden_state``; still written beside
+``features`` (a copy of ``features["hidden_state"]``) so readers of that format keep working."""
+DEFAULT_FEATURES = {"text": "hidden_state", "image": "image_hidden_state"}
+"""Where a feature is stored unless labelling is told another name: by modality, so a dataset's
+text and image features never collide."""
+_FEATURE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_RESERVED_NAMES = ("obs", "text_obs", *ROW_FIELDS, *SHARD_FIELDS)
+
+
+def default_feature_name(modality: str) -> str:
+    """The array a feature of ``modality`` (text, image) is stored under by default."""
+    return DEFAULT_FEATURES["image" if modality == "image" else "text"]
+
+
+def check_feature_name(name: str) -> str:
+    """``name`` if it can name a feature array: lower-case snake case, not a stored field, no ``__``
+    (the codec's separator for the parts of an encoded array)."""
+    if not _FEATURE_NAME_RE.match(name or "") or "__" in name or name in _RESERVED_NAMES:
+        raise UserError(f"feature name {name!r} cannot name an array in a shard: use lower-case letters, "
+                        f"digits and single underscores, not one of {', '.join(_RESERVED_NAMES)}")
+    return name
+
+
+def feature_blocks(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every labelled feature of a dataset: array name -> identity block (model, layer, pooling,
+    prompt, modality, ...). A dataset labelled before features had names has one, ``hidden_state``,
+    described by its ``labels`` block."""
+    blocks = manifest.get(FEATURES_KEY)
+    if isinstance(blocks, dict):
+        return {name: dict(block) for name, block in blocks.items() if isinstance(block, dict)}
+    legacy = manifest.get(LEGACY_LABELS_KEY)
+    return {DEFAULT_FEATURES["text"]: dict(legacy)} if isinstance(legacy, dict) else {}
+
+
+def describe_features(blocks: Mapping[str, Mapping[str, Any]]) -> str:
+    """``hidden_state (text, MODEL), image_hidden_state (image, MODEL)``: for error messages."""
+    return ", ".join(f"{name} ({block.get('modality', 'text')}, {block.get('model')})"
+                     for name, block in blocks.items()) or "none"
+
+
+# ----------------------------------------------------------------------------------------------
 # Writer
 # ----------------------------------------------------------------------------------------------
 
