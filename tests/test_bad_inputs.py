@@ -72,7 +72,6 @@ for _m in OFFLINE:
         (_m, ["--dataset", "{dataset}", "--total-steps", "-5"], "--total-steps"),
         (_m, ["--dataset", "{dataset}", "--batch-size", "0"], "--batch-size"),
         (_m, ["--dataset", "{dataset}", "--env", "Nope-v1"], "--env"),
-        (_m, ["--features", "pixels"], "--features"),
     ]
 CASES += [
     ("world_models.dreamer", ["--batch-size", "0"], "--batch-size"),
