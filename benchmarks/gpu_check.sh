@@ -7,7 +7,9 @@
 #      which share their ~90-token header, and the same with a 300-token block before them, as a system
 #      prompt would be): states/s, and max-abs-diff and cosine against the baseline
 #      (benchmarks/gpu_llm_check.py; a cosine under 0.99 fails the step);
-#   4. the gpu-marked tests (engines against transformers on a small bf16 model, head_dim 64);
+#   4. the gpu-marked tests (engines against transformers on a small bf16 model, head_dim 64), and the
+#      vision-language step: vLLM's multimodal pooling against transformers on the tiny VLM's gpu shape
+#      (tests/test_vlm.py, frames of Craftax-Classic-Pixels);
 #   5. PPO and Dreamer throughput on the GPU (benchmarks/ppo_sps.py, benchmarks/dreamer_sps.py).
 # Every step has its own time limit; a failing or missing step is recorded and the next one runs.
 # Results: $OUT_DIR/summary.md (an agreement table, then every measurement) and one log per step.
@@ -81,6 +83,7 @@ LIMIT_ENGINE=420        # one engine start (2 x 120 s) + 2 groups x 3 calls
 LIMIT_ENGINE_TWICE=600  # vLLM's intermediate layer: a truncated start that may fail, then the full model
 LIMIT_VLLM_TESTS=720    # four fresh vLLM engines (4 x 120 s) + transformers, with 1.5x margin
 LIMIT_SGLANG_TESTS=420  # two fresh SGLang engines (2 x 120 s) + transformers, with 1.5x margin
+LIMIT_VLM_TESTS=420     # two fresh vLLM multimodal engines (2 x 120 s) + transformers, with 1.5x margin
 LIMIT_PPO=300           # one compile (160 s on a CPU) + 2 x 2 updates
 LIMIT_DREAMER=420       # Dreamer V3 size s: compile + 2 x 5 updates
 
@@ -91,6 +94,7 @@ WRITE_MODEL=("$PY" -m benchmarks.gpu_llm_check --write-model "$MODEL_DIR" --shap
 TRANSFORMERS=("${LLM_CHECK[@]}" --engine transformers --device cuda --model "$MODEL_DIR" --save-states "$BASELINE")
 VLLM_TESTS=("$PY" -m pytest -q -m gpu -k vllm tests/test_llm_backends.py)
 SGLANG_TESTS=("$PY" -m pytest -q -m gpu -k sglang tests/test_llm_backends.py)
+VLM_TESTS=("$PY" -m pytest -q -m gpu -k vllm tests/test_vlm.py)
 PPO=("$PY" -m benchmarks.ppo_sps --updates 2 --repeats 2 --env Craftax-Classic-Symbolic-v1 --num-envs 1024)
 DREAMER=("$PY" -m benchmarks.dreamer_sps --versions 3 --sizes s --updates 5 --repeats 2)
 
@@ -122,13 +126,14 @@ if [ $DRY_RUN = 1 ]; then
   step agreement_model_cpu 300 "$PY" -m benchmarks.gpu_llm_check --write-model "$TINY" --shape tiny
   step agreement_baseline_cpu 300 "${TINY_CHECK[@]}" --save-states "$OUT_DIR/tiny_states.npz"
   step llm_agreement_cpu 300 "${TINY_CHECK[@]}" --baseline "$OUT_DIR/tiny_states.npz"
-  step gpu_tests_collect 300 "$PY" -m pytest --collect-only -q -m gpu tests/test_llm_backends.py
+  step gpu_tests_collect 300 "$PY" -m pytest --collect-only -q -m gpu tests/test_llm_backends.py tests/test_vlm.py
   step benchmark_imports 300 "$PY" -c "import benchmarks.ppo_sps, benchmarks.dreamer_sps, benchmarks.gpu_llm_check"
   [ -n "${LLM_MODEL:-}" ] || would llm_model $LIMIT_MODEL "${WRITE_MODEL[@]}"
   would llm_transformers $LIMIT_BASELINE "${TRANSFORMERS[@]}"
   engine_cmd vllm -1; would llm_vllm_last $LIMIT_ENGINE "${CMD[@]}"
   engine_cmd vllm 18; would llm_vllm_layer18 $LIMIT_ENGINE_TWICE "${CMD[@]}"
   would gpu_tests_vllm $LIMIT_VLLM_TESTS "${VLLM_TESTS[@]}"
+  would gpu_tests_vlm $LIMIT_VLM_TESTS "${VLM_TESTS[@]}"
   engine_cmd sglang -1; would llm_sglang_last $LIMIT_ENGINE "${CMD[@]}"
   would gpu_tests_sglang $LIMIT_SGLANG_TESTS "${SGLANG_TESTS[@]}"
   would ppo_gpu $LIMIT_PPO "${PPO[@]}"
@@ -151,6 +156,7 @@ else
     engine_cmd vllm -1; step llm_vllm_last $LIMIT_ENGINE "${CMD[@]}"
     engine_cmd vllm 18; step llm_vllm_layer18 $LIMIT_ENGINE_TWICE "${CMD[@]}"
     step gpu_tests_vllm $LIMIT_VLLM_TESTS "${VLLM_TESTS[@]}"
+    step gpu_tests_vlm $LIMIT_VLM_TESTS "${VLM_TESTS[@]}"
   else
     skip vllm "vllm not installed (pip install -e '.[cuda,llm,vllm]')"
   fi

@@ -248,7 +248,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
                  "llm_agreement_cpu", "gpu_tests_collect", "benchmark_imports"):
         assert f"| {step} | ok |" in summary, summary
     for step in ("llm_model", "llm_transformers", "llm_vllm_last", "llm_vllm_layer18", "gpu_tests_vllm",
-                 "llm_sglang_last", "gpu_tests_sglang", "ppo_gpu", "dreamer_gpu"):
+                 "gpu_tests_vlm", "llm_sglang_last", "gpu_tests_sglang", "ppo_gpu", "dreamer_gpu"):
         assert f"| {step} | would run (limit " in summary, summary
     listed = {line.split(":", 1)[0]: line for line in result.stdout.splitlines() if "would run on the GPU" in line}
     assert "--save-states" in listed["== llm_transformers (limit 420s)"]
@@ -268,6 +268,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert vllm_mid[0]["engine_options"]["hf_overrides"]["num_hidden_layers"] == 18
     collected = (tmp_path / "gpu_tests_collect.log").read_text()
     assert "test_vllm_matches_transformers_on_gpu" in collected and "test_sglang_matches" in collected
+    assert "test_vllm_frames_match_transformers_on_gpu" in collected, "the vision-language step's tests"
 
 
 # ----------------------------------------------------------------------------------------------

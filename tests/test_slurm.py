@@ -153,9 +153,12 @@ def test_offline_train_then_evaluate_after_it(checkout, env, tmp_path):
 
 
 @pytest.mark.slow
-def test_hidden_state_server_answers_until_cancelled(checkout, env, tiny_llm_path, tmp_path):
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_hidden_state_server_answers_until_cancelled(checkout, env, tiny_llm_path, tiny_vlm_path, tmp_path, modality):
+    """The same script serves a text model or a vision-language one (the model decides)."""
+    model = tiny_llm_path if modality == "text" else tiny_vlm_path
     port, url_file = free_port(), tmp_path / "server_url"
-    job = submit(checkout, "hidden_state_server.sbatch", ["--model", tiny_llm_path, "--preset", "debug"], CPU_JOB,
+    job = submit(checkout, "hidden_state_server.sbatch", ["--model", model, "--preset", "debug"], CPU_JOB,
                  {**env, "HIDDEN_STATE_PORT": str(port), "HIDDEN_STATE_URL_FILE": str(url_file)})
     try:
         deadline, health = time.monotonic() + 600, None
@@ -170,6 +173,7 @@ def test_hidden_state_server_answers_until_cancelled(checkout, env, tiny_llm_pat
                     pass
             time.sleep(2)
         assert health is not None, f"no answer from the server within 600 s:\n{log_of(tasks(job)[0])}"
+        assert health.get("modality") == modality, health
     finally:
         subprocess.run(["scancel", job], check=False)
     (task,) = wait(job, timeout=120)

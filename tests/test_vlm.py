@@ -519,3 +519,33 @@ def test_the_command_line_serves_the_tiny_vlm_and_the_client_cli_asks_it(vlm_pat
         process.terminate()
         rest = process.communicate(timeout=30)[0]
     assert "Traceback" not in rest, rest
+
+
+# --------------------------------------------------------------------------------------------------
+# On a GPU: vLLM's multimodal pooling against transformers (benchmarks/gpu_check.sh runs these)
+# --------------------------------------------------------------------------------------------------
+
+
+def _cuda_with(package: str) -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec(package) is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_with("vllm"), reason="needs a CUDA GPU with vllm installed")
+@pytest.mark.parametrize("pooling", ["last", "image_mean"])
+def test_vllm_frames_match_transformers_on_gpu(tmp_path, monkeypatch, pooling):
+    """The tiny VLM's gpu shape (head_dim 64, bf16), the same frames through both backends: vLLM's
+    pooling runner (whole-prompt states) and transformers agree up to bf16 kernel rounding."""
+    monkeypatch.setenv("VLLM_GPU_MEMORY_UTILIZATION", "0.15")
+    path = build_tiny_vlm(tmp_path / "gpu_vlm", "gpu")
+    spec = LLMSpec(model=path, pooling=pooling, dtype="bfloat16")
+    frames = random_frames(6)
+    expected = frame_features(make_backend(spec.replace(device="cuda")), frames, CLASSIC)
+    got = frame_features(make_backend(spec.replace(backend="vllm")), frames, CLASSIC)
+    cosine = (got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+    assert cosine.min() > 0.999, cosine
+    np.testing.assert_allclose(got, expected, atol=0.03 * np.abs(expected).max(), rtol=0.03)
