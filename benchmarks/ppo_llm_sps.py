@@ -11,25 +11,34 @@ work (rendering, cache, LLM), the cache hit rate and the texts sent to the LLM p
 Choose ``num_steps * updates`` as a multiple of the largest skip_n, so that every timed call holds
 the same number of refreshes.
 
+On a pixel env (``--env Craftax-Classic-Pixels-v1``) both sides are pixel PPO (the CNN) and the
+features are of frames through a vision-language model (``benchmarks.ppo_vlm_sps`` runs that with
+its defaults). ``--table PATH`` also writes the result as a measured table (``benchmarks.records``,
+every timed call kept) for ``benchmarks.report``.
+
     python -m benchmarks.ppo_llm_sps                      # tiny random model (utils/testing/tiny_llm.py), CPU
     python -m benchmarks.ppo_llm_sps --model Qwen/Qwen2.5-0.5B-Instruct --num-envs 1024 --num-steps 50 --updates 2
     python -m benchmarks.ppo_llm_sps --server-url http://127.0.0.1:8000   # features from a server
+    python -m benchmarks.ppo_llm_sps --env Craftax-Classic-Pixels-v1 --skip-n 25   # tiny random VLM, frames
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import jax
 
+from benchmarks import records
 from benchmarks.common import machine_description
 from online_rl import ppo
 from online_rl_llm import ppo_llm
-from online_rl_llm.features import LiveFeatures, encoder_identity, open_encoder
+from online_rl_llm.features import LiveFeatures, encoder_identity, feature_modality, open_encoder
 from utils import envs
 from utils.jax_setup import enable_compilation_cache
 from utils.llm import LLMSpec
@@ -37,7 +46,8 @@ from utils.llm import LLMSpec
 
 def shared_fields(args) -> dict:
     return dict(env=args.env, num_envs=args.num_envs, num_steps=args.num_steps, layer_width=args.layer_width,
-                num_minibatches=args.num_minibatches, reset_ratio=args.reset_ratio, progress=False)
+                num_minibatches=args.num_minibatches, update_epochs=args.update_epochs, reset_ratio=args.reset_ratio,
+                progress=False)
 
 
 def plain_ppo(args):
@@ -107,34 +117,56 @@ def markdown(rows: list[dict], ppo_sps: float | None) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_tiny_model(env_name: str, folder: Path) -> str:
+    """The tiny random model of the env's modality: a text model for symbolic envs, a VLM for pixel envs."""
+    if feature_modality(env_name) == "image":
+        from utils.testing.tiny_vlm import build_tiny_vlm
+
+        return build_tiny_vlm(folder)
+    from utils.testing.tiny_llm import build_tiny_llm
+
+    return build_tiny_llm(folder)
+
+
+def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="Craftax-Classic-Symbolic-v1")
     parser.add_argument("--num-envs", type=int, default=32)
     parser.add_argument("--num-steps", type=int, default=25, help="rollout length per update")
     parser.add_argument("--num-minibatches", type=int, default=5)
+    parser.add_argument("--update-epochs", type=int, default=4, help="passes over each rollout (both methods)")
     parser.add_argument("--layer-width", type=int, default=128)
     parser.add_argument("--feature-width", type=int, default=128)
     parser.add_argument("--reset-ratio", type=int, default=16)
     parser.add_argument("--skip-n", type=int, nargs="+", default=[1, 25, 100])
     parser.add_argument("--updates", type=int, default=4, help="updates per timed call")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per method (round robin)")
-    parser.add_argument("--model", default=None, help="LLM folder or hub id; default: a tiny random model built here")
+    parser.add_argument("--model", default=None,
+                        help="model folder or hub id; default: a tiny random model (a VLM on pixel envs) built here")
     parser.add_argument("--server-url", default=None, help="take features from this hidden-state server instead")
     parser.add_argument("--llm-batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="LLM device: auto, cpu, cuda")
     parser.add_argument("--out", default=None, help="also write the result as JSON here")
-    args = parser.parse_args()
+    parser.add_argument("--table", default=None, help="also write a measured table (benchmarks.records) here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, prog: str = "benchmarks.ppo_llm_sps",
+         typed: list[str] | None = None) -> dict:
+    """Measure and print (and write with --out / --table); ``prog`` and ``typed`` (the flags as the user
+    typed them, before a wrapper's defaults) make the command a table records."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv, prog)
+    command = " ".join(["python", "-m", prog, *map(shlex.quote, argv if typed is None else typed)])
     enable_compilation_cache()
 
     model = args.model
-    with tempfile.TemporaryDirectory(prefix="tiny_llm_") as scratch:  # the weights stay loaded after it goes
+    with tempfile.TemporaryDirectory(prefix="tiny_model_") as scratch:  # the weights stay loaded after it goes
         if model is None and args.server_url is None:
-            from utils.testing.tiny_llm import build_tiny_llm
-
-            model = build_tiny_llm(Path(scratch))
+            model = build_tiny_model(args.env, Path(scratch))
         spec = None if args.server_url else LLMSpec(model=model, batch_size=args.llm_batch_size, device=args.device)
-        encoder = open_encoder(spec, args.server_url)
+        encoder = open_encoder(spec, args.server_url, args.env)
 
     runs = {"ppo": plain_ppo(args)}
     for skip_n in args.skip_n:
@@ -166,6 +198,7 @@ def main() -> None:
     ppo_sps = rows[0]["steps_per_second"]
     result = {
         "env": args.env, "num_envs": args.num_envs, "num_steps": args.num_steps, "layer_width": args.layer_width,
+        "update_epochs": args.update_epochs, "num_minibatches": args.num_minibatches,
         "updates_per_call": args.updates, "repeats": args.repeats,
         "llm": encoder_identity(encoder, args.server_url),
         "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
@@ -176,6 +209,49 @@ def main() -> None:
     print(markdown(rows, ppo_sps))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.table:
+        path = write_table(args, rows, seconds, steps, command)
+        print(f"wrote {path}; render it with python -m benchmarks.report")
+    return result
+
+
+def write_table(args: argparse.Namespace, rows: list[dict], seconds: dict[str, list[float]], steps: int,
+                command: str) -> Path:
+    """The measurement as a :data:`benchmarks.records.TABLE_SCHEMA` table: per method, the steps/s of
+    every timed call and each as a fraction of the PPO call of the same round (the calls of a round
+    ran back to back, so they shared the machine's load), plus the feature costs over all calls."""
+    ppo_seconds = seconds["ppo"]
+    image = feature_modality(args.env) == "image"
+    model = "VLM" if image else "LLM"
+    table_rows = []
+    for row in rows:
+        name = row["method"]
+        table_rows.append({
+            "method": name.replace("ppo_llm", f"ppo + {model} features"),
+            "steps_per_second": [steps / s for s in seconds[name]],
+            "relative": [p / s for p, s in zip(ppo_seconds, seconds[name])],
+            "llm_time_share": row.get("llm_time_share"),
+            "inputs_per_1k_steps": row.get("llm_texts_per_1k_steps"),
+        })
+    kind = "Pixel PPO with VLM features (frames)" if image else "PPO with LLM features (texts)"
+    source = args.server_url or args.model or (f"the tiny random {model} (utils/testing/tiny_{model.lower()}.py, "
+                                                f"--device {args.device})")
+    return records.write_table(
+        args.table, name=Path(args.table).stem, title=f"{kind} against plain PPO: env steps/s ({args.env})",
+        command=command,
+        description=(f"One process: plain PPO and PPO with features refreshed every skip_n steps and at episode "
+                     f"starts, with the same {args.num_envs} envs, rollout length {args.num_steps}, width "
+                     f"{args.layer_width}, {args.update_epochs} epoch(s) of {args.num_minibatches} minibatch(es) per "
+                     f"update; {args.repeats} timed calls of {args.updates} update(s) each, round robin, "
+                     f"after warm-up calls that compile. Features from {source}. Relative: each call against the "
+                     "plain PPO call of the same round."),
+        columns=[{"key": "method", "label": "method"},
+                 {"key": "steps_per_second", "label": "env steps/s", "digits": 1},
+                 {"key": "relative", "label": "relative to plain PPO", "digits": 2},
+                 {"key": "llm_time_share", "label": f"share of time in the {model}", "digits": 3},
+                 {"key": "inputs_per_1k_steps", "label": f"{'frames' if image else 'texts'} to the {model} "
+                                                         "per 1k steps", "digits": 0}],
+        rows=table_rows)
 
 
 if __name__ == "__main__":

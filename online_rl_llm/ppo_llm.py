@@ -1,12 +1,15 @@
 """PPO whose policy sees a language model's hidden state of the observation next to the observation.
 
 Every ``skip_n`` env steps, and at the first step of every episode, each env's observation is
-rendered to the canonical text (``utils.text_obs``, the renderer labelling uses) and its hidden
-state fetched from an LLM in this process (``--llm-model``) or from the hidden-state server
-(``--server-url``), through a text-keyed cache (``online_rl_llm.features``). Between refreshes the
-policy acts on the held feature, z-normalised by running statistics (the offline-RL rule with
-running instead of dataset statistics). The PPO pieces (losses, GAE, minibatch epochs, optimiser,
-evaluation, host loop) come from ``online_rl.common`` and ``utils``.
+turned into what the model reads and its hidden state fetched from a model in this process
+(``--llm-model``) or from the hidden-state server (``--server-url``), through a cache
+(``online_rl_llm.features``). On a symbolic env that is the canonical text (``utils.text_obs``, the
+renderer labelling uses) and a language model; on a pixel env it is the frame itself and a
+vision-language model (``utils.llm.frame_features``), and the policy is a CNN on the frame joined
+with the feature (``utils.networks.feature_actor_critic``). Between refreshes the policy acts on the
+held feature, z-normalised by running statistics (the offline-RL rule with running instead of
+dataset statistics). The PPO pieces (losses, GAE, minibatch epochs, optimiser, evaluation, host
+loop) come from ``online_rl.common`` and ``utils``.
 
 Read top to bottom: the config, the network (observation + feature branch), ``make_train`` (pure,
 jittable pieces: a segment of env steps that runs until the rollout is full or some env needs a
@@ -16,19 +19,18 @@ segments (:class:`Runner`), and ``main``.
     python -m online_rl_llm.ppo_llm --preset debug --llm-model PATH
     python -m online_rl_llm.ppo_llm --preset cpu --llm-model Qwen/Qwen2.5-0.5B-Instruct --skip-n 25
     python -m online_rl_llm.ppo_llm --preset debug --server-url http://127.0.0.1:8000
+    python -m online_rl_llm.ppo_llm --preset debug pixel --llm-model runs/tiny_vlm   # frames, a VLM
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import time
 from typing import Any, Callable, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,9 +54,9 @@ from online_rl_llm.features import (
     RefreshCounters,
     check_same_identity,
     encoder_identity,
+    feature_modality,
     normalise,
     open_encoder,
-    require_text_env,
 )
 from utils import envs
 from utils.envs.vec_env import strong_types
@@ -62,7 +64,7 @@ from utils.errors import UserError, exit_on_user_error
 from utils.evaluation import FirstEpisodes
 from utils.io import atomic_write_json
 from utils.llm import LLMSpec
-from utils.networks import MLP, ActorCritic
+from utils.networks import ActorCritic, feature_actor_critic
 from utils.returns import gae
 from utils.run_dir import resolve_run_dir
 from utils.training import ChunkOutput, EpisodeStats, HostLoop, init_per_seed
@@ -73,7 +75,8 @@ FEATURES_FILE = "features.json"
 
 @dataclasses.dataclass
 class PPOLLMConfig(PPOFamilyConfig):
-    """PPO with GAE whose policy also sees live LLM hidden states of the observation's text."""
+    """PPO with GAE whose policy also sees live LLM hidden states of the observation's text, or of
+    its frame through a vision-language model on a pixel env."""
 
     skip_n: int = 25
     """Refresh every env's LLM feature every this many env steps (and at each episode's first step)."""
@@ -84,11 +87,11 @@ class PPOLLMConfig(PPOFamilyConfig):
     llm_layer: int = -1
     """Hidden-state layer (0 = embeddings, -1 = last); as in labelling."""
     llm_pooling: str = "last"
-    """Pool token states into one vector: last or mean."""
+    """Pool token states into one vector: last, mean, or image_mean (a frame's image tokens; pixel envs)."""
     llm_template: str = "{text}"
-    """Prompt template; '{text}' is replaced by the observation text."""
+    """Prompt template; '{text}' is replaced by the observation text (pixel envs: the env family's question)."""
     llm_system_prompt: str | None = None
-    """Optional system prompt (through the tokenizer's chat template)."""
+    """Optional system prompt (through the tokenizer's chat template; pixel envs: replaces the family's)."""
     llm_backend: str = "transformers"
     """In-process backend: transformers (CPU or GPU) or vllm (GPU)."""
     llm_batch_size: int = 64
@@ -99,9 +102,10 @@ class PPOLLMConfig(PPOFamilyConfig):
     """LLM device: auto, cpu, cuda or cuda:N."""
     feature_width: int = 128
     """Units of the dense layer that projects the normalised feature before it joins the observation
-    (one per actor and critic torso); 0 concatenates the normalised feature directly."""
+    (one per actor and critic torso; on pixel envs one, after the shared CNN); 0 concatenates the
+    normalised feature directly."""
     feature_cache_size: int = 100_000
-    """Texts whose hidden states are kept (least recently used dropped); memory about size * dim * 4 bytes."""
+    """Texts (or frames) whose hidden states are kept (least recently used dropped); memory about size * dim * 4 bytes."""
 
     def llm_spec(self) -> LLMSpec | None:
         """The in-process LLM's spec; None when the server supplies the features."""
@@ -135,26 +139,12 @@ class PolicyInput(NamedTuple):
     feature: jax.Array  # z-normalised LLM hidden state
 
 
-class FeatureTorso(nn.Module):
-    """Observation and (projected) feature, concatenated, through the Craftax-baseline MLP."""
-
-    width: int
-    depth: int
-    activation: str
-    feature_width: int
-
-    @nn.compact
-    def __call__(self, obs, feature):
-        if self.feature_width:
-            feature = MLP(self.feature_width, 1, self.activation)(feature)
-        return MLP(self.width, self.depth, self.activation)(jnp.concatenate([obs, feature], -1))
-
-
 def make_network(cfg: PPOLLMConfig, env: envs.VecEnv) -> ActorCritic:
-    """``(obs, feature) -> (logits, value)``: utils.networks' actor-critic with a :class:`FeatureTorso`
-    for each of actor and critic (a shared torso lets the value loss swamp the policy)."""
-    torso = functools.partial(FeatureTorso, cfg.layer_width, cfg.num_layers, cfg.activation, cfg.feature_width)
-    return ActorCritic(env.num_actions, torso=torso)
+    """``(obs, feature) -> (logits, value)``: utils.networks' feature actor-critic, an MLP torso each
+    for actor and critic on symbolic observations (a shared torso lets the value loss swamp the
+    policy), one CNN shared by both on pixels."""
+    return feature_actor_critic(env.num_actions, env.is_pixels, cfg.layer_width, cfg.num_layers, cfg.activation,
+                                cfg.feature_width)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -385,14 +375,15 @@ def check_feature_identity(cfg: PPOLLMConfig, identity: dict) -> None:
 def train(cfg: PPOLLMConfig, stop_after_updates: int | None = None, encoder=None) -> dict:
     """Train (or resume) the run described by ``cfg``; returns the summary, final carry and run folder.
 
-    ``encoder`` (anything with ``spec``, ``hidden_size`` and ``hidden_states(texts)``) replaces the
+    ``encoder`` (anything with ``spec``, ``hidden_size`` and ``hidden_states(texts)``, or with
+    ``modality = "image"`` and ``image_hidden_states(frames, env)`` for a pixel env) replaces the
     LLM the config names; ``stop_after_updates`` ends the loop early as if the process had been
     killed there (both for tests).
     """
     check_config(cfg)
+    feature_modality(cfg.env)  # an env with neither text nor frames stops here, before anything loads
     env = envs.make(cfg.env, cfg.num_envs, reset_ratio=cfg.reset_ratio)
-    require_text_env(cfg.env)
-    encoder = encoder or open_encoder(cfg.llm_spec(), cfg.server_url)  # fails fast, before any folder exists
+    encoder = encoder or open_encoder(cfg.llm_spec(), cfg.server_url, cfg.env)  # fails fast, before any folder exists
     live = LiveFeatures(cfg.env, encoder, cfg.feature_cache_size)
     length = chunk_length(cfg)
     total_updates = math.ceil(num_updates_for(cfg) / length) * length

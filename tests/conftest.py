@@ -47,6 +47,7 @@ SLOW_TESTS = (
     "tests/test_compare.py::test_a_changed_budget_is_a_new_run",
     "tests/test_compare.py::test_slurm_dry_run_prints_a_valid_array_job",
     "tests/test_ppo.py::test_pixels_debug_run_uses_the_cnn",
+    "tests/test_augment.py::test_ppo_pixels_shift_trains_and_pad_zero_is_the_plain_run",  # three pixel PPO programs
     "tests/test_ppo.py::test_ppo_trains_on_tetris_and_reports_lines",
     "tests/test_ppo.py::test_saved_trajectories_match_training_and_survive_a_kill",
     # Moved after the README command took 21.9 min on a fresh clone with an empty cache (cold seconds):
@@ -68,6 +69,14 @@ SLOW_TESTS = (
     # Fine-tuning (online_rl/finetune.py): each compiles and trains its own programs (cold seconds):
     "tests/test_init_from.py::test_critic_warmup_freezes_the_actor_and_the_kl_to_the_initial_policy_decays",  # 216
     "tests/test_init_from.py::test_ppo_rnn_starts_from_a_ppo_rnn_run_and_its_warmup_freezes_the_gru",  # 220
+    # Pixel PPO with VLM features: the CNN's programs compile for each size (cold seconds):
+    "tests/test_ppo_vlm.py::test_frames_are_refreshed_every_skip_n_steps_and_at_episode_starts",  # 113 (20 warm)
+    "tests/test_ppo_vlm.py::test_debug_pixel_run_in_process_and_through_the_server",  # 271
+    "tests/test_ppo_vlm.py::test_ppo_vlm_sps_writes_its_table_at_a_tiny_budget",  # 111
+    # Every command of README.md and docs/*.md at a small budget (docs/README.md, "How the docs are tested"),
+    # in two files so that `-n 2 --dist loadfile` runs the halves side by side:
+    "tests/test_docs_run_a.py::test_documented_command_runs",
+    "tests/test_docs_run_b.py::test_documented_command_runs",
 )
 
 

@@ -109,11 +109,13 @@ def test_live_features_render_only_the_rows_that_need_a_refresh():
     assert len(encoder.calls) == 2, "nothing needed: no render, no LLM call"
 
 
-def test_features_need_a_text_env():
+def test_features_need_a_text_env_or_frames_for_a_vlm():
     from utils.errors import UserError
 
     with pytest.raises(UserError, match="text rendering"):
-        LiveFeatures("Craftax-Classic-Pixels-v1", HashEncoder(), 10)
+        LiveFeatures("Tetris-Direct-Standard-v0", HashEncoder(), 10)
+    with pytest.raises(UserError, match="pixel observations.*vision-language model"):
+        LiveFeatures("Craftax-Classic-Pixels-v1", HashEncoder(), 10)  # a text model for frames (tests/test_ppo_vlm.py)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,6 +252,6 @@ def test_cli_needs_an_llm_and_a_text_env(tmp_path):
     no_llm = run()
     assert no_llm.returncode == 2 and len(no_llm.stderr.strip().splitlines()) == 1
     assert "--llm-model" in no_llm.stderr and "--server-url" in no_llm.stderr
-    pixels = run("--env", "Craftax-Classic-Pixels-v1", "--llm-model", "unused")
-    assert pixels.returncode == 2 and "text rendering" in pixels.stderr
+    tetris = run("--env", "Tetris-Direct-Standard-v0", "--llm-model", "unused")
+    assert tetris.returncode == 2 and "text rendering" in tetris.stderr
     assert not (tmp_path / "cli").exists(), "no run folder for a run that could not start"

@@ -6,8 +6,9 @@ orthogonal init, so the first policy is near uniform, which matters for PPO's ea
 value head with one output per return stream. :class:`ActorCritic` joins them: an optional shared torso,
 then separate actor and critic torsos, then the heads (the Craftax baselines keep actor and critic
 apart; a shared MLP lets the value loss swamp the policy). Algorithms build theirs from these pieces:
-PPO-RNN puts a GRU core in front, PPO-LLM passes a torso that also reads a feature vector, bonuses
-with their own intrinsic value ask for two value outputs.
+PPO-RNN puts a GRU core in front, PPO-LLM passes a torso that also reads a feature vector
+(:class:`FeatureTorso`, :func:`feature_actor_critic`), bonuses with their own intrinsic value ask for
+two value outputs.
 
 Torsos are passed as factories (``functools.partial`` of a module class), called inside the
 actor-critic so that each call is a fresh module named by flax's counters (``MLP_0``, ``MLP_1``,
@@ -117,3 +118,41 @@ def actor_critic(num_actions: int, pixels: bool, width: int, depth: int, activat
         return ActorCritic(num_actions, torso=make_torso(False, width, 1, "relu"), shared=torso,
                            value_outputs=value_outputs)
     return ActorCritic(num_actions, torso=torso, value_outputs=value_outputs)
+
+
+class FeatureTorso(nn.Module):
+    """``(obs, feature) -> MLP(concat(obs_torso(obs), projected feature))``: an observation joined
+    with a side feature vector (PPO-LLM's z-normalised LLM hidden state ``z``).
+
+    The feature goes through one dense layer of ``feature_width`` units first (0: concatenated as
+    it is), so a wide hidden state (896 for a 0.5B model) does not swamp the observation. Without
+    ``obs_torso`` the observation is concatenated as it is (symbolic observations); with one (the
+    pixel CNN) its embedding is. ``depth`` 0 stops at the concatenation, for a torso shared by actor
+    and critic that each put their own layer on top (:func:`feature_actor_critic`)."""
+
+    width: int
+    depth: int
+    activation: str
+    feature_width: int
+    obs_torso: TorsoFactory | None = None
+
+    @nn.compact
+    def __call__(self, obs, feature):
+        if self.feature_width:
+            feature = MLP(self.feature_width, 1, self.activation)(feature)
+        if self.obs_torso is not None:
+            obs = self.obs_torso()(obs)
+        return MLP(self.width, self.depth, self.activation)(jnp.concatenate([obs, feature], -1))
+
+
+def feature_actor_critic(num_actions: int, pixels: bool, width: int, depth: int, activation: str,
+                         feature_width: int) -> ActorCritic:
+    """``(obs, feature) -> (logits, value)``, :func:`actor_critic` with a feature input: for symbolic
+    observations a :class:`FeatureTorso` each for actor and critic; for pixels (the image-plus-``z``
+    actor-critic) one CNN embedding joined with the projected feature, shared by both (the CNN is
+    the costly part), with one relu layer each on top, as :func:`actor_critic` has for pixels."""
+    if pixels:
+        shared = functools.partial(FeatureTorso, width, 0, activation, feature_width,
+                                   obs_torso=make_torso(True, width))
+        return ActorCritic(num_actions, torso=make_torso(False, width, 1, "relu"), shared=shared)
+    return ActorCritic(num_actions, torso=functools.partial(FeatureTorso, width, depth, activation, feature_width))
