@@ -175,7 +175,20 @@ class FramePromptBuilder:
         return self._prompts[env_name]
 
 
-class TransformersVisionBackend(TransformersBackend):
+class ImageOnly:
+    """What an image backend answers to the text half of the backend interface: a clear refusal."""
+
+    spec: Any
+
+    def hidden_states(self, texts: Sequence[str]) -> np.ndarray:
+        raise text_request_error(self.spec.model)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
+                 temperature: float = 0.0) -> list[str]:
+        raise LLMError(f"this backend computes image features of {self.spec.model}; it does not generate")
+
+
+class TransformersVisionBackend(ImageOnly, TransformersBackend):
     """A vision-language model through transformers (CPU or GPU): frames -> hidden states.
 
     Loads ``AutoProcessor`` and ``AutoModelForImageTextToText``; an intermediate layer loads only
@@ -197,13 +210,6 @@ class TransformersVisionBackend(TransformersBackend):
         self.identity = {**self.identity, "modality": "image",
                          "image_processor": processor_fingerprint(self.processor)}
         self.model = self._load(AutoModelForImageTextToText, self.loaded_layers).to(self.device).eval()
-
-    def hidden_states(self, texts: Sequence[str]) -> np.ndarray:
-        raise text_request_error(self.spec.model)
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
-                 temperature: float = 0.0) -> list[str]:
-        raise LLMError(f"this backend computes image features of {self.spec.model}; it does not generate")
 
     def image_hidden_states(self, frames, env_name: str | Sequence[str]) -> np.ndarray:
         """float32 [N, hidden_size] of uint8 frames ``[N, H, W, 3]`` (or a list of frames of

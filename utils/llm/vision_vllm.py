@@ -45,12 +45,12 @@ from utils.llm import (
 )
 from utils.llm.vision import (
     FramePromptBuilder,
+    ImageOnly,
     frame_envs,
     image_token_id,
     image_token_mean,
     load_processor,
     processor_fingerprint,
-    text_request_error,
 )
 
 __all__ = ["VLLMVisionBackend", "vllm_vision_engine_options", "vllm_frame_pooler_options",
@@ -96,7 +96,7 @@ def _numpy(data) -> np.ndarray:
     return data.float().cpu().numpy() if hasattr(data, "float") else np.asarray(data, np.float32)
 
 
-class VLLMVisionBackend:
+class VLLMVisionBackend(ImageOnly):
     """A vision-language model in vLLM's pooling runner: frames -> last-layer hidden states."""
 
     modality = "image"
@@ -136,13 +136,6 @@ class VLLMVisionBackend:
     def _require_open(self) -> None:
         if self._closed:
             raise LLMError(f"this vllm backend of {self.spec.model} was closed; make a new one")
-
-    def hidden_states(self, texts: Sequence[str]) -> np.ndarray:
-        raise text_request_error(self.spec.model)
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
-                 temperature: float = 0.0) -> list[str]:
-        raise LLMError(f"this backend computes image features of {self.spec.model}; it does not generate")
 
     def image_hidden_states(self, frames, env_name: str | Sequence[str]) -> np.ndarray:
         """float32 [N, hidden_size] of uint8 frames (as ``TransformersVisionBackend``)."""
