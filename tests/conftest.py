@@ -12,6 +12,18 @@ enable_compilation_cache()
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    """Build Craftax's texture caches once, before pytest-xdist starts its workers (utils/textures.py).
+
+    On a fresh install the workers would otherwise race to write them and one would read a half-written
+    file; the controller process (no ``workerinput``) runs this before any worker exists.
+    """
+    if not hasattr(config, "workerinput"):
+        from utils.textures import ensure_texture_caches
+
+        ensure_texture_caches()
+
+
 @pytest.fixture(scope="session")
 def tiny_llm_path(tmp_path_factory) -> str:
     """A tiny random Qwen2 model and tokenizer on disk (utils/testing/tiny_llm.py), built once a session."""

@@ -64,6 +64,9 @@ def _classic_tiles() -> dict[str, np.ndarray]:
     """craftax's 16-px Classic textures: blocks, mobs (with alpha) and the player by direction."""
     from craftax.craftax_classic.constants import BLOCK_PIXEL_SIZE_IMG, OBS_DIM, load_all_textures
 
+    from utils.textures import CLASSIC, ensure_texture_cache
+
+    ensure_texture_cache(CLASSIC)
     t = load_all_textures()[BLOCK_PIXEL_SIZE_IMG]
     px = BLOCK_PIXEL_SIZE_IMG
     r0, c0 = (OBS_DIM[0] // 2) * px, (OBS_DIM[1] // 2) * px  # the player's tile in the full-map ones

@@ -24,6 +24,10 @@ def state_renderer(env) -> Callable[[Any], np.ndarray]:
     """
     import jax
 
+    from utils.textures import constants_module_for, ensure_texture_cache
+
+    if env.name.startswith("Craftax-"):
+        ensure_texture_cache(constants_module_for(env.name))
     if env.name.startswith("Craftax-Classic"):
         from craftax.craftax_classic.constants import BLOCK_PIXEL_SIZE_IMG
         from craftax.craftax_classic.renderer import make_craftax_pixel_renderer

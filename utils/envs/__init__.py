@@ -70,6 +70,10 @@ def _register_craftax() -> None:
         def build():
             from craftax.craftax_env import make_craftax_env_from_name
 
+            from utils.textures import constants_module_for, ensure_texture_cache
+
+            if "Pixels" in env_name:
+                ensure_texture_cache(constants_module_for(env_name))
             return make_craftax_env_from_name(env_name, auto_reset=False)
 
         return build
