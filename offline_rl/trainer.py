@@ -22,9 +22,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from offline_rl.augment import batch_augmentation
 from offline_rl.checkpoint import CheckpointDir, checkpoint_step, load_checkpoint
 from offline_rl.data import BatchLoader, DataSpec, feature_stats, open_dataset
 from offline_rl.networks import NetworkSpec, PolicyNetwork, build_network, resolve_device
+from utils.augment import AugmentFields
 from utils.config import RunConfig, to_dict
 from utils.errors import UserError
 from utils.io import read_jsonl
@@ -35,7 +37,7 @@ AREA = "offline_rl"
 
 
 @dataclasses.dataclass
-class OfflineConfig(RunConfig):
+class OfflineConfig(RunConfig, AugmentFields):
     """Fields shared by the offline-RL trainers (AWR, BC, IQL)."""
 
     env: str | None = None
@@ -179,6 +181,7 @@ def train(cfg: OfflineConfig, algorithm: OfflineAlgorithm, stop_after_updates: i
         raise UserError(f"--env {cfg.env} does not match the dataset's env {spec.env_name}; "
                         "drop --env or pick the matching dataset")
     cfg = dataclasses.replace(cfg, env=spec.env_name)
+    augment = batch_augmentation(cfg, spec, cfg.seed)  # None unless --augment shift
     if cfg.num_seeds < 1 or cfg.total_steps < 1:
         raise UserError("--num-seeds and --total-steps must be at least 1")
     device = resolve_device(cfg.device)
@@ -227,6 +230,8 @@ def train(cfg: OfflineConfig, algorithm: OfflineAlgorithm, stop_after_updates: i
             start_wait = time.perf_counter()
             batch = epoch.next_batch(carry)
             waited += time.perf_counter() - start_wait
+            if augment is not None:
+                batch = augment(batch, position["step"])
             for i, (model, optimizer) in enumerate(zip(carry.models, carry.optimizers)):
                 loss, metrics = algorithm.update(model, _seed_slice(batch, i, cfg.batch_size))
                 optimizer.zero_grad(set_to_none=True)

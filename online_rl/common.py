@@ -178,12 +178,18 @@ def make_optimizer(cfg: PPOFamilyConfig, total_updates: int, hyper: dict | None 
 
 
 def minibatch_epochs(loss_fn: Callable, optimizer: optax.GradientTransformation, params, opt_state,
-                     key: jax.Array, data: Any, *, epochs: int, num_minibatches: int):
+                     key: jax.Array, data: Any, *, epochs: int, num_minibatches: int,
+                     augment: Callable[[jax.Array, Any], Any] | None = None):
     """``epochs`` passes of shuffled minibatch gradient steps over ``data``'s leading axis.
 
     ``loss_fn(params, batch) -> (loss, aux dict)``. The leading axis is rows for feed-forward
     agents and whole env sequences for recurrent ones. Returns params, optimiser state, key and
     the aux values averaged over every step.
+
+    ``augment(key, batch) -> batch`` (image augmentation, :mod:`utils.augment`) transforms each
+    minibatch before the loss, with a key of its own per minibatch. Those keys are folded out of the
+    epoch's permutation key instead of split from the carried key, so the key stream, and with it every
+    permutation, is the same with and without augmentation; without it the program is unchanged.
     """
     items = jax.tree.leaves(data)[0].shape[0]
     if items % num_minibatches:
@@ -193,14 +199,19 @@ def minibatch_epochs(loss_fn: Callable, optimizer: optax.GradientTransformation,
         params, opt_state, key = state
         key, perm_key = jax.random.split(key)
         order = jax.random.permutation(perm_key, items).reshape(num_minibatches, -1)
+        augment_keys = None if augment is None else jax.random.split(jax.random.fold_in(perm_key, 1), num_minibatches)
 
-        def step(state, idx):
+        def step(state, inputs):
             params, opt_state = state
-            grads, aux = jax.grad(loss_fn, has_aux=True)(params, jax.tree.map(lambda x: x[idx], data))
+            idx, augment_key = inputs
+            batch = jax.tree.map(lambda x: x[idx], data)
+            if augment is not None:
+                batch = augment(augment_key, batch)
+            grads, aux = jax.grad(loss_fn, has_aux=True)(params, batch)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), aux
 
-        (params, opt_state), aux = jax.lax.scan(step, (params, opt_state), order)
+        (params, opt_state), aux = jax.lax.scan(step, (params, opt_state), (order, augment_keys))
         return (params, opt_state, key), aux
 
     (params, opt_state, key), aux = jax.lax.scan(epoch, (params, opt_state, key), None, length=epochs)

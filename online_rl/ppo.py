@@ -11,9 +11,11 @@ second (intrinsic) value output and the policy's advantage mixes both returns.
     python -m online_rl.ppo --preset cpu --bonus e3b    # elliptical episodic bonus on ICM embeddings
     python -m online_rl.ppo --preset cpu --bonus rnd    # Random Network Distillation
     python -m online_rl.ppo --preset cpu --init-from RUN --critic-warmup 10 --init-kl-coef 0.1   # fine-tune
+    python -m online_rl.ppo --env Craftax-Classic-Pixels-v1 --preset cpu --augment shift   # DrQ/RAD shifts
 
 ``--init-from`` starts from a trained policy (an offline-RL run or another PPO run), ``--critic-warmup``
-and ``--init-kl-coef`` protect it in the first updates (:mod:`online_rl.finetune`).
+and ``--init-kl-coef`` protect it in the first updates (:mod:`online_rl.finetune`). ``--augment shift``
+randomly shifts the frames of every minibatch of the update (pixel envs, :mod:`utils.augment`).
 
 Runs with a bonus are filed under ``runs/online_rl/ppo_<bonus>`` so they never share a run folder
 with plain PPO.
@@ -48,6 +50,7 @@ from online_rl.common import (
     scan_updates,
 )
 from utils import envs
+from utils.augment import AugmentFields, check_augment, random_shift
 from utils.errors import exit_on_user_error
 from utils.networks import ActorCritic, actor_critic
 from utils.returns import gae
@@ -58,7 +61,7 @@ HEADS = ("params",)  # where the ActorCritic's actor and critic sit in the param
 
 
 @dataclasses.dataclass
-class PPOConfig(ScaleOutConfig, finetune.FineTuneFields):
+class PPOConfig(ScaleOutConfig, finetune.FineTuneFields, AugmentFields):
     """PPO with GAE and an optional exploration bonus (PPO: Craftax-baseline defaults)."""
 
     bonus: str = "none"
@@ -139,6 +142,23 @@ def make_network(cfg: PPOConfig, env: envs.VecEnv, value_outputs: int = 1) -> Ac
                         value_outputs=value_outputs)
 
 
+def make_augment(cfg: PPOConfig, env: envs.VecEnv):
+    """``augment(key, minibatch) -> minibatch`` for :func:`online_rl.common.minibatch_epochs` with
+    ``--augment shift``, else None (the update is then the plain one).
+
+    RAD's way for PPO (Laskin et al. 2020): the policy and value losses read randomly shifted frames,
+    while the rollout acts, and its log-probabilities and values are taken, on the frames as they are.
+    Only the observations the losses read change; a bonus learns on its own, unshifted batch."""
+    if not check_augment(cfg, env.is_pixels, cfg.env):
+        return None
+
+    def augment(key: jax.Array, batch: tuple) -> tuple:
+        transitions, *rest = batch
+        return (transitions._replace(obs=random_shift(key, transitions.obs, cfg.augment_pad)), *rest)
+
+    return augment
+
+
 def split_value(value: jax.Array, with_bonus: bool) -> tuple[jax.Array, jax.Array | None]:
     """``(extrinsic, intrinsic or None)`` from the critic's output."""
     return (value[..., 0], value[..., 1]) if with_bonus else (value, None)
@@ -154,6 +174,7 @@ def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollou
     labels = finetune.critic_labels(HEADS)
     optimizer = finetune.optimizer(cfg, lambda: make_optimizer(cfg, total_updates), labels)
     with_kl = cfg.init_kl_coef > 0
+    augment = make_augment(cfg, env)
 
     def init(key: jax.Array) -> TrainCarry:
         key, init_key, reset_key, bonus_key = jax.random.split(key, 4)
@@ -228,7 +249,8 @@ def make_train(cfg: PPOConfig, env: envs.VecEnv, total_updates: int, save_rollou
         update_optimizer = finetune.optimizer(cfg, lambda: make_optimizer(cfg, total_updates, hp), labels, carry.update)
         params, opt_state, key, losses = minibatch_epochs(lambda p, b: loss_fn(p, b, hp, kl), update_optimizer,
                                                           carry.params, carry.opt_state, carry.key, data,
-                                                          epochs=cfg.update_epochs, num_minibatches=cfg.num_minibatches)
+                                                          epochs=cfg.update_epochs, num_minibatches=cfg.num_minibatches,
+                                                          augment=augment)
         carry = carry.replace(params=params, opt_state=opt_state, key=key, update=carry.update + 1)
         if bonus:
             state, key, bonus_logs = bonus.learn(carry.bonus.state, carry.key, bonus_batch, cfg.num_minibatches)
