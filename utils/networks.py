@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.initializers import constant, orthogonal
 
+from utils.conv import conv_function
+
 TorsoFactory = Callable[[], nn.Module]
 """Builds one torso module (called once per branch that needs its own)."""
 
@@ -50,15 +52,21 @@ class MLP(nn.Module):
 
 
 class ConvTorso(nn.Module):
-    """Three 5x5 conv + max-pool stages, as in the Craftax pixel baselines, then a dense embedding."""
+    """Three 5x5 conv + max-pool stages, as in the Craftax pixel baselines, then a dense embedding.
+
+    ``conv``: ``"auto"`` takes :mod:`utils.conv`'s loop-friendly gradients on the CPU backend and JAX's
+    own elsewhere; ``"lax"`` and ``"loop_friendly"`` force one (``benchmarks/conv_grad_loop.py``
+    compares them). The parameters are the same either way.
+    """
 
     width: int
     channels: Sequence[int] = (32, 32, 32)
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         for features in self.channels:
-            x = nn.Conv(features, kernel_size=(5, 5))(x)
+            x = nn.Conv(features, kernel_size=(5, 5), conv_general_dilated=conv_function(self.conv))(x)
             x = nn.relu(x)
             x = nn.max_pool(x, window_shape=(3, 3), strides=(3, 3), padding="SAME")
         x = x.reshape(x.shape[:-3] + (-1,))
