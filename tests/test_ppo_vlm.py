@@ -9,6 +9,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import yaml
 
 from online_rl_llm.features import LiveFeatures, encoder_identity, feature_modality
 from online_rl_llm.ppo_llm import PPOLLMConfig, Runner, main, make_train, train
@@ -183,6 +184,9 @@ def test_debug_pixel_run_in_process_and_through_the_server(tmp_path, tiny_vlm_pa
     assert identity["image_processor"] and identity["source"] == "in-process"
     conv = [k for k in jax.tree_util.tree_flatten_with_path(local["carry"].params)[0] if "ConvTorso" in str(k[0])]
     assert conv, "the policy reads the frame through the shared CNN"
+    rendered_frames_sent = render_counting_frames(tmp_path, run, steps=5)
+    skip_n = yaml.safe_load((run / "config.yaml").read_text())["skip_n"]
+    assert rendered_frames_sent == [1] * len(range(0, 5, skip_n)), "one frame per refresh, as in training"
 
     spec = LLMSpec(model=tiny_vlm_path, pooling="image_mean", batch_size=16, device="cpu")
     with serve_in_background(create_app(make_backend(spec), spec, max_batch=16, max_wait_ms=2.0)) as url:
@@ -190,6 +194,31 @@ def test_debug_pixel_run_in_process_and_through_the_server(tmp_path, tiny_vlm_pa
     assert remote["summary"]["features"]["source"] == "server"
     for a, b in zip(jax.tree.leaves(local["carry"].params), jax.tree.leaves(remote["carry"].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def render_counting_frames(tmp_path, run, steps: int) -> list[int]:
+    """Render ``steps`` steps of a pixel ``ppo_llm`` run to a GIF (tools.render, its VLM features live);
+    the number of frames in each call to the VLM."""
+    import imageio.v2 as imageio
+
+    import utils.llm
+    from tools.render import RenderConfig
+    from tools.render import run as render
+
+    sent, frame_features = [], utils.llm.frame_features
+
+    def counting(encoder, frames, env_name):
+        sent.append(len(frames))
+        return frame_features(encoder, frames, env_name)
+
+    utils.llm.frame_features = counting
+    try:
+        result = render(RenderConfig(out=str(tmp_path / "vlm.gif"), run=str(run), max_steps=steps, progress=False))
+    finally:
+        utils.llm.frame_features = frame_features
+    assert result["episodes"][0]["length"] == steps
+    assert len(imageio.mimread(tmp_path / "vlm.gif")) == result["frames"] == steps + 1
+    return sent
 
 
 def refused(capsys, argv) -> str:

@@ -318,7 +318,9 @@ register("offline_rl", "iql", load_offline)
 
 
 def load_ppo_llm(run_dir: Path, options: LoadOptions) -> Agent:
-    """A ``ppo_llm`` run's policy with its LLM features computed live, as its evaluation computes them.
+    """A ``ppo_llm`` run's policy with its LLM features computed live, as its evaluation computes them:
+    of the observation's text on a symbolic env, of its frame through the VLM on a pixel env
+    (``online_rl_llm.features.observation_rows``, the rows training used).
 
     The features come from where the run got them (its in-process model on ``options.device``, or its
     server while that still runs); ``options.llm_model`` loads the model from another place instead,
@@ -328,10 +330,9 @@ def load_ppo_llm(run_dir: Path, options: LoadOptions) -> Agent:
     import jax.numpy as jnp
 
     from online_rl_llm import ppo_llm
-    from online_rl_llm.features import IDENTITY_FIELDS, encoder_identity, normalise, open_encoder
+    from online_rl_llm.features import IDENTITY_FIELDS, encoder_identity, normalise, observation_rows, open_encoder
     from utils import envs
     from utils.llm import check_identity
-    from utils.text_obs import render_texts
 
     cfg = config_from_yaml(ppo_llm.PPOLLMConfig, run_dir / "config.yaml")
     saved_path = run_dir / ppo_llm.FEATURES_FILE
@@ -341,10 +342,10 @@ def load_ppo_llm(run_dir: Path, options: LoadOptions) -> Agent:
     if options.llm_model or not cfg.server_url:
         spec = dataclasses.replace(cfg, server_url=None).llm_spec()  # a server's run: its settings, here
         spec = spec.replace(model=options.llm_model or spec.model, device=options.device)
-        encoder, server_url = open_encoder(spec, None), None
+        encoder, server_url = open_encoder(spec, None, cfg.env), None
     else:
         try:
-            encoder, server_url = open_encoder(None, cfg.server_url), cfg.server_url
+            encoder, server_url = open_encoder(None, cfg.server_url, cfg.env), cfg.server_url
         except UserError as error:
             raise UserError(f"{error}; {run_dir} got its features from that server: start it again, or pass "
                             f"--llm-model with the server's model ({saved.get('model')})") from None
@@ -353,6 +354,7 @@ def load_ppo_llm(run_dir: Path, options: LoadOptions) -> Agent:
                    fix="render with the run's model, backend and compute dtype (--llm-model for a copy of the "
                        "model elsewhere, --device for the run's kind of device)")
 
+    rows = observation_rows(cfg.env, encoder)  # texts or frames, refused in one line for the other kind
     env = envs.make(cfg.env, cfg.num_envs, reset_ratio=cfg.reset_ratio)
     dim = int(saved["dim"])
     algorithm = ppo_llm.make_train(cfg, env, 1, dim)  # traced for the carry; the update count shapes no array read
@@ -369,8 +371,8 @@ def load_ppo_llm(run_dir: Path, options: LoadOptions) -> Agent:
 
     def act(obs: np.ndarray) -> int:
         if memory["t"] % cfg.skip_n == 0:  # the episode's first step and every skip_n-th after it
-            memory["raw"] = jnp.asarray(encoder.hidden_states(render_texts(np.asarray(obs)[None], cfg.env)),
-                                        jnp.float32)
+            _, items = rows.keys_and_items(np.asarray(obs)[None])
+            memory["raw"] = jnp.asarray(rows.encode(items), jnp.float32)
         memory["t"] += 1
         memory["key"], key = jax.random.split(memory["key"])
         return int(act_batch(params, jnp.asarray(obs)[None], memory["raw"], key)[0])
