@@ -317,6 +317,8 @@ def main() -> None:
     parser.add_argument("--serve-stand-in", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
+    if args.num < args.items:
+        parser.error(f"--num {args.num} makes no request of --items {args.items}; pass --num {args.items} or more")
     if args.serve_stand_in:
         serve_stand_in((args.max_batch or [64])[0], (args.max_wait_ms or [5.0])[0], args.stand_in_dim)
         return

@@ -109,20 +109,21 @@ def main(argv: list[str] | None = None) -> None:
     queue = JobQueue(connect(cfg), cfg.queue)
     if cfg.requeue_dead:
         print(f"requeued {queue.requeue_dead()} dead-lettered jobs on queue {cfg.queue!r}")
-    while True:
-        stats = queue.stats(cfg.window_s)
-        outputs = output_progress(stats["outputs"])
-        if cfg.json:
-            print(json.dumps({**stats, "output_progress": outputs}, default=str))
-        else:
-            print(format_status(stats, outputs), flush=True)
-        if cfg.watch is None:
-            return
-        try:
+    try:
+        while True:
+            stats = queue.stats(cfg.window_s)
+            outputs = output_progress(stats["outputs"])
+            if cfg.json:
+                print(json.dumps({**stats, "output_progress": outputs}, default=str))
+            else:
+                print(format_status(stats, outputs), flush=True)
+            if cfg.watch is None:
+                return
             time.sleep(cfg.watch)
-        except KeyboardInterrupt:
-            return
-        print()
+            print()
+    except KeyboardInterrupt:  # Ctrl-C ends --watch, also while a report is being read or printed
+        if cfg.watch is None:
+            raise
 
 
 if __name__ == "__main__":

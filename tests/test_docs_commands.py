@@ -241,12 +241,17 @@ def test_command_extraction_joins_continuations_and_strips_wrappers():
 def test_every_documented_python_command_parses():
     """Every ``python -m`` command of the README and docs/*.md, results.md's reproduction commands
     included, is parsed by its own module (flags, presets, subcommands), with no training: a renamed
-    flag or a removed preset fails here. Which of them also run, and at what budget: the tests above
-    (``--help`` and ``debug`` lines as written) and tests/test_benchmarks.py (each benchmark at a small
-    budget)."""
+    flag or a removed preset fails here. Every one of them also runs, at a small budget, in
+    tests/test_docs_run_a.py and tests/test_docs_run_b.py (slow; the rules: docs/README.md, "How the docs
+    are tested"); what those run is parsed here too, so a rule that breaks a command line fails fast."""
+    from test_docs_run_rules import small_commands
+
     commands = documented_python_commands()
     assert len(commands) > 100, "the extraction found too few commands to be checking the docs"
-    unique = sorted({(module, tuple(argv)) for _, module, argv in commands})
+    origin = {(module, tuple(argv)): page for page, module, argv in reversed(commands)}
+    for module, argv in small_commands():
+        origin.setdefault((module, argv), "under the rules of tests/test_docs_run_rules.py")
+    unique = sorted(origin)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, str(REPO / "tests" / "docs_args_driver.py")],
                           input=json.dumps([[m, list(a)] for m, a in unique]), capture_output=True, text=True,
@@ -254,12 +259,9 @@ def test_every_documented_python_command_parses():
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(results) == len(unique), done.stderr[-3000:]
-    pages = {}
-    for page, module, argv in commands:
-        pages.setdefault((module, tuple(argv)), page)
-    failures = [f"{pages[(r['module'], tuple(r['argv']))]}: python -m {r['module']} {shlex.join(r['argv'])}"
+    failures = [f"{origin[(r['module'], tuple(r['argv']))]}: python -m {r['module']} {shlex.join(r['argv'])}"
                 f"\n    {r['message']}" for r in results if r["status"] not in ("parsed", "help")]
-    assert not failures, f"{len(failures)} documented commands do not parse:\n" + "\n".join(failures)
+    assert not failures, f"{len(failures)} commands do not parse:\n" + "\n".join(failures)
 
 
 def test_parse_driver_reports_bad_flags_and_presets_and_accepts_good_lines():

@@ -342,6 +342,22 @@ def test_status_shows_jobs_waiting_for_a_retry_with_their_history():
     assert "in flight: shard_00001.npz -> out on w1 (idle 3.0 s, delivery 2)" in text
 
 
+def test_status_watch_stops_cleanly_on_ctrl_c_while_reporting(redis_db, monkeypatch, capsys):
+    """Ctrl-C ends ``--watch`` at any moment, also while a report is printed (no traceback); without
+    ``--watch`` it interrupts as usual."""
+    from labelling import status
+
+    db, _ = redis_db
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(status, "format_status", interrupted)
+    assert status.main(["--embedded-redis", db, "--watch", "5"]) is None
+    with pytest.raises(KeyboardInterrupt):
+        status.main(["--embedded-redis", db])
+
+
 def test_worker_presets(tmp_path):
     cfg = parse_config(WorkerConfig, "labelling", "worker", ["--preset", "debug", "--poll-s", "0.5"])
     assert (cfg.claim_idle_s, cfg.idle_exit_s, cfg.poll_s) == (2, 0, 0.5)
