@@ -357,12 +357,19 @@ def check_run_folder(run: Path) -> None:
     assert any((run / "checkpoints").iterdir()), f"{run}: no checkpoint saved"
 
 
+def restore_ctrl_c() -> None:
+    """In the child, before it starts: SIGINT back to its default. A process started in the background by
+    a shell without job control (``cmd &`` in a script, as CI or a benchmark may run pytest) inherits SIGINT
+    ignored, and Python then installs no KeyboardInterrupt handler, so the test's Ctrl-C would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_service(plan: Plan, argv: list[str], folder: Path, services: Services) -> tuple[int, str]:
     """A service runs until ready: a server then serves the rest of its block; anything else gets Ctrl-C and
     must stop cleanly (exit 0, or the status of SIGINT itself, without a traceback)."""
     process = subprocess.Popen([python(), "-m", plan.command.module, *argv], cwd=folder,
                                env=command_env(dict(plan.env)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, text=True)
+                               stdin=subprocess.DEVNULL, text=True, preexec_fn=restore_ctrl_c)
     ready, lines = wait_for_line(process, plan.ready, SERVICE_READY_S)
     if not ready:
         stop(process)
