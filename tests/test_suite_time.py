@@ -52,11 +52,12 @@ def test_a_whole_run_on_a_stand_in_repository_writes_its_table(tmp_path, monkeyp
     assert (tmp_path / "work" / "empty_jax_cache").is_dir() and not any((tmp_path / "work" / "empty_jax_cache").iterdir())
 
 
-def test_a_failing_suite_writes_no_table_and_keeps_its_log(tmp_path, monkeypatch):
+def test_a_failing_suite_records_its_failures_and_keeps_its_log(tmp_path, monkeypatch):
     repo = make_repo(tmp_path / "repo", 'echo pip install && echo "pytest: 1 failed, 2 passed in 1s" && false')
     monkeypatch.setattr(suite_time, "REPO_ROOT", repo)
     monkeypatch.setattr(suite_time, "README", repo / "README.md")
     table = tmp_path / "suite.json"
-    result = suite_time.main(["--table", str(table)])
-    assert result["failed"] and not table.exists()
-    assert result["rows"][1]["failed"] == 1
+    result = suite_time.main(["--table", str(table), "--keep", str(tmp_path / "work")])
+    assert result["failed"] and result["rows"][1]["failed"] == 1
+    record = json.loads(table.read_text())
+    assert [row["failed"] for row in record["rows"] if row["step"] == "tests (README command)"] == [1]
