@@ -191,13 +191,8 @@ def joined_lines(text: str) -> list[str]:
     return commands
 
 
-def python_commands(line: str) -> list[tuple[str, list[str]]]:
-    """``(module, argv)`` of every ``python -m <project module>`` on a shell line (env assignments,
-    ``nice``/``nohup`` wrappers and redirections removed); other programs are not this test's."""
-    try:
-        words = shlex.split(line, comments=True)
-    except ValueError:
-        return []
+def shell_segments(words: list[str]) -> list[list[str]]:
+    """A shell line's words split at ``&&``, ``||``, ``;`` and ``|``: one list per command, empty ones dropped."""
     segments, current = [], []
     for word in words:
         if word in _SEPARATORS:
@@ -206,8 +201,18 @@ def python_commands(line: str) -> list[tuple[str, list[str]]]:
         else:
             current.append(word)
     segments.append(current)
+    return [s for s in segments if s]
+
+
+def python_commands(line: str) -> list[tuple[str, list[str]]]:
+    """``(module, argv)`` of every ``python -m <project module>`` on a shell line (env assignments,
+    ``nice``/``nohup`` wrappers and redirections removed); other programs are not this test's."""
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError:
+        return []
     found = []
-    for segment in segments:
+    for segment in shell_segments(words):
         while segment and (re.fullmatch(r"\w+=\S*", segment[0]) or segment[0] in _WRAPPERS):
             segment = segment[1:]
         if segment[:1] == ["nice"]:

@@ -7,17 +7,12 @@ The pages are split over tests/test_docs_run_a.py and tests/test_docs_run_b.py s
 from __future__ import annotations
 
 import pytest
-from test_docs_run_rules import plans
+from test_docs_run_rules import page_plans
 from test_docs_run_support import artefacts, page_folder, pages_base, run_plan, services  # noqa: F401 - fixtures
 
 PAGES = ("README.md", "docs/README.md", "docs/results.md", "docs/online_rl.md", "docs/world_models.md", "docs/tetris.md")
 
 
-def page_plans():
-    """The plans of these pages, duplicates left out (each runs once, under its first occurrence)."""
-    return [pytest.param(p, id=p.command.id) for p in plans() if p.command.page in PAGES and p.same_as is None]
-
-
-@pytest.mark.parametrize("plan", page_plans())
+@pytest.mark.parametrize("plan", page_plans(PAGES))
 def test_documented_command_runs(plan, artefacts, services, pages_base):  # noqa: F811 - fixtures
     run_plan(plan, page_folder(pages_base, plan.command.page), artefacts, services)

@@ -26,7 +26,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import yaml
-from test_docs_commands import _FENCE, ALL_PAGES, PROJECT_PACKAGES, REPO
+from test_docs_commands import _FENCE, ALL_PAGES, PROJECT_PACKAGES, REPO, shell_segments
+
+from utils.config import _preset_names as preset_names  # the reader the entry points use
 
 _SEPARATORS = {"&&", "||", ";", "|", "&"}
 _ASSIGNMENT = re.compile(r"^([A-Za-z_]\w*)=(.*)$", re.DOTALL)
@@ -100,18 +102,6 @@ def shell_words(text: str) -> list[str]:
     return words
 
 
-def _segments(words: list[str]) -> list[list[str]]:
-    segments, current = [], []
-    for word in words:
-        if word in _SEPARATORS:
-            segments.append(current)
-            current = []
-        else:
-            current.append(word)
-    segments.append(current)
-    return [s for s in segments if s]
-
-
 def _python_segment(segment: list[str]) -> tuple[dict[str, str], str, list[str]] | None:
     """``(env, module, argv)`` if the segment runs ``python -m <project module>`` (after ``VAR=value``
     words and ``nice``/``nohup``/``time``/``exec`` wrappers; a redirection ends its arguments)."""
@@ -151,7 +141,7 @@ def assignments(line: str) -> dict[str, str] | None:
     if words in (["done"], ["do"]):
         return {}
     found = {}
-    for segment in _segments(words):
+    for segment in shell_segments(words):
         segment = segment[1:] if segment[0] == "export" else segment
         for word in segment:
             match = _ASSIGNMENT.match(word)
@@ -173,7 +163,7 @@ def page_commands(page: str) -> list[DocCommand]:
             variables.update(bound)
             continue
         text = strip_comment(text)
-        found = [p for p in map(_python_segment, _segments(shell_words(text))) if p is not None]
+        found = [p for p in map(_python_segment, shell_segments(shell_words(text))) if p is not None]
         if not found:
             commands.append(DocCommand(page, number, text, variables=tuple(variables.items()), fence=fence))
         for env, module, argv in found:
@@ -237,22 +227,6 @@ def flag_names(field: str) -> set[str]:
     """The command-line spellings of a config field (tyro: ``--field-name``, ``--no-field-name``)."""
     flag = field.replace("_", "-")
     return {f"--{flag}", f"--no-{flag}", f"--{field}"}
-
-
-def preset_names(argv: list[str] | tuple[str, ...]) -> list[str]:
-    """Values of ``--preset`` (repeatable; ``--preset a b``; ``--preset=a``), as utils.config reads them."""
-    names, collecting = [], False
-    for word in argv:
-        if word == "--preset":
-            collecting = True
-        elif word.startswith("--preset="):
-            names.append(word.split("=", 1)[1])
-            collecting = False
-        elif word.startswith("-"):
-            collecting = False
-        elif collecting:
-            names.append(word)
-    return names
 
 
 def preset_values(module: str, argv) -> dict:
@@ -1168,3 +1142,11 @@ def small_commands() -> list[tuple[str, tuple[str, ...]]]:
 
     return sorted({(p.command.module, tuple(filled(w) for w in p.argv)) for p in plans()
                    if p.command.module and not p.skip and not p.same_as})
+
+
+def page_plans(pages: tuple[str, ...]) -> list:
+    """The plans of ``pages`` as test parameters, duplicates left out (each runs once, under its first
+    occurrence): tests/test_docs_run_a.py and tests/test_docs_run_b.py each take half of the pages."""
+    import pytest
+
+    return [pytest.param(p, id=p.command.id) for p in plans() if p.command.page in pages and p.same_as is None]

@@ -37,12 +37,18 @@ def make_repo(path, test_line):
     return path
 
 
-def test_a_whole_run_on_a_stand_in_repository_writes_its_table(tmp_path, monkeypatch):
-    repo = make_repo(tmp_path / "repo", 'echo pip install && echo "pytest == 3 passed, 1 skipped in 0.1s =="')
+def run_on_stand_in(tmp_path, monkeypatch, test_line: str):
+    """suite_time on a one-file repository whose README's test line is ``test_line``: (result, table path)."""
+    repo = make_repo(tmp_path / "repo", test_line)
     monkeypatch.setattr(suite_time, "REPO_ROOT", repo)
     monkeypatch.setattr(suite_time, "README", repo / "README.md")
     table = tmp_path / "suite.json"
-    result = suite_time.main(["--table", str(table), "--keep", str(tmp_path / "work")])
+    return suite_time.main(["--table", str(table), "--keep", str(tmp_path / "work")]), table
+
+
+def test_a_whole_run_on_a_stand_in_repository_writes_its_table(tmp_path, monkeypatch):
+    result, table = run_on_stand_in(tmp_path, monkeypatch,
+                                    'echo pip install && echo "pytest == 3 passed, 1 skipped in 0.1s =="')
     assert not result["failed"]
     record = json.loads(table.read_text())
     assert record["schema"] == "craftax-baselines/table/1"
@@ -53,11 +59,8 @@ def test_a_whole_run_on_a_stand_in_repository_writes_its_table(tmp_path, monkeyp
 
 
 def test_a_failing_suite_records_its_failures_and_keeps_its_log(tmp_path, monkeypatch):
-    repo = make_repo(tmp_path / "repo", 'echo pip install && echo "pytest: 1 failed, 2 passed in 1s" && false')
-    monkeypatch.setattr(suite_time, "REPO_ROOT", repo)
-    monkeypatch.setattr(suite_time, "README", repo / "README.md")
-    table = tmp_path / "suite.json"
-    result = suite_time.main(["--table", str(table), "--keep", str(tmp_path / "work")])
+    result, table = run_on_stand_in(tmp_path, monkeypatch,
+                                    'echo pip install && echo "pytest: 1 failed, 2 passed in 1s" && false')
     assert result["failed"] and result["rows"][1]["failed"] == 1
     record = json.loads(table.read_text())
     assert [row["failed"] for row in record["rows"] if row["step"] == "tests (README command)"] == [1]
