@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from benchmarks import stats
+from benchmarks import records, stats
 from utils.errors import UserError, exit_on_user_error
 from utils.io import atomic_write_json, read_jsonl
 from utils.sweep import INDEX_FILE
@@ -140,15 +141,64 @@ def report(folder: str | Path, top: int = 5, seed: int = 0) -> dict:
     return {"index": index, "ranked": ranked}
 
 
+def write_record(path: str | Path, folder: str | Path, index: dict, ranked: list[dict], command: str) -> Path:
+    """The ranking as a ``records`` table for docs/data, so ``benchmarks.report`` renders it on the results
+    page (a sweep folder lives under runs/, which is not committed)."""
+    fields = index["fields"]
+    seeds = index["num_seeds"]
+    last = index["seed"] + seeds - 1
+    columns = ([{"key": "rank", "label": "rank"}]
+               + [{"key": f"field:{f}", "label": f} for f in fields]
+               + [{"key": "iqm", "label": f"IQM final return ({seeds} seed{'s' if seeds > 1 else ''})"},
+                  {"key": "low", "label": "95% CI low"}, {"key": "high", "label": "95% CI high"},
+                  {"key": "mean", "label": "mean"}, {"key": "per_seed", "label": "per seed"},
+                  {"key": "sps", "label": "env steps/s of its program (all slots)", "digits": 0}])
+    rows = []
+    for i, point in enumerate(ranked):
+        per_seed = ", ".join("-" if v is None else f"{v:.2f}" for v in point["final"])
+        rows.append({"rank": i + 1 if point["iqm"] is not None else None,
+                     **{f"field:{f}": str(point["values"].get(f)) for f in fields},
+                     "iqm": point["iqm"], "low": point["low"], "high": point["high"], "mean": point["mean"],
+                     "per_seed": per_seed, "sps": program_sps(Path(folder) / point["program"])})
+    name = Path(path).stem
+    description = (f"{index['algo']} on {index['env']}, {len(ranked)} grid points x {seeds} seed(s) (seeds "
+                   f"{index['seed']}..{last}), ranked by the IQM of the final return (episode-weighted mean of "
+                   "the last 10% of logged rows); intervals: stratified bootstrap, 95% (one seed gives none). "
+                   "Steps/s are the whole program's (every slot of the grid), measured beside other work: they "
+                   "rank programs of one sweep only roughly.")
+    return records.write_table(path, name=name, title=f"Sweep: {name}", command=command, columns=columns,
+                               rows=rows, description=description)
+
+
+def program_sps(run_dir: Path) -> float | None:
+    """Env steps/s of all of a program's slots between the first and last logged rows of its latest
+    process (compilation excluded; a resumed run restarts its wall clock), or None before two rows exist."""
+    path = run_dir / "metrics.jsonl"
+    rows = read_jsonl(path) if path.is_file() else []
+    restarts = [i for i in range(1, len(rows)) if rows[i]["perf/wall_seconds"] < rows[i - 1]["perf/wall_seconds"]]
+    rows = rows[restarts[-1]:] if restarts else rows
+    if len(rows) < 2:
+        return None
+    slots = len(rows[-1].get("loss/total") or [0])
+    seconds = rows[-1]["perf/wall_seconds"] - rows[0]["perf/wall_seconds"]
+    return (rows[-1]["step"] - rows[0]["step"]) * slots / seconds if seconds > 0 else None
+
+
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="sweep folder (holds sweep.json), as printed by a --sweep run")
     parser.add_argument("--top", type=int, default=5, help="learning curves of this many best points")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (the report is deterministic given it)")
+    parser.add_argument("--record", metavar="PATH",
+                        help="also write the ranking as a table for docs/results.md (e.g. docs/data/NAME.json)")
     args = parser.parse_args(argv)
     result = report(args.folder, top=args.top, seed=args.seed)
     print((Path(args.folder) / "sweep.md").read_text())
+    if args.record:
+        command = "python -m benchmarks.sweep " + " ".join(argv if argv is not None else sys.argv[1:])
+        path = write_record(args.record, args.folder, result["index"], result["ranked"], command)
+        print(f"wrote {path}; render it with python -m benchmarks.report")
     return result
 
 

@@ -121,6 +121,18 @@ def test_shape_changing_field_runs_separate_programs_and_the_report_ranks_points
     assert (folder / "sweep.png").stat().st_size > 1000
     assert json.loads((folder / "sweep_results.json").read_text())["ranked"][0]["values"]
 
+    # --record: the same ranking as a docs/data table that benchmarks.report renders.
+    from benchmarks import records, report
+
+    sweep_report.main([str(folder), "--record", str(tmp_path / "data" / "grid_tune.json")])
+    table = json.loads((tmp_path / "data" / "grid_tune.json").read_text())
+    assert table["schema"] == records.TABLE_SCHEMA
+    assert [row["iqm"] for row in table["rows"]] == pytest.approx([p["iqm"] for p in ranked], abs=1e-3)
+    assert [row["field:layer_width"] for row in table["rows"]] == [str(p["values"]["layer_width"]) for p in ranked]
+    assert all(row["sps"] is None or row["sps"] > 0 for row in table["rows"])
+    rendered = report.render_table(table, "grid_tune.json")
+    assert "| rank | layer_width | lr |" in rendered and "2 seeds" in rendered
+
 
 def test_parts_split_the_grid_so_every_job_gets_work_and_no_point_is_trained_twice():
     grid = {"layer_width": [16, 32], "lr": [1e-4, 3e-4, 1e-3], "ent_coef": [0.003, 0.01]}
