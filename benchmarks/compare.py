@@ -274,6 +274,10 @@ def run_task(task: Task, runs_root: str | Path, in_process: bool = False) -> int
     run_dir = task.run_dir(runs_root)
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = _read_json(run_dir / TASK_RECORD) or {}
+    # A process killed before it could write this record (a session ending, a preempted job) leaves
+    # logged rows that no record accounts for: its CPU seconds are lost, so the total is marked incomplete
+    # rather than printed as if it were the run's cost.
+    lost_segment = metric_rows(run_dir) > int(previous.get("metric_rows", 0))
     commit = git_commit()  # the code the run starts with, not whatever is checked out when it ends
     start, cpu_start = time.perf_counter(), _cpu_seconds(in_process)
     if in_process:
@@ -285,9 +289,19 @@ def run_task(task: Task, runs_root: str | Path, in_process: bool = False) -> int
         "module": task.method.module, "argv": argv, "returncode": status, "machine": host_description(),
         "wall_seconds": round(float(previous.get("wall_seconds", 0.0)) + seconds, 1),
         "cpu_seconds": round(float(previous.get("cpu_seconds", 0.0)) + cpu_seconds, 1),
+        "cpu_seconds_incomplete": bool(previous.get("cpu_seconds_incomplete")) or lost_segment,
+        "metric_rows": metric_rows(run_dir),
         "commit": commit,
     })
     return status
+
+
+def metric_rows(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    with path.open() as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 def _cpu_seconds(in_process: bool) -> float:
@@ -367,7 +381,8 @@ def method_record(tasks: list[Task], runs_root: str | Path, steps: list[int]) ->
         entry["config"] = entry["config"] or records.run_config(run_dir)
         task_record = _read_json(run_dir / TASK_RECORD) or {}
         entry["processes"].append({"seeds": list(task.seeds), "wall_seconds": task_record.get("wall_seconds"),
-                                   "cpu_seconds": task_record.get("cpu_seconds"),
+                                   "cpu_seconds": (None if task_record.get("cpu_seconds_incomplete")
+                                                   else task_record.get("cpu_seconds")),
                                    "machine": task_record.get("machine"), "commit": task_record.get("commit")})
         entry["runs"] += runs
     return entry

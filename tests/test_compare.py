@@ -95,6 +95,39 @@ methods:
     assert tasks[2].run_dir("R") == Path("R/suite/Craftax-Classic-Symbolic-v1/apart/seed5")
 
 
+def test_cpu_seconds_of_a_killed_segment_mark_the_total_incomplete(tmp_path, monkeypatch):
+    """A process killed before writing its task record (a session's end, a preempted job) costs CPU that
+    no record holds: the table must print no CPU figure rather than the surviving segments' share."""
+    suite = compare.load_suite(write_suite(tmp_path, """
+envs: [Craftax-Classic-Symbolic-v1]
+seeds: 1
+budget: 1000
+methods:
+  ppo: {module: online_rl.ppo, presets: [debug]}
+"""))
+    task = compare.suite_tasks(suite)[0]
+    run_dir = task.run_dir(tmp_path / "runs")
+
+    def log_rows(count):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "metrics.jsonl", "a") as handle:
+            handle.writelines('{"step": 1}\n' for _ in range(count))
+
+    monkeypatch.setattr(compare, "_run_subprocess", lambda command: log_rows(2) or 0)
+    compare.run_task(task, tmp_path / "runs")
+    record = compare._read_json(run_dir / compare.TASK_RECORD)
+    assert record["metric_rows"] == 2 and record["cpu_seconds_incomplete"] is False
+    compare.run_task(task, tmp_path / "runs")  # a resume after a finished segment: still whole
+    assert compare._read_json(run_dir / compare.TASK_RECORD)["cpu_seconds_incomplete"] is False
+    log_rows(3)  # a segment that was killed: rows, but no record
+    compare.run_task(task, tmp_path / "runs")
+    record = compare._read_json(run_dir / compare.TASK_RECORD)
+    assert record["metric_rows"] == 9 and record["cpu_seconds_incomplete"] is True
+    monkeypatch.setattr(records, "run_entries", lambda *args: [{"seed": 0}])
+    monkeypatch.setattr(records, "run_config", lambda *args: {})
+    assert compare.method_record([task], tmp_path / "runs", [1000])["processes"][0]["cpu_seconds"] is None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Collecting
 # ---------------------------------------------------------------------------------------------------
