@@ -52,7 +52,7 @@ DEFAULT_RESULTS_MD = "docs/results.md"
 TASK_RECORD = "compare_task.json"  # written by this script into each run folder
 
 _SUITE_KEYS = {"description", "envs", "seeds", "first_seed", "budget", "flags", "methods", "slurm",
-               "seed_role", "headline", "equal_compute", "references"}
+               "seed_role", "headline", "equal_compute", "references", "time_target_seconds"}
 _REFERENCE_KEYS = {"env", "label", "value", "source"}
 _METHOD_KEYS = {"module", "presets", "flags", "seeds_together"}
 _SLURM_KEYS = {"time", "gres", "cpus_per_task", "mem"}
@@ -95,6 +95,9 @@ class Suite:
     """Also tabulate and plot each method's return at equal training time (methods of unequal cost)."""
     references: tuple[dict, ...] = ()
     """Published or earlier figures at the same budget: ``{env, label, value, source}``."""
+    time_target_seconds: float | None = None
+    """A wall-clock goal per training process (e.g. a preset meant to finish within 16 minutes): the
+    report adds each process's wall time and the return each seed reached within the goal."""
 
 
 def suite_path(name_or_path: str) -> Path:
@@ -187,11 +190,15 @@ def load_suite(name_or_path: str, *, budget: int | None = None, seeds: int | Non
         if not isinstance(ref, dict) or set(ref) != _REFERENCE_KEYS or not isinstance(ref["value"], (int, float)):
             raise UserError(f"{path}: each reference needs exactly {', '.join(sorted(_REFERENCE_KEYS))} "
                             f"(value a number), got {ref!r}")
+    target = raw.get("time_target_seconds")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or target <= 0):
+        raise UserError(f"{path}: 'time_target_seconds' must be a positive number of seconds, got {target!r}")
     return Suite(name=path.stem, path=path, description=str(raw.get("description", "")).strip(), envs=suite_envs,
                  seeds=values["seeds"], first_seed=values["first_seed"], budget=values["budget"],
                  flags=_strings(raw.get("flags"), "flags"), methods=tuple(parsed), slurm=dict(slurm),
                  overrides=tuple(overrides), seed_role=raw.get("seed_role"), headline=bool(raw.get("headline")),
-                 equal_compute=bool(raw.get("equal_compute")), references=tuple(references))
+                 equal_compute=bool(raw.get("equal_compute")), references=tuple(references),
+                 time_target_seconds=None if target is None else float(target))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,6 +405,7 @@ def suite_record(suite: Suite, runs_root: str | Path) -> dict:
         "budget": suite.budget, "seeds": list(range(suite.first_seed, suite.first_seed + suite.seeds)),
         "seed_role": suite.seed_role, "headline": suite.headline, "equal_compute": suite.equal_compute,
         "references": [dict(r) for r in suite.references], "curve_steps": steps,
+        "time_target_seconds": suite.time_target_seconds,
         "envs": {env: {"methods": {m.name: method_record([t for t in tasks if t.env == env and t.method == m],
                                                          runs_root, steps) for m in suite.methods}}
                  for env in suite.envs},

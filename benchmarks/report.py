@@ -200,6 +200,25 @@ def equal_time_table(methods: dict[str, dict]) -> list[str]:
     return lines
 
 
+def time_target_table(methods: dict[str, dict], target: float) -> list[str]:
+    """Against a wall-clock goal per training process: how long each process took for the whole budget
+    (start-up, compiling and the final evaluation included) and what each seed had reached by the goal
+    (its last curve point within that much training time)."""
+    lines = [f"Against the goal of {target / 60:,.1f} min of wall time per training process:", "",
+             "| method | seeds per process | wall min per process, median (range) | processes within the goal | "
+             "return reached within the goal, IQM [95% CI] | seeds with a point |", "|---|---|---|---|---|---|"]
+    for i, (name, method) in enumerate(methods.items()):
+        processes = [p for p in method.get("processes", []) if p.get("wall_seconds") is not None]
+        minutes = [p["wall_seconds"] / 60 for p in processes]
+        wall = (f"{np.median(minutes):.1f} ({min(minutes):.1f}-{max(minutes):.1f})" if minutes else "-")
+        per_process = sorted({len(p["seeds"]) for p in processes}) or ["-"]
+        within = sum(p["wall_seconds"] <= target for p in processes)
+        values = np.array([v for v in (value_at_seconds(run, target) for run in method["runs"]) if v is not None])
+        lines.append(f"| {name} | {', '.join(map(str, per_process))} | {wall} | {within} of {len(processes)} | "
+                     f"{estimate_text(values, 'IQM', i)} | {values.size} of {len(method['runs'])} |")
+    return lines
+
+
 def achievement_table(methods: dict[str, dict]) -> list[str]:
     methods = {name: m for name, m in methods.items() if final_scores(m).size}
     keys = sorted({k for m in methods.values() for run in m["runs"] for k in run["final"]
@@ -338,6 +357,8 @@ def render_record(record: dict, data_name: str) -> tuple[str, dict[str, tuple]]:
                   "", *main_table(env, methods, record.get("references", [])), ""]
         for block in (difference_table(methods),
                       equal_time_table(methods) if record.get("equal_compute") else [],
+                      time_target_table(methods, record["time_target_seconds"])
+                      if record.get("time_target_seconds") else [],
                       achievement_table(methods)):
             if block:
                 lines += [*block, ""]

@@ -58,6 +58,8 @@ def write_suite(tmp_path: Path, text: str) -> str:
     ("budget: 10\nmethods: {a: {module: m}}\n", "'envs' must list at least one env"),
     ("envs: [E]\nbudget: 10\nmethods: {a: {module: m}}\nslurm: {partition: gpu}\n", "slurm: unknown keys partition"),
     ("envs: [E\n", "not valid YAML"),
+    ("envs: [Craftax-Classic-Symbolic-v1]\nbudget: 10\nmethods: {a: {module: m}}\ntime_target_seconds: 0\n",
+     "'time_target_seconds' must be a positive number"),
 ])
 def test_bad_suites_are_one_clear_error(tmp_path, text, message):
     with pytest.raises(UserError, match=re.escape(message)):

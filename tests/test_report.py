@@ -195,6 +195,20 @@ def test_two_seeds_make_no_claim_and_a_headline_needs_five():
     assert "Not yet a headline table: 2 seeds, 5 needed." in block
 
 
+def test_a_time_target_reports_wall_time_per_process_and_the_return_within_it():
+    record = synthetic_record()
+    assert "Against the goal" not in report.render_record(record, "toy.json")[0], "no goal, no table"
+    record["time_target_seconds"] = 60.0
+    record["envs"]["Craftax-Classic-Symbolic-v1"]["methods"]["better"]["processes"][0]["wall_seconds"] = 90.0
+    block, _ = report.render_record(record, "toy.json")
+    table = block.split("Against the goal of 1.0 min")[1].split("\n\n")[1]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    # 'base' takes 10 s per curve point, so it has its final point within 60 s; 'better' takes 100 s per
+    # point and has none, and its one process (90 s) missed the goal.
+    assert "| 5 | 0.2 (0.2-0.2) | 1 of 1 |" in rows["base"] and rows["base"].rstrip().endswith("| 5 of 5 |")
+    assert "| 5 | 1.5 (1.5-1.5) | 0 of 1 | n/a | 0 of 5 |" in rows["better"]
+
+
 def test_equal_time_reads_each_run_at_the_quickest_methods_budget():
     run = {"curve": {"episode/return": [1.0, 2.0, None, 4.0]}, "train_seconds": [10, 20, 30, 40]}
     assert report.value_at_seconds(run, 35) == 2.0 and report.value_at_seconds(run, 5) is None
