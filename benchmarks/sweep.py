@@ -161,13 +161,28 @@ def write_record(path: str | Path, folder: str | Path, index: dict, ranked: list
                      "iqm": point["iqm"], "low": point["low"], "high": point["high"], "mean": point["mean"],
                      "per_seed": per_seed, "sps": program_sps(Path(folder) / point["program"])})
     name = Path(path).stem
-    description = (f"{index['algo']} on {index['env']}, {len(ranked)} grid points x {seeds} seed(s) (seeds "
+    shared = shared_settings(Path(folder), index)
+    description = (f"{index['algo']} on {index['env']}{shared}, {len(ranked)} grid points x {seeds} seed(s) (seeds "
                    f"{index['seed']}..{last}), ranked by the IQM of the final return (episode-weighted mean of "
                    "the last 10% of logged rows); intervals: stratified bootstrap, 95% (one seed gives none). "
                    "Steps/s are the whole program's (every slot of the grid), measured beside other work: they "
                    "rank programs of one sweep only roughly.")
     return records.write_table(path, name=name, title=f"Sweep: {name}", command=command, columns=columns,
                                rows=rows, description=description)
+
+
+#: Settings a reader needs to place a sweep (shown when the grid does not vary them).
+SHARED_FIELDS = ("preset", "total_steps", "num_envs", "num_steps", "layer_width", "lr", "ent_coef")
+
+
+def shared_settings(folder: Path, index: dict) -> str:
+    """The first program's values of :data:`SHARED_FIELDS` that the grid leaves fixed, as ``" (a=1, ...)"``."""
+    import yaml
+
+    path = folder / index["programs"][0]["folder"] / "config.yaml"
+    config = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    fixed = [f"{k}={config[k]}" for k in SHARED_FIELDS if k in config and k not in index["fields"]]
+    return f" ({', '.join(fixed)})" if fixed else ""
 
 
 def program_sps(run_dir: Path) -> float | None:

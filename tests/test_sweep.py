@@ -132,6 +132,8 @@ def test_shape_changing_field_runs_separate_programs_and_the_report_ranks_points
     assert all(row["sps"] is None or row["sps"] > 0 for row in table["rows"])
     rendered = report.render_table(table, "grid_tune.json")
     assert "| rank | layer_width | lr |" in rendered and "2 seeds" in rendered
+    assert "preset=['debug']" in table["description"] and "num_envs=8" in table["description"]
+    assert "layer_width=" not in table["description"], "a swept field is not a shared setting"
 
 
 def test_parts_split_the_grid_so_every_job_gets_work_and_no_point_is_trained_twice():
