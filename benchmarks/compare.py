@@ -187,9 +187,12 @@ def load_suite(name_or_path: str, *, budget: int | None = None, seeds: int | Non
         raise UserError(f"{path}: 'seed_role' must be report or tuning, got {raw['seed_role']!r}")
     references = raw.get("references") or []
     for ref in references:
-        if not isinstance(ref, dict) or set(ref) != _REFERENCE_KEYS or not isinstance(ref["value"], (int, float)):
+        if (not isinstance(ref, dict) or not _REFERENCE_KEYS <= set(ref) <= _REFERENCE_KEYS | {"env_steps"}
+                or not isinstance(ref["value"], (int, float))
+                or not (isinstance(ref.get("env_steps", 1), int) and ref.get("env_steps", 1) > 0)):
             raise UserError(f"{path}: each reference needs exactly {', '.join(sorted(_REFERENCE_KEYS))} "
-                            f"(value a number), got {ref!r}")
+                            f"(value a number), and may give env_steps (a positive integer: where the plot "
+                            f"marks it), got {ref!r}")
     target = raw.get("time_target_seconds")
     if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or target <= 0):
         raise UserError(f"{path}: 'time_target_seconds' must be a positive number of seconds, got {target!r}")

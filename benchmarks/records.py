@@ -9,7 +9,7 @@ its resolved config. ``benchmarks.compare`` writes one per suite; ``benchmarks.r
 Layout (``SCHEMA``)::
 
     {"schema", "name", "title", "description", "command", "suite", "budget", "seeds", "seed_role",
-     "headline", "equal_compute", "references": [{"env", "label", "value", "source"}],
+     "headline", "equal_compute", "references": [{"env", "label", "value", "source", optional "env_steps"}],
      "curve_steps": [K env steps], "time_target_seconds" (a wall-clock goal per process, or null),
      "envs": {env: {"methods": {method: {"module", "presets", "flags", "config",
                                          "processes": [{"seeds", "wall_seconds", "cpu_seconds", "machine",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import hashlib
 import json
 import sys
@@ -268,9 +269,10 @@ def _steps_axis(ax) -> None:
 
 
 def plot_env(title: str, steps: list[int], methods: dict[str, dict], equal_compute: bool, path: Path,
-             digest: str) -> None:
+             digest: str, references: list[dict] = ()) -> None:
     """Return against env steps (mean over seeds, 95% bootstrap band), achievement rate, and with
-    ``equal_compute`` return against training seconds."""
+    ``equal_compute`` return against training seconds. ``references`` that name their ``env_steps`` are
+    drawn on the return panel, so a curve is read against the published one, not only a table cell."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,6 +303,10 @@ def plot_env(title: str, steps: list[int], methods: dict[str, dict], equal_compu
             line, = ax.plot(x[ok], mean[ok], marker="o" if ok.sum() < 5 else None, markersize=3,
                             label=f"{name} ({len(curves)} seeds)")
             ax.fill_between(x[ok], low[ok], high[ok], color=line.get_color(), alpha=0.2, linewidth=0)
+        marks = sorted((r["env_steps"], r["value"]) for r in references) if panel == RETURN else []
+        if marks:
+            ax.plot(*zip(*marks), color="black", linestyle=":", marker="D", markersize=4,
+                    label="reference (see the table)")
         if panel == "time":
             ax.set_xlabel("training seconds (median over seeds)")
             ax.xaxis.set_major_locator(MaxNLocator(nbins=5, min_n_ticks=3))
@@ -366,7 +372,9 @@ def render_record(record: dict, data_name: str) -> tuple[str, dict[str, tuple]]:
             rel = f"figures/report_{record['name']}_{env}.png"
             title = f"{record['name']}: {env}"
             args = (title, record["curve_steps"], methods, bool(record.get("equal_compute")))
-            figures[rel] = (plot_env, args, data_hash(list(args)))
+            marks = [r for r in record.get("references", []) if r["env"] == env and r.get("env_steps")]
+            figures[rel] = (functools.partial(plot_env, references=marks), args,
+                            data_hash(list(args) + ([marks] if marks else [])))
             lines += [f"![{record['name']} learning curves on {env}]({rel})", ""]
     return "\n".join(lines).rstrip() + "\n", figures
 

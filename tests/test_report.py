@@ -209,6 +209,19 @@ def test_a_time_target_reports_wall_time_per_process_and_the_return_within_it():
     assert "| 5 | 1.5 (1.5-1.5) | 0 of 1 | n/a | 0 of 5 |" in rows["better"]
 
 
+def test_references_with_env_steps_are_drawn_on_the_curve(tmp_path):
+    record = synthetic_record()
+    _, plain = report.render_record(record, "toy.json")
+    record["references"][0]["env_steps"] = 500
+    block, marked = report.render_record(record, "toy.json")
+    assert "| reference: paper |" in block, "the table row stays"
+    (rel, (function, args, digest)), = marked.items()
+    assert digest != plain[rel][2], "the marks are part of the figure's data, so a changed reference redraws it"
+    assert function.keywords["references"] == [record["references"][0]]
+    function(*args, tmp_path / "f.png", digest)
+    assert report.figure_hash(tmp_path / "f.png") == digest
+
+
 def test_equal_time_reads_each_run_at_the_quickest_methods_budget():
     run = {"curve": {"episode/return": [1.0, 2.0, None, 4.0]}, "train_seconds": [10, 20, 30, 40]}
     assert report.value_at_seconds(run, 35) == 2.0 and report.value_at_seconds(run, 5) is None
