@@ -147,7 +147,7 @@ def write_record(path: str | Path, folder: str | Path, index: dict, ranked: list
     fields = index["fields"]
     seeds = index["num_seeds"]
     last = index["seed"] + seeds - 1
-    columns = ([{"key": "rank", "label": "rank"}]
+    columns = ([{"key": "rank", "label": "rank", "digits": 0}]
                + [{"key": f"field:{f}", "label": f} for f in fields]
                + [{"key": "iqm", "label": f"IQM final return ({seeds} seed{'s' if seeds > 1 else ''})"},
                   {"key": "low", "label": "95% CI low"}, {"key": "high", "label": "95% CI high"},
@@ -167,7 +167,7 @@ def write_record(path: str | Path, folder: str | Path, index: dict, ranked: list
                    "the last 10% of logged rows); intervals: stratified bootstrap, 95% (one seed gives none). "
                    "Steps/s are the whole program's (every slot of the grid), measured beside other work: they "
                    "rank programs of one sweep only roughly.")
-    return records.write_table(path, name=name, title=f"Sweep: {name}", command=command, columns=columns,
+    return records.write_table(path, name=name, title=f"Sweep of {index['algo']} on {index['env']} (`{name}`)", command=command, columns=columns,
                                rows=rows, description=description)
 
 
