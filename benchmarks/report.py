@@ -205,7 +205,9 @@ def time_target_table(methods: dict[str, dict], target: float) -> list[str]:
     """Against a wall-clock goal per training process: how long each process took for the whole budget
     (start-up, compiling and the final evaluation included) and what each seed had reached by the goal
     (its last curve point within that much training time)."""
-    lines = [f"Against the goal of {target / 60:,.1f} min of wall time per training process:", "",
+    lines = [f"Against the goal of {target / 60:,.1f} min of wall time per training process (wall: the whole "
+             "process, start-up, compiling and the final evaluation included; the return within the goal: each "
+             "seed's last curve point within that much training time, compiling included):", "",
              "| method | seeds per process | wall min per process, median (range) | processes within the goal | "
              "return reached within the goal, IQM [95% CI] | seeds with a point |", "|---|---|---|---|---|---|"]
     for i, (name, method) in enumerate(methods.items()):
