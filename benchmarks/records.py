@@ -102,6 +102,19 @@ def window_curve(rows: list[dict], key: str, steps: list[int], seeds: int) -> np
     return out
 
 
+def steady_sps(rows: list[dict], slots: int) -> float | None:
+    """Env steps/s over all ``slots`` (seeds, or a sweep's points x seeds) between the first and last logged
+    rows of the run's latest process: compilation is in the first row, and a resumed run restarts its wall
+    clock. None before two such rows exist."""
+    rows = [r for r in rows if "perf/wall_seconds" in r]
+    restarts = [i for i in range(1, len(rows)) if rows[i]["perf/wall_seconds"] < rows[i - 1]["perf/wall_seconds"]]
+    rows = rows[restarts[-1]:] if restarts else rows
+    if len(rows) < 2:
+        return None
+    seconds = rows[-1]["perf/wall_seconds"] - rows[0]["perf/wall_seconds"]
+    return slots * (rows[-1]["step"] - rows[0]["step"]) / seconds if seconds > 0 else None
+
+
 def train_seconds(rows: list[dict], steps: list[int], seeds: int) -> list[float | None]:
     """Seconds of training up to each curve point, summed over the logged chunks (each chunk's env steps
     over its ``perf/sps``), so a resumed run counts only the time it trained, not the gaps between."""

@@ -60,11 +60,10 @@ def steady_sps(run_dir: Path) -> float:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     config = (run_dir / "config.yaml").read_text()
     seeds = int(next(line.split(":")[1] for line in config.splitlines() if line.startswith("num_seeds:")))
-    rows = [r for r in rows if "perf/wall_seconds" in r]
-    if len(rows) < 2:
+    sps = records.steady_sps(rows, seeds)
+    if sps is None:
         raise UserError(f"{run_dir}: fewer than 2 logged rows; raise --total-steps or lower --updates-per-chunk")
-    seconds = rows[-1]["perf/wall_seconds"] - rows[0]["perf/wall_seconds"]
-    return seeds * (rows[-1]["step"] - rows[0]["step"]) / seconds
+    return sps
 
 
 def base_env(cache: Path | None = None) -> dict[str, str]:

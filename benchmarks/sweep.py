@@ -186,17 +186,10 @@ def shared_settings(folder: Path, index: dict) -> str:
 
 
 def program_sps(run_dir: Path) -> float | None:
-    """Env steps/s of all of a program's slots between the first and last logged rows of its latest
-    process (compilation excluded; a resumed run restarts its wall clock), or None before two rows exist."""
+    """Env steps/s of all of a program's slots (compilation excluded), or None before two rows exist."""
     path = run_dir / "metrics.jsonl"
     rows = read_jsonl(path) if path.is_file() else []
-    restarts = [i for i in range(1, len(rows)) if rows[i]["perf/wall_seconds"] < rows[i - 1]["perf/wall_seconds"]]
-    rows = rows[restarts[-1]:] if restarts else rows
-    if len(rows) < 2:
-        return None
-    slots = len(rows[-1].get("loss/total") or [0])
-    seconds = rows[-1]["perf/wall_seconds"] - rows[0]["perf/wall_seconds"]
-    return (rows[-1]["step"] - rows[0]["step"]) * slots / seconds if seconds > 0 else None
+    return records.steady_sps(rows, len(rows[-1].get("loss/total") or [0])) if rows else None
 
 
 @exit_on_user_error

@@ -116,6 +116,14 @@ def test_train_seconds_sum_the_chunks_and_stop_at_the_last_row():
     assert records.train_seconds(ROWS, [100, 250, 300, 400], 2) == [4.0, 8.0, 10.0, None]
 
 
+def test_steady_sps_skips_compilation_and_reads_only_the_latest_process():
+    row = lambda step, seconds: {"step": step, "perf/wall_seconds": seconds}  # noqa: E731
+    assert records.steady_sps([row(100, 50.0), row(300, 52.0)], slots=2) == 200.0  # the first row's compile left out
+    resumed = [row(100, 50.0), row(300, 52.0), row(400, 40.0), row(600, 41.0)]  # the clock restarted at 400
+    assert records.steady_sps(resumed, slots=1) == 200.0
+    assert records.steady_sps([row(100, 5.0)], slots=1) is None and records.steady_sps([], slots=1) is None
+
+
 def test_run_entries_split_a_vmapped_run_into_seeds(tmp_path):
     summary = {"complete": True, "env_steps_per_seed": 300,
                "final": {"episode/return": {"mean": 4.5, "per_seed": [5.0, 4.0]},
