@@ -52,7 +52,8 @@ DEFAULT_RESULTS_MD = "docs/results.md"
 TASK_RECORD = "compare_task.json"  # written by this script into each run folder
 
 _SUITE_KEYS = {"description", "envs", "seeds", "first_seed", "budget", "flags", "methods", "slurm",
-               "seed_role", "headline", "equal_compute", "references", "time_target_seconds"}
+               "seed_role", "headline", "equal_compute", "references", "time_target_seconds",
+               "early_steps"}
 _REFERENCE_KEYS = {"env", "label", "value", "source"}
 _METHOD_KEYS = {"module", "presets", "flags", "seeds_together"}
 _SLURM_KEYS = {"time", "gres", "cpus_per_task", "mem"}
@@ -98,6 +99,9 @@ class Suite:
     time_target_seconds: float | None = None
     """A wall-clock goal per training process (e.g. a preset meant to finish within 16 minutes): the
     report adds each process's wall time and the return each seed reached within the goal."""
+    early_steps: tuple[int, ...] = ()
+    """Env steps at which the report also compares the methods along the curve (e.g. does a pretrained
+    policy's head start survive the first updates, and where do the curves meet)."""
 
 
 def suite_path(name_or_path: str) -> Path:
@@ -196,12 +200,16 @@ def load_suite(name_or_path: str, *, budget: int | None = None, seeds: int | Non
     target = raw.get("time_target_seconds")
     if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or target <= 0):
         raise UserError(f"{path}: 'time_target_seconds' must be a positive number of seconds, got {target!r}")
+    early = raw.get("early_steps") or []
+    if not isinstance(early, list) or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v
+                                              for v in early):
+        raise UserError(f"{path}: 'early_steps' must be a list of positive env-step counts, got {early!r}")
     return Suite(name=path.stem, path=path, description=str(raw.get("description", "")).strip(), envs=suite_envs,
                  seeds=values["seeds"], first_seed=values["first_seed"], budget=values["budget"],
                  flags=_strings(raw.get("flags"), "flags"), methods=tuple(parsed), slurm=dict(slurm),
                  overrides=tuple(overrides), seed_role=raw.get("seed_role"), headline=bool(raw.get("headline")),
                  equal_compute=bool(raw.get("equal_compute")), references=tuple(references),
-                 time_target_seconds=None if target is None else float(target))
+                 time_target_seconds=None if target is None else float(target), early_steps=tuple(early))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -408,7 +416,7 @@ def suite_record(suite: Suite, runs_root: str | Path) -> dict:
         "budget": suite.budget, "seeds": list(range(suite.first_seed, suite.first_seed + suite.seeds)),
         "seed_role": suite.seed_role, "headline": suite.headline, "equal_compute": suite.equal_compute,
         "references": [dict(r) for r in suite.references], "curve_steps": steps,
-        "time_target_seconds": suite.time_target_seconds,
+        "time_target_seconds": suite.time_target_seconds, "early_steps": list(suite.early_steps),
         "envs": {env: {"methods": {m.name: method_record([t for t in tasks if t.env == env and t.method == m],
                                                          runs_root, steps) for m in suite.methods}}
                  for env in suite.envs},

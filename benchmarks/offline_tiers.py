@@ -7,17 +7,18 @@
 
 Steps (each one is skipped when a re-run finds it done):
 
-1. **PPO**: trains ``online_rl.ppo`` saving its rollouts (every ``--replay-every``-th), or takes ``--from-run``.
+1. **PPO**: trains ``online_rl.ppo``, or takes ``--from-run`` (any finished run: no saved rollouts needed).
 2. **Medium**: from the run's ``metrics.jsonl``, the first update whose (smoothed) training return
    reaches ``--medium-fraction`` of the final return. A run keeps only its newest checkpoints, so the
    medium policy is re-trained from the same config and seed and stopped at that update
-   (``stop_after_updates``; same chunking, so the same learning-rate schedule).
+   (``stop_after_updates``; the same number of updates, so the same learning-rate schedule). The re-run
+   saves its rollouts (every ``--replay-every``-th): they are the medium-replay data.
 3. **Returns**: the random, medium and expert (final) policies each play ``--eval-episodes`` episodes.
 4. **Tiers**, each a dataset folder in the usual format (docs/design.md) under ``--out``:
    ``random``, ``medium``, ``expert`` (``--steps`` transitions each, ``--num-envs`` envs, rollouts of
    ``--rollout-length``), ``medium-expert`` (the medium and expert rollouts concatenated, a gap in
-   ``t`` between them so no return chains across) and ``medium-replay`` (the PPO run's saved rollouts
-   up to the medium update, hard-linked). Every manifest's metadata holds a ``tier`` block
+   ``t`` between them so no return chains across) and ``medium-replay`` (the re-run's rollouts before the
+   medium update, hard-linked). Every manifest's metadata holds a ``tier`` block
    (``utils.tiers``): the policies and their returns, the data policy's return, and the random and
    expert returns, from which offline evaluation computes normalised scores.
 
@@ -55,7 +56,7 @@ class TiersConfig:
     preset: tuple[str, ...] = ()
     """Presets from configs/offline_rl/offline_tiers.yaml, applied left to right before other flags."""
     from_run: str | None = None
-    """Use this finished online_rl.ppo run folder instead of training one (medium-replay needs its rollouts)."""
+    """Use this finished online_rl.ppo run folder instead of training one."""
     ppo_preset: tuple[str, ...] = ()
     """Presets of the PPO run to train (configs/online_rl/ppo.yaml), e.g. cpu."""
     ppo_steps: int = 1_000_000
@@ -63,7 +64,8 @@ class TiersConfig:
     ppo_args: str = ""
     """More flags for the PPO run, as one string, e.g. "--num-envs 1024 --layer-width 512"."""
     replay_every: int = 1
-    """The PPO run saves every this-many-th rollout (--save-every): medium-replay holds those up to medium."""
+    """The medium re-run saves every this-many-th rollout: medium-replay holds them. 1 keeps every rollout, so
+    episodes run whole across them and give the tier its data return; above 1 no episode is complete."""
     tiers: tuple[str, ...] = TIERS
     """Which tiers to write."""
     steps: int = 1_000_000
@@ -115,8 +117,7 @@ def ppo_config(cfg: TiersConfig):
     out = Path(cfg.out)
     argv = [*(a for p in cfg.ppo_preset for a in ("--preset", p)), "--env", cfg.env,
             "--total-steps", str(cfg.ppo_steps), "--seed", str(cfg.seed), "--num-seeds", "1",
-            "--run-dir", str(out / "ppo" / "run"), "--save-trajectories", str(out / "ppo" / "rollouts"),
-            "--save-every", str(cfg.replay_every), "--progress" if cfg.progress else "--no-progress",
+            "--run-dir", str(out / "ppo" / "run"), "--progress" if cfg.progress else "--no-progress",
             *shlex.split(cfg.ppo_args)]
     return parse_config(PPOConfig, "online_rl", "ppo", argv)
 
@@ -152,28 +153,38 @@ def pick_medium_update(updates: np.ndarray, returns: np.ndarray, fraction: float
     return int(updates[index]), float(smooth[index]), final
 
 
-def medium_checkpoint(ppo_cfg, update: int, out: Path) -> tuple[str, int]:
-    """Run folder and step holding the policy after ``update`` updates of ``ppo_cfg``'s run."""
+def medium_checkpoint(ppo_cfg, update: int, out: Path, replay_every: int | None) -> tuple[str, int, str | None]:
+    """``(run folder, step, rollouts)``: the policy after ``update`` updates of ``ppo_cfg``'s run, and, with
+    ``replay_every``, the folder of the rollouts that led there (every ``replay_every``-th; else None).
+
+    The run's own checkpoint serves when it is at ``update`` and no rollouts are asked for; otherwise the
+    run is re-trained from its config and seed up to ``update``, saving the rollouts. Chunks then divide
+    the save interval, but a run's chunks always divide its update count, so the learning-rate schedule
+    (over all of the run's updates) is the original's."""
     from online_rl.common import num_updates_for
     from online_rl.ppo import train
 
     latest = _latest_step(Path(ppo_cfg.run_dir))
-    if update >= latest:
-        return ppo_cfg.run_dir, latest
+    if update >= latest and replay_every is None:
+        return ppo_cfg.run_dir, latest, None
     folder = out / "ppo" / "medium"
+    rollouts = folder / "rollouts"
+    if replay_every is not None and not rollouts.exists():
+        shutil.rmtree(folder / "run", ignore_errors=True)  # an earlier re-run that saved nothing
+    # Without replay, a save interval of save_every + updates keeps the chunks of a saving run (their
+    # gcd) and never falls due, so nothing is written.
+    saving = replay_every is not None or bool(ppo_cfg.save_trajectories)
     scratch = folder / "unused_rollouts"
-    # The same chunking as the original run (chunks divide gcd(updates, save_every) when saving): a
-    # save interval of save_every + updates keeps that gcd and never falls due, so nothing is written.
-    saving = bool(ppo_cfg.save_trajectories)
+    save_every = replay_every if replay_every is not None else ppo_cfg.save_every + num_updates_for(ppo_cfg)
     medium_cfg = dataclasses.replace(
         ppo_cfg, run_dir=str(folder / "run"), checkpoint_every=update,
-        save_trajectories=str(scratch) if saving else None,
-        save_every=ppo_cfg.save_every + num_updates_for(ppo_cfg) if saving else ppo_cfg.save_every)
+        save_trajectories=str(rollouts if replay_every is not None else scratch) if saving else None,
+        save_every=save_every if saving else ppo_cfg.save_every)
     train(medium_cfg, stop_after_updates=update)
     shutil.rmtree(scratch, ignore_errors=True)
     if _latest_step(folder / "run") != update:
         raise UserError(f"{folder / 'run'}: expected a checkpoint at update {update}; delete the folder and re-run")
-    return medium_cfg.run_dir, update
+    return medium_cfg.run_dir, update, str(rollouts) if replay_every is not None else None
 
 
 def _latest_step(run_dir: Path) -> int:
@@ -338,10 +349,9 @@ def build(cfg: TiersConfig) -> dict[str, Any]:
         raise UserError(f"--medium-fraction must be in (0, 1], got {cfg.medium_fraction}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.replay_every < 1:
+        raise UserError(f"--replay-every must be at least 1, got {cfg.replay_every}")
     ppo_cfg = ppo_config(cfg)
-    if "medium-replay" in cfg.tiers and not ppo_cfg.save_trajectories:
-        raise UserError(f"{ppo_cfg.run_dir} saved no rollouts, so there is no medium-replay data; use a run saved "
-                        "with --save-trajectories DIR --save-every 1, or leave medium-replay out of --tiers")
     if not cfg.from_run:
         say(cfg, f"PPO: {ppo_cfg.total_steps} env steps -> {ppo_cfg.run_dir}")
         from online_rl.ppo import train
@@ -352,7 +362,9 @@ def build(cfg: TiersConfig) -> dict[str, Any]:
     medium_update, medium_train_return, final_train_return = pick_medium_update(updates, returns, cfg.medium_fraction)
     say(cfg, f"medium: update {medium_update} of {updates[-1]} (training return {medium_train_return:.3g}, "
              f"final {final_train_return:.3g})")
-    medium_dir, medium_step = medium_checkpoint(ppo_cfg, medium_update, out)
+    replay = "medium-replay" in cfg.tiers and not (out / "medium-replay").exists()
+    medium_dir, medium_step, replay_source = medium_checkpoint(ppo_cfg, medium_update, out,
+                                                               cfg.replay_every if replay else None)
     expert_step = _latest_step(run_dir)
 
     env = envs.make(ppo_cfg.env, cfg.num_envs, reset_ratio=min(cfg.reset_ratio, cfg.num_envs))
@@ -412,14 +424,14 @@ def build(cfg: TiersConfig) -> dict[str, Any]:
         mixed_writer.close()
         written["medium-expert"] = str(_finish(out / "medium-expert.partial"))
 
-    if "medium-replay" in cfg.tiers and not (out / "medium-replay").exists():
-        source_data = TrajectoryDataset(ppo_cfg.save_trajectories)
+    if replay_source is not None:
+        source_data = TrajectoryDataset(replay_source)
         count = sum(1 for s in source_data.shards if int(s["update"]) < medium_update)
         if count == 0:
-            raise UserError(f"{ppo_cfg.save_trajectories} holds no rollout before update {medium_update}")
+            raise UserError(f"{replay_source} holds no rollout before update {medium_update}")
         partial = out / "medium-replay.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        replay = subset_dataset(ppo_cfg.save_trajectories, partial, 0, count)
+        replay = subset_dataset(replay_source, partial, 0, count)
         table = episode_table(replay)
         complete = table.returns[table.complete]
         data_return = float(complete.mean()) if complete.size else None

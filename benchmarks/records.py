@@ -11,6 +11,7 @@ Layout (``SCHEMA``)::
     {"schema", "name", "title", "description", "command", "suite", "budget", "seeds", "seed_role",
      "headline", "equal_compute", "references": [{"env", "label", "value", "source", optional "env_steps"}],
      "curve_steps": [K env steps], "time_target_seconds" (a wall-clock goal per process, or null),
+     "early_steps" (optional: env steps where the report compares the methods along the curve),
      "envs": {env: {"methods": {method: {"module", "presets", "flags", "config",
                                          "processes": [{"seeds", "wall_seconds", "cpu_seconds", "machine",
                                                         "commit"}],

@@ -222,6 +222,42 @@ def time_target_table(methods: dict[str, dict], target: float) -> list[str]:
     return lines
 
 
+def window_index(curve_steps: list[int], step: int) -> int:
+    """The curve point whose window ``(previous point, point]`` holds ``step`` (the last one past the end)."""
+    return min(int(np.searchsorted(curve_steps, step)), len(curve_steps) - 1)
+
+
+def along_curve_table(methods: dict[str, dict], curve_steps: list[int], at_steps: list[int]) -> list[str]:
+    """Every method at a few points of its learning curve, and its difference to the first method there:
+    where a head start (a pretrained policy) survives, and where the curves meet."""
+    names = list(methods)
+    windows = sorted({window_index(curve_steps, s) for s in at_steps})
+    edges = [0, *curve_steps]
+    heads = [f"env steps {edges[k]:,}-{edges[k + 1]:,}" for k in windows]
+    lines = ["Along the learning curve (the training return of the episodes that finished in each window of env "
+             f"steps, IQM [95% CI] over seeds; below it, the difference to `{names[0]}` and its verdict):", "",
+             "| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(windows)]
+
+    def at(method: dict, k: int) -> np.ndarray:
+        values = [run["curve"].get(RETURN, [])[k] if len(run["curve"].get(RETURN, [])) > k else None
+                  for run in method["runs"]]
+        return np.array([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+
+    for i, name in enumerate(names):
+        cells = []
+        for k in windows:
+            scores = at(methods[name], k)
+            text = estimate_text(scores, "IQM", i)
+            base = at(methods[names[0]], k)
+            if i and scores.size and base.size:
+                diff = stats.difference(scores, base, "IQM", seed=i)
+                word = diff.verdict if diff.verdict != "too few seeds" else "no claim"
+                text += f"<br>{diff.estimate.text()} {word}"
+            cells.append(text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def achievement_table(methods: dict[str, dict]) -> list[str]:
     methods = {name: m for name, m in methods.items() if final_scores(m).size}
     keys = sorted({k for m in methods.values() for run in m["runs"] for k in run["final"]
@@ -367,6 +403,8 @@ def render_record(record: dict, data_name: str) -> tuple[str, dict[str, tuple]]:
                       equal_time_table(methods) if record.get("equal_compute") else [],
                       time_target_table(methods, record["time_target_seconds"])
                       if record.get("time_target_seconds") else [],
+                      along_curve_table(methods, record["curve_steps"], record["early_steps"])
+                      if record.get("early_steps") else [],
                       achievement_table(methods)):
             if block:
                 lines += [*block, ""]

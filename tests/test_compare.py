@@ -60,6 +60,8 @@ def write_suite(tmp_path: Path, text: str) -> str:
     ("envs: [E\n", "not valid YAML"),
     ("envs: [Craftax-Classic-Symbolic-v1]\nbudget: 10\nmethods: {a: {module: m}}\ntime_target_seconds: 0\n",
      "'time_target_seconds' must be a positive number"),
+    ("envs: [Craftax-Classic-Symbolic-v1]\nbudget: 10\nmethods: {a: {module: m}}\nearly_steps: [0]\n",
+     "'early_steps' must be a list of positive env-step counts"),
     ("envs: [Craftax-Classic-Symbolic-v1]\nbudget: 10\nmethods: {a: {module: m}}\nreferences:\n"
      "  - {env: Craftax-Classic-Symbolic-v1, label: x, value: 1.0, source: s, env_steps: -5}\n",
      "may give env_steps (a positive integer"),

@@ -663,6 +663,9 @@ SKIPS = {
                       "evaluate_many line above it runs",
     "sbatch --dependency=afterok:${JOB%%_*} scripts/sbatch/offline_evaluate_many.sbatch runs/offline_tiers/classic/*/*"
     " --episodes 64 --out runs/offline_tiers/classic_table": "depends on the array job above",
+    "python -m benchmarks.offline_tiers --preset cpu --out data/tiers/classic":
+        "at debug size it is the debug line above it (the rule appends --preset debug, which sets every size the "
+        "cpu preset sets), and that line runs",
     "python -m benchmarks.offline_table runs/offline_tiers/classic_table.json --name offline_tiers_classic --title "
     "'Offline RL on the Craftax-Classic tiers' --baseline bc":
         "normalised scores need tiers whose expert beats random; at the debug preset PPO learns nothing (expert "
@@ -692,7 +695,7 @@ FULL_CRAFTAX_BUDGET = {
     "python -m online_rl.ppo --bonus e3b --preset cpu --env Craftax-Symbolic-v1 --total-steps 1000000 "
     "--num-seeds 2 --run-name compare-1m --no-progress": _FULL_TWIN.format("the compare-2m line of results.md"),
     "python -m benchmarks.offline_tiers --env Craftax-Symbolic-v1 --out /data/tiers/craftax --ppo-steps 1000000000 "
-    "--replay-every 32 --steps 1000000 --num-envs 256 --eval-episodes 128":
+    "--replay-every 8 --steps 1000000 --num-envs 256 --eval-episodes 128":
         _FULL_TWIN.format("the Craftax-Classic line above it").replace("and full-Craftax PPO (README.md) ", "")
         + " (over 20 minutes at the debug preset here)",
 }

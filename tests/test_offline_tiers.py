@@ -110,8 +110,8 @@ def test_evaluate_many_refuses_a_folder_without_checkpoints_before_evaluating(tm
 
 @pytest.mark.slow
 def test_offline_tiers_builds_every_tier_from_a_tiny_ppo_run(tmp_path):
-    """The whole pipeline at debug size (minutes on a busy CPU): PPO with saved rollouts, the medium
-    re-run, three policies' returns, five tier folders whose manifests hold the tier block; a re-run
+    """The whole pipeline at debug size (minutes on a busy CPU): PPO, the medium re-run saving every
+    rollout, three policies' returns, five tier folders whose manifests hold the tier block; a re-run
     keeps what is there."""
     from benchmarks.offline_tiers import main as tiers_main
 
@@ -132,7 +132,9 @@ def test_offline_tiers_builds_every_tier_from_a_tiny_ppo_run(tmp_path):
     assert mixed.num_transitions == 2048
     assert [int(s["update"]) for s in mixed.shards] == [0, 1, 2, 3, 5, 6, 7, 8], "a gap between the halves"
     replay = TrajectoryDataset(out / "medium-replay")
-    assert all(int(s["update"]) < summary["medium_update"] for s in replay.shards)
+    assert [int(s["update"]) for s in replay.shards] == list(range(summary["medium_update"])), \
+        "every rollout up to medium, so episodes run whole across them"
+    assert not (out / "ppo" / "rollouts").exists(), "the PPO run itself saves nothing: the re-run does"
     assert tier_of(TrajectoryDataset(out / "medium").manifest)["policies"][0]["update"] == summary["medium_update"]
     again = tiers_main(["--preset", "debug", "--out", str(out), "--no-progress"])
     assert again["written_now"] == [] and again["medium_update"] == summary["medium_update"]

@@ -217,6 +217,22 @@ def test_a_time_target_reports_wall_time_per_process_and_the_return_within_it():
     assert "| 5 | 1.5 (1.5-1.5) | 0 of 1 | n/a | 0 of 5 |" in rows["better"]
 
 
+def test_early_steps_compare_the_methods_in_the_curve_window_that_holds_them():
+    record = synthetic_record()
+    assert "Along the learning curve" not in report.render_record(record, "toy.json")[0], "none asked, no table"
+    better = record["envs"]["Craftax-Classic-Symbolic-v1"]["methods"]["better"]
+    for run in better["runs"]:  # a head start that is gone by the end: far above 'base' early, level late
+        run["curve"]["episode/return"] = [9.0, 5.0, 3.0, run["final"]["episode/return"] - 2.0]
+    record["early_steps"] = [100, 1000, 999]  # 999 and 1000 fall in the same (last) window
+    block, _ = report.render_record(record, "toy.json")
+    table = block.split("Along the learning curve")[1].split("\n\n")[1]
+    assert "| method | env steps 0-250 | env steps 750-1,000 |" in table
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in table.splitlines() if line.startswith("| ")}
+    assert "above" in rows["better"][0] and "level" in rows["better"][1]
+    assert "<br>" not in rows["base"][0], "the first method is the baseline, with no difference to itself"
+    assert report.window_index([250, 500, 750, 1000], 250) == 0 and report.window_index([250, 500], 10**6) == 1
+
+
 def test_references_with_env_steps_are_drawn_on_the_curve(tmp_path):
     record = synthetic_record()
     _, plain = report.render_record(record, "toy.json")
