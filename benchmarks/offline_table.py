@@ -51,6 +51,32 @@ def scores_from(document: dict, metric: str) -> dict[str, dict[str, list]]:
     return {task: tasks[task] for task in ordered}
 
 
+def datasets_from(document: dict) -> dict[str, dict]:
+    """``{task: what the data is}`` from each tier dataset's manifest (its ``tier`` block): the collecting
+    policies with their update and return, and the data, random and expert returns the scores are made
+    of, so the table's reader sees what each normalised score is relative to. Datasets not on this
+    machine, or not tiers, are left out."""
+    from utils.tiers import tier_of
+    from utils.trajectories import DatasetError, read_manifest
+
+    found: dict[str, dict] = {}
+    for row in document["table"]:
+        task = task_name(row)
+        if task in found or not row.get("dataset"):
+            continue
+        try:
+            block = tier_of(read_manifest(Path(row["dataset"])))
+        except (OSError, DatasetError):
+            continue
+        if block is None:
+            continue
+        found[task] = {"rows": sum(int(p.get("rows") or 0) for p in block["policies"]),
+                       "policies": [{k: p.get(k) for k in ("name", "update", "return", "episodes")}
+                                    for p in block["policies"]],
+                       **{k: block.get(k) for k in ("data_return", "random_return", "expert_return")}}
+    return found
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -77,7 +103,8 @@ def main(argv: list[str] | None = None) -> Path:
                                 description=args.description, command=command, baseline=args.baseline,
                                 metric={"normalized_score": "normalised score (0 = random, 100 = expert)",
                                         "return": "episode return"}[args.metric],
-                                settings=document.get("settings", {}), seed_role=args.seed_role, tasks=tasks)
+                                settings=document.get("settings", {}), seed_role=args.seed_role, tasks=tasks,
+                                datasets={task: d for task, d in datasets_from(document).items() if task in tasks})
     print(f"wrote {path}; render it with python -m benchmarks.report")
     return path
 

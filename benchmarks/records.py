@@ -236,11 +236,13 @@ def write_table(path: str | Path, *, name: str, title: str, command: str, column
 
 def write_scores(path: str | Path, *, name: str, title: str, command: str, metric: str, baseline: str,
                  tasks: dict[str, dict[str, list[float]]], description: str = "", seed_role: str = "report",
-                 settings: dict | None = None) -> Path:
-    """A :data:`SCORES_SCHEMA` file for ``benchmarks.report``."""
+                 settings: dict | None = None, datasets: dict[str, dict] | None = None) -> Path:
+    """A :data:`SCORES_SCHEMA` file for ``benchmarks.report``; ``datasets`` optionally describes each task's
+    data (``benchmarks.offline_table.datasets_from``)."""
     return _write_stamped(path, SCORES_SCHEMA, {
         "name": name, "title": title, "description": description, "command": command, "metric": metric,
-        "baseline": baseline, "seed_role": seed_role, "settings": settings or {}, "tasks": tasks})
+        "baseline": baseline, "seed_role": seed_role, "settings": settings or {}, "tasks": tasks,
+        **({"datasets": datasets} if datasets else {})})
 
 
 def read(path: str | Path) -> dict:

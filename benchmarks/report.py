@@ -534,6 +534,26 @@ def render_table(table: dict, data_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def data_table(datasets: dict[str, dict]) -> list[str]:
+    """What each task's data is, from its tier block: the scores above are relative to these returns."""
+    if not datasets:
+        return []
+
+    def policy_text(policy: dict) -> str:
+        update = f", update {policy['update']}" if policy.get("update") not in (None, "") else ""
+        return f"{policy.get('name')}{update}: {fmt(policy.get('return'))}"
+
+    lines = ["", "The data (returns measured when the tiers were built; the normalised score is 0 at the random "
+             "and 100 at the expert return):", "",
+             "| data | transitions | collected by (return) | data return | random return | expert return |",
+             "|---|---|---|---|---|---|"]
+    for task, data in datasets.items():
+        lines.append(f"| {task} | {data.get('rows', 0):,} | {'; '.join(policy_text(p) for p in data['policies'])} | "
+                     f"{fmt(data.get('data_return'))} | {fmt(data.get('random_return'))} | "
+                     f"{fmt(data.get('expert_return'))} |")
+    return lines
+
+
 def render_scores(document: dict, data_name: str) -> str:
     """Methods by task (``records.SCORES_SCHEMA``): each cell's IQM and mean with intervals over seeds,
     and each method against the baseline method of the same task, with the page's only verdicts."""
@@ -564,6 +584,7 @@ def render_scores(document: dict, data_name: str) -> str:
                     f"no claim (fewer than {stats.MIN_SEEDS_CLAIM} seeds)")
                 cells += [diff.estimate.text(), stats.probability_of_improvement(scores, base, seed=seed).text(), word]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += data_table(document.get("datasets") or {})
     commit = (document.get("commit") or "unknown")[:12]
     lines += ["", f"Evaluated on {document.get('machine') or 'an unrecorded machine'}, commit `{commit}`; collected by "
               f"`{document['command']}`; data: `docs/data/{data_name}`."]

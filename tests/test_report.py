@@ -362,3 +362,33 @@ def test_offline_scores_table_compares_each_method_with_the_baseline_per_dataset
     assert "no claim (fewer than 3 seeds)" in page.read_text() and "| above |" not in page.read_text()
     with pytest.raises(SystemExit):
         offline_table.main([str(table), "--name", "x", "--title", "x", "--baseline", "awr", "--out", str(data)])
+
+
+def test_offline_table_describes_each_tier_from_its_manifest(tmp_path, monkeypatch):
+    """The scores are relative to the tiers' random and expert returns: the page shows them, read from
+    the dataset's tier block; a dataset not on this machine is left out, not invented."""
+    from benchmarks import offline_table
+    from utils import trajectories
+    from utils.tiers import tier_block
+
+    block = tier_block("medium-replay", data_return=4.5, random_return=1.25, expert_return=10.5, policies=[
+        {"name": "ppo-training", "update": "0..111", "return": 4.5, "episodes": 6000, "rows": 917_504}])
+    manifests = {"/data/tiers/medium-replay": {"metadata": {"tier": block}}}
+
+    def fake_read_manifest(directory):
+        if str(directory) not in manifests:
+            raise trajectories.DatasetError(f"{directory}: no manifest")
+        return manifests[str(directory)]
+
+    monkeypatch.setattr(trajectories, "read_manifest", fake_read_manifest)
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(evaluate_many_document([10.0, 12.0, 11.0], [40.0, 42.0, 45.0])))
+    data = tmp_path / "docs" / "data"
+    document = json.loads(offline_table.main([str(table), "--name", "t", "--title", "T", "--out", str(data)]).read_text())
+    task = "Craftax-Classic-Symbolic-v1 / medium-replay"
+    assert document["datasets"][task]["rows"] == 917_504 and document["datasets"][task]["expert_return"] == 10.5
+    text = report.render_scores(document, "t.json")
+    assert f"| {task} | 917,504 | ppo-training, update 0..111: 4.50 | 4.50 | 1.25 | 10.50 |" in text
+    manifests.clear()
+    document = json.loads(offline_table.main([str(table), "--name", "t", "--title", "T", "--out", str(data)]).read_text())
+    assert "datasets" not in document and "The data" not in report.render_scores(document, "t.json")
