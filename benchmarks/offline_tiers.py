@@ -88,6 +88,9 @@ class TiersConfig:
     """Optimistic resets while collecting (see utils.envs)."""
     progress: bool = True
     """Show progress (PPO's bar and one line per step here)."""
+    record: str | None = None
+    """Also write the tiers as a docs/data table here (e.g. docs/data/offline_tiers_craftax.json), read from
+    their manifests, for ``benchmarks.report``."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,6 +454,37 @@ def build(cfg: TiersConfig) -> dict[str, Any]:
     return summary
 
 
+def write_record(cfg: TiersConfig, summary: dict[str, Any], argv: list[str]) -> Path:
+    """The tiers as a ``benchmarks.report`` table, each row from the tier's own manifest (the returns its
+    scores are made of), so the page never holds a typed figure."""
+    from benchmarks import records
+    from utils.tiers import tier_of
+    from utils.trajectories import read_manifest
+
+    rows = []
+    for name in TIERS:
+        if name not in summary["tiers"]:
+            continue
+        block = tier_of(read_manifest(summary["tiers"][name]))
+        policies = "; ".join(f"{p['name']}" + (f" (update {p['update']})" if p.get("update") not in (None, "") else "")
+                             for p in block["policies"])
+        rows.append({"tier": name, "rows": sum(int(p.get("rows") or 0) for p in block["policies"]),
+                     "policies": policies, "data_return": block["data_return"],
+                     "random_return": block["random_return"], "expert_return": block["expert_return"]})
+    path = Path(cfg.record)
+    columns = [{"key": "tier", "label": "tier"}, {"key": "rows", "label": "transitions", "digits": 0},
+               {"key": "policies", "label": "collected by"},
+               {"key": "data_return", "label": "data return", "digits": 2},
+               {"key": "random_return", "label": "random return", "digits": 2},
+               {"key": "expert_return", "label": "expert return", "digits": 2}]
+    return records.write_table(path, name=path.stem, title=f"Tiers of graded quality on {summary['env']}",
+                               command="python -m benchmarks.offline_tiers " + shlex.join(argv), columns=columns,
+                               rows=rows, description=f"From the PPO run `{summary['ppo_run']}`; medium is the policy "
+                               f"at update {summary['medium_update']}. Returns: the mean over {cfg.eval_episodes} "
+                               "episodes of each policy (sampled actions); for medium-replay, of its complete "
+                               "episodes; for medium-expert, the mean of the two halves.")
+
+
 def say(cfg: TiersConfig, message: str) -> None:
     if cfg.progress:
         print(message, flush=True)
@@ -464,6 +498,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     enable_compilation_cache()
     cfg = parse_config(TiersConfig, AREA, NAME, argv)
     summary = build(cfg)
+    if cfg.record:
+        import sys
+
+        print(f"wrote {write_record(cfg, summary, list(argv) if argv is not None else sys.argv[1:])}")
     for name, folder in summary["tiers"].items():
         print(f"{name}: {folder}")
     returns = summary["returns"]

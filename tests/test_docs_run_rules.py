@@ -658,12 +658,12 @@ SKIPS = {
     "sbatch --array=0-3 scripts/sbatch/sweep_array.sbatch ppo --preset cpu --num-seeds 3 --sweep lr=1e-4,3e-4,1e-3 "
     "ent_coef=0.003,0.01": f"{_SLURM_SITE}: a GPU per task (the script's #SBATCH --gres) at the cpu preset; "
                            "tests/test_slurm.py runs the script at the debug preset",
-    "JOB=$(sbatch --parsable --array=0-9 scripts/sbatch/offline_evaluate_many.sbatch runs/offline_tiers/classic/*/* "
+    "JOB=$(sbatch --parsable --array=0-9 scripts/sbatch/offline_evaluate_many.sbatch runs/offline_tiers/classic_runs/*/* "
     "--episodes 64)": "a Slurm array over the tier runs of the page (64 episodes each); the local "
                       "evaluate_many line above it runs",
-    "sbatch --dependency=afterok:${JOB%%_*} scripts/sbatch/offline_evaluate_many.sbatch runs/offline_tiers/classic/*/*"
+    "sbatch --dependency=afterok:${JOB%%_*} scripts/sbatch/offline_evaluate_many.sbatch runs/offline_tiers/classic_runs/*/*"
     " --episodes 64 --out runs/offline_tiers/classic_table": "depends on the array job above",
-    "python -m benchmarks.offline_tiers --preset cpu --out data/tiers/classic":
+    "python -m benchmarks.offline_tiers --preset cpu --out runs/offline_tiers/classic":
         "at debug size it is the debug line above it (the rule appends --preset debug, which sets every size the "
         "cpu preset sets), and that line runs",
     "python -m benchmarks.offline_table runs/offline_tiers/classic_table.json --name offline_tiers_classic --title "

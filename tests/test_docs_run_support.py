@@ -481,8 +481,8 @@ def shared_root(tmp_path_factory) -> Path:
 def test_fill_glob_names_the_kinds_algo_and_a_run():
     assert fill_glob("runs/online_rl/*/Craftax-Classic-Symbolic-v1/compare-2m", "run:online_rl/ppo") == \
         "runs/online_rl/ppo/Craftax-Classic-Symbolic-v1/compare-2m"
-    assert fill_glob("runs/offline_tiers/classic/*/*", "run:offline_rl/bc") == \
-        "runs/offline_tiers/classic/debug-s0/debug-s0"
+    assert fill_glob("runs/offline_tiers/classic_runs/*/*", "run:offline_rl/bc") == \
+        "runs/offline_tiers/classic_runs/debug-s0/debug-s0"
 
 
 def test_every_artefact_kind_has_a_recipe():

@@ -136,5 +136,11 @@ def test_offline_tiers_builds_every_tier_from_a_tiny_ppo_run(tmp_path):
         "every rollout up to medium, so episodes run whole across them"
     assert not (out / "ppo" / "rollouts").exists(), "the PPO run itself saves nothing: the re-run does"
     assert tier_of(TrajectoryDataset(out / "medium").manifest)["policies"][0]["update"] == summary["medium_update"]
-    again = tiers_main(["--preset", "debug", "--out", str(out), "--no-progress"])
+    record = tmp_path / "offline_tiers_toy.json"
+    again = tiers_main(["--preset", "debug", "--out", str(out), "--no-progress", "--record", str(record)])
     assert again["written_now"] == [] and again["medium_update"] == summary["medium_update"]
+    table = json.loads(record.read_text())
+    assert [row["tier"] for row in table["rows"]] == list(TIERS)
+    rows = {row["tier"]: row for row in table["rows"]}
+    assert rows["expert"]["expert_return"] == returns["expert"]["return"] and rows["medium-expert"]["rows"] == 2048
+    assert rows["medium-replay"]["policies"] == f"ppo-training (update 0..{summary['medium_update'] - 1})"
