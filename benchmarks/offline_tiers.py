@@ -156,48 +156,46 @@ def pick_medium_update(updates: np.ndarray, returns: np.ndarray, fraction: float
     return int(updates[index]), float(smooth[index]), final
 
 
-def medium_checkpoint(ppo_cfg, update: int, out: Path, replay_every: int | None) -> tuple[str, int, str | None]:
-    """``(run folder, step, rollouts)``: the policy after ``update`` updates of ``ppo_cfg``'s run, and, with
-    ``replay_every``, the folder of the rollouts that led there (every ``replay_every``-th; else None).
+def medium_checkpoint(ppo_cfg, update: int, out: Path, replay_every: int) -> tuple[str, int, str]:
+    """``(run folder, step, rollouts)``: the policy after ``update`` updates of ``ppo_cfg``'s run, and the
+    folder of the rollouts that led there (every ``replay_every``-th), the medium-replay data.
 
-    The run's own checkpoint serves when it is at ``update`` and no rollouts are asked for; otherwise the
-    run is re-trained from its config and seed up to ``update``, saving the rollouts. Chunks then divide
-    the save interval, but a run's chunks always divide its update count, so the learning-rate schedule
-    (over all of the run's updates) is the original's."""
-    from online_rl.common import num_updates_for
+    A run keeps only its newest checkpoints, so the run is re-trained from its config and seed up to
+    ``update``, saving its rollouts, always with the same settings, so that a later call resumes or finds
+    it finished. Its chunks then divide the save interval, but a run's chunks always divide its update
+    count, so the learning-rate schedule (over all of the run's updates) is the original's."""
     from online_rl.ppo import train
 
-    latest = _latest_step(Path(ppo_cfg.run_dir))
-    if update >= latest and replay_every is None:
-        return ppo_cfg.run_dir, latest, None
     folder = out / "ppo" / "medium"
     rollouts = folder / "rollouts"
-    if replay_every is not None and not rollouts.exists():
-        shutil.rmtree(folder / "run", ignore_errors=True)  # an earlier re-run that saved nothing
-    # Without replay, a save interval of save_every + updates keeps the chunks of a saving run (their
-    # gcd) and never falls due, so nothing is written.
-    saving = replay_every is not None or bool(ppo_cfg.save_trajectories)
-    scratch = folder / "unused_rollouts"
-    save_every = replay_every if replay_every is not None else ppo_cfg.save_every + num_updates_for(ppo_cfg)
-    medium_cfg = dataclasses.replace(
-        ppo_cfg, run_dir=str(folder / "run"), checkpoint_every=update,
-        save_trajectories=str(rollouts if replay_every is not None else scratch) if saving else None,
-        save_every=save_every if saving else ppo_cfg.save_every)
+    if not rollouts.exists() or _checkpoint_step(folder / "run") is None:
+        # Nothing to resume: a re-run by an older version, which saved no rollouts, or one stopped before
+        # its first checkpoint, whose rollouts no run can continue.
+        shutil.rmtree(folder / "run", ignore_errors=True)
+        shutil.rmtree(rollouts, ignore_errors=True)
+    medium_cfg = dataclasses.replace(ppo_cfg, run_dir=str(folder / "run"), checkpoint_every=update,
+                                     save_trajectories=str(rollouts), save_every=replay_every)
     train(medium_cfg, stop_after_updates=update)
-    shutil.rmtree(scratch, ignore_errors=True)
     if _latest_step(folder / "run") != update:
         raise UserError(f"{folder / 'run'}: expected a checkpoint at update {update}; delete the folder and re-run")
-    return medium_cfg.run_dir, update, str(rollouts) if replay_every is not None else None
+    return medium_cfg.run_dir, update, str(rollouts)
+
+
+def _checkpoint_step(run_dir: Path) -> int | None:
+    """The newest checkpoint's step of a run folder, None when it has none (or no folder)."""
+    from utils.checkpoint import Checkpointer
+
+    if not (run_dir / "checkpoints").is_dir():
+        return None
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    try:
+        return checkpointer.latest_step()
+    finally:
+        checkpointer.close()
 
 
 def _latest_step(run_dir: Path) -> int:
-    from utils.checkpoint import Checkpointer
-
-    checkpointer = Checkpointer(run_dir / "checkpoints")
-    try:
-        step = checkpointer.latest_step()
-    finally:
-        checkpointer.close()
+    step = _checkpoint_step(run_dir)
     if step is None:
         raise UserError(f"{run_dir}: no checkpoint; train the PPO run first")
     return int(step)
@@ -365,9 +363,7 @@ def build(cfg: TiersConfig) -> dict[str, Any]:
     medium_update, medium_train_return, final_train_return = pick_medium_update(updates, returns, cfg.medium_fraction)
     say(cfg, f"medium: update {medium_update} of {updates[-1]} (training return {medium_train_return:.3g}, "
              f"final {final_train_return:.3g})")
-    replay = "medium-replay" in cfg.tiers and not (out / "medium-replay").exists()
-    medium_dir, medium_step, replay_source = medium_checkpoint(ppo_cfg, medium_update, out,
-                                                               cfg.replay_every if replay else None)
+    medium_dir, medium_step, replay_source = medium_checkpoint(ppo_cfg, medium_update, out, cfg.replay_every)
     expert_step = _latest_step(run_dir)
 
     env = envs.make(ppo_cfg.env, cfg.num_envs, reset_ratio=min(cfg.reset_ratio, cfg.num_envs))
@@ -427,7 +423,7 @@ def build(cfg: TiersConfig) -> dict[str, Any]:
         mixed_writer.close()
         written["medium-expert"] = str(_finish(out / "medium-expert.partial"))
 
-    if replay_source is not None:
+    if "medium-replay" in cfg.tiers and not (out / "medium-replay").exists():
         source_data = TrajectoryDataset(replay_source)
         count = sum(1 for s in source_data.shards if int(s["update"]) < medium_update)
         if count == 0:
