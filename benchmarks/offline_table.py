@@ -2,7 +2,7 @@
 
     python -m offline_rl.evaluate_many runs/offline_tiers/classic/*/* --episodes 64 --out runs/offline_tiers/classic_table
     python -m benchmarks.offline_table runs/offline_tiers/classic_table.json --name offline_tiers_classic \\
-        --title "Offline RL on the Craftax-Classic tiers" --baseline bc
+        --title "Offline RL on the Craftax-Classic tiers" --baseline "bc top_fraction=1.0"
     python -m benchmarks.report
 
 ``evaluate_many`` evaluates the runs and groups seeds into rows (one per env, dataset and method); this
@@ -43,7 +43,7 @@ def scores_from(document: dict, metric: str) -> dict[str, dict[str, list]]:
         if not values or any(v is None for v in values):
             raise UserError(f"{task_name(row)}, {row['method']}: no {metric} for every seed; use --metric return "
                             "for datasets that are not tiers")
-        method = row["method"] + (f" [{row['features']}]" if row.get("features") not in (None, "obs") else "")
+        method = row["method"] + (f" [{row['features']}]" if row.get("features") not in (None, "obs", "none") else "")
         tasks.setdefault(task_name(row), {})[method] = [float(v) for v in values]
     tier = lambda task: task.rsplit(" / ", 1)[-1]
     ordered = sorted(tasks, key=lambda t: (t.rsplit(" / ", 1)[0], TIER_ORDER.index(tier(t))

@@ -667,7 +667,7 @@ SKIPS = {
         "at debug size it is the debug line above it (the rule appends --preset debug, which sets every size the "
         "cpu preset sets), and that line runs",
     "python -m benchmarks.offline_table runs/offline_tiers/classic_table.json --name offline_tiers_classic --title "
-    "'Offline RL on the Craftax-Classic tiers' --baseline bc":
+    "'Offline RL on the Craftax-Classic tiers' --baseline 'bc top_fraction=1.0'":
         "normalised scores need tiers whose expert beats random; at the debug preset PPO learns nothing (expert "
         "return = random return), so the table is refused, rightly; the evaluate_many line above it runs",
     # run once per suite, not twice: two jax.distributed processes whose gloo connection times out when the
