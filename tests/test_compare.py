@@ -29,6 +29,7 @@ BUDGET = 512  # two compiled chunks of the debug presets (2 updates x 8 envs x 1
 @pytest.mark.parametrize("path", SUITES, ids=lambda p: p.stem)
 def test_suite_names_real_modules_presets_and_flags(path, monkeypatch):
     monkeypatch.setenv("CRAFTAX_LLM_MODEL", "/models/llm")
+    monkeypatch.setenv("OFFLINE_RUNS", "runs/offline_tiers/classic_runs")  # offline_to_online_classic
     suite = compare.load_suite(str(path))
     assert suite.budget > 0 and suite.envs and suite.methods
     for method in suite.methods:
