@@ -229,9 +229,18 @@ def window_index(curve_steps: list[int], step: int) -> int:
 
 def along_curve_table(methods: dict[str, dict], curve_steps: list[int], at_steps: list[int]) -> list[str]:
     """Every method at a few points of its learning curve, and its difference to the first method there:
-    where a head start (a pretrained policy) survives, and where the curves meet."""
+    where a head start (a pretrained policy) survives, and where the curves meet. Each point is the first
+    curve window from the asked env step on that holds a logged row."""
     names = list(methods)
-    windows = sorted({window_index(curve_steps, s) for s in at_steps})
+
+    def logged(k: int) -> bool:
+        return any(len(run["curve"].get(RETURN, [])) > k and run["curve"][RETURN][k] is not None
+                   and np.isfinite(run["curve"][RETURN][k]) for m in methods.values() for run in m["runs"])
+
+    # A run logs once per compiled chunk, so a window may hold no row: take the first window from the
+    # asked step on that holds one.
+    windows = sorted({next((k for k in range(window_index(curve_steps, s), len(curve_steps)) if logged(k)),
+                           window_index(curve_steps, s)) for s in at_steps})
     edges = [0, *curve_steps]
     heads = [f"env steps {edges[k]:,}-{edges[k + 1]:,}" for k in windows]
     lines = ["Along the learning curve (the training return of the episodes that finished in each window of env "
