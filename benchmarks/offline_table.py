@@ -56,7 +56,7 @@ def datasets_from(document: dict) -> dict[str, dict]:
     policies with their update and return, and the data, random and expert returns the scores are made
     of, so the table's reader sees what each normalised score is relative to. Datasets not on this
     machine, or not tiers, are left out."""
-    from utils.tiers import tier_of
+    from utils.tiers import describe, tier_of
     from utils.trajectories import DatasetError, read_manifest
 
     found: dict[str, dict] = {}
@@ -70,10 +70,7 @@ def datasets_from(document: dict) -> dict[str, dict]:
             continue
         if block is None:
             continue
-        found[task] = {"rows": sum(int(p.get("rows") or 0) for p in block["policies"]),
-                       "policies": [{k: p.get(k) for k in ("name", "update", "return", "episodes")}
-                                    for p in block["policies"]],
-                       **{k: block.get(k) for k in ("data_return", "random_return", "expert_return")}}
+        found[task] = describe(block)
     return found
 
 

@@ -454,19 +454,17 @@ def write_record(cfg: TiersConfig, summary: dict[str, Any], argv: list[str]) -> 
     """The tiers as a ``benchmarks.report`` table, each row from the tier's own manifest (the returns its
     scores are made of), so the page never holds a typed figure."""
     from benchmarks import records
-    from utils.tiers import tier_of
+    from utils.tiers import describe, tier_of
     from utils.trajectories import read_manifest
 
     rows = []
     for name in TIERS:
         if name not in summary["tiers"]:
             continue
-        block = tier_of(read_manifest(summary["tiers"][name]))
-        policies = "; ".join(f"{p['name']}" + (f" (update {p['update']})" if p.get("update") not in (None, "") else "")
-                             for p in block["policies"])
-        rows.append({"tier": name, "rows": sum(int(p.get("rows") or 0) for p in block["policies"]),
-                     "policies": policies, "data_return": block["data_return"],
-                     "random_return": block["random_return"], "expert_return": block["expert_return"]})
+        data = describe(tier_of(read_manifest(summary["tiers"][name])))
+        data["policies"] = "; ".join(p["name"] + (f" (update {p['update']})" if p["update"] not in (None, "") else "")
+                                     for p in data["policies"])
+        rows.append({"tier": name, **data})
     path = Path(cfg.record)
     columns = [{"key": "tier", "label": "tier"}, {"key": "rows", "label": "transitions", "digits": 0},
                {"key": "policies", "label": "collected by"},

@@ -42,6 +42,14 @@ def tier_block(name: str, *, data_return: float | None, random_return: float, ex
             "policies": list(policies), "source": dict(source or {})}
 
 
+def describe(block: Mapping[str, Any]) -> dict[str, Any]:
+    """What a tier's data is, for tables: its transitions, the collecting policies (name, update, return,
+    episodes) and the data, random and expert returns its scores are made of."""
+    return {"rows": sum(int(p.get("rows") or 0) for p in block["policies"]),
+            "policies": [{k: p.get(k) for k in ("name", "update", "return", "episodes")} for p in block["policies"]],
+            **{k: block.get(k) for k in ("data_return", "random_return", "expert_return")}}
+
+
 def tier_of(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
     """The ``tier`` block of a dataset manifest, or None for a dataset that is not a tier."""
     block = (manifest.get("metadata") or {}).get(TIER_KEY)
