@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("table", help="the .json written by offline_rl.evaluate_many --out")
     parser.add_argument("--name", required=True, help="block and data file name (docs/data/NAME.json)")
     parser.add_argument("--title", required=True)
-    parser.add_argument("--baseline", default="bc", help="method every other is compared to, per dataset")
+    parser.add_argument("--baseline", default="bc", help="method every other is compared to, per dataset; or "
+                        "settings only (augment=none): each method against itself with those settings")
     parser.add_argument("--metric", default="normalized_score", choices=["normalized_score", "return"])
     parser.add_argument("--description", default="")
     parser.add_argument("--seed-role", default="report", choices=["report", "tuning"],
@@ -92,7 +93,9 @@ def main(argv: list[str] | None = None) -> Path:
     except (OSError, ValueError) as error:
         raise UserError(f"{args.table} is not a readable evaluate_many table: {error}") from None
     tasks = scores_from(document, args.metric)
-    if not any(args.baseline in methods for methods in tasks.values()):
+    from benchmarks.report import baseline_of
+
+    if not any(baseline_of(method, args.baseline) in methods for methods in tasks.values() for method in methods):
         raise UserError(f"--baseline {args.baseline!r} is not a method of {args.table}; methods: "
                         f"{sorted({m for methods in tasks.values() for m in methods})}")
     command = "python -m benchmarks.offline_table " + shlex.join(argv if argv is not None else sys.argv[1:])

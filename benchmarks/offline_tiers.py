@@ -22,6 +22,12 @@ Steps (each one is skipped when a re-run finds it done):
    (``utils.tiers``): the policies and their returns, the data policy's return, and the random and
    expert returns, from which offline evaluation computes normalised scores.
 
+With ``--pixels`` the tiers hold the frames of the same states (Craftax-Classic-Pixels-v1 for Classic) while
+the symbolic policies act: pixel datasets of known quality without a pixel PPO run. For example:
+
+    python -m benchmarks.offline_tiers --preset cpu --preset pixels_cpu \
+        --from-run runs/offline_tiers/classic/ppo/run --out runs/offline_tiers/classic_pixels
+
 A tier is written to ``<name>.partial`` and renamed when complete, so an interrupted build redoes
 only the unfinished tier. Lives in ``benchmarks`` because it drives both ``online_rl`` (PPO) and
 ``offline_rl`` (the dataset helpers), which may not import each other.
@@ -43,6 +49,8 @@ from utils.errors import UserError, exit_on_user_error
 from utils.tiers import TIER_KEY, TIERS, tier_block
 
 AREA, NAME = "offline_rl", "offline_tiers"
+# With --pixels the tiers hold the frames of this env: the same game and states as the symbolic one.
+PIXEL_TWINS = {"Craftax-Classic-Symbolic-v1": "Craftax-Classic-Pixels-v1", "Craftax-Symbolic-v1": "Craftax-Pixels-v1"}
 
 
 @dataclasses.dataclass
@@ -88,6 +96,10 @@ class TiersConfig:
     """Optimistic resets while collecting (see utils.envs)."""
     progress: bool = True
     """Show progress (PPO's bar and one line per step here)."""
+    pixels: bool = False
+    """Save the pixel frames of the visited states (Craftax-Classic-Pixels-v1 for Classic) instead of the
+    symbolic observations: the policies still act on the symbolic observation of the same state, so a pixel
+    tier is as good as its symbolic twin. medium-replay (the PPO run's own symbolic rollouts) is skipped."""
     record: str | None = None
     """Also write the tiers as a docs/data table here (e.g. docs/data/offline_tiers_craftax.json), read from
     their manifests, for ``benchmarks.report``."""
@@ -265,16 +277,21 @@ def measure_return(cfg: TiersConfig, env_name: str, apply: Callable, params: Any
 # ----------------------------------------------------------------------------------------------
 
 
-def make_collector(env, apply: Callable, length: int):
+def make_collector(env, apply: Callable, length: int, view: Callable | None = None):
     """``collect(params, obs, state, key) -> (obs, state, key, rollout, last_value)``: one compiled
-    rollout of ``length`` steps in the format ``TrajectoryWriter.write_rollout`` takes."""
+    rollout of ``length`` steps in the format ``TrajectoryWriter.write_rollout`` takes. With ``view``
+    (batched env states -> observations) the policy acts on ``view(state)`` while ``env``'s own
+    observations are saved: a symbolic policy collecting pixel data."""
     import jax
     import jax.numpy as jnp
+
+    def policy(params, obs, state):
+        return apply(params, obs if view is None else view(state.env_state))
 
     def step(params, carry, _):
         obs, state, key = carry
         key, action_key, step_key = jax.random.split(key, 3)
-        logits, value = apply(params, obs)
+        logits, value = policy(params, obs, state)
         action = jax.random.categorical(action_key, logits)
         log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=1)[:, 0]
         next_obs, state, reward, done, info = env.step(step_key, state, action)
@@ -285,19 +302,19 @@ def make_collector(env, apply: Callable, length: int):
     def collect(params, obs, state, key):
         (obs, state, key), rollout = jax.lax.scan(lambda c, x: step(params, c, x), (obs, state, key), None,
                                                   length=length)
-        return obs, state, key, rollout, apply(params, obs)[1]
+        return obs, state, key, rollout, policy(params, obs, state)[1]
 
     return jax.jit(collect)
 
 
 def collect(cfg: TiersConfig, env, apply: Callable, params: Any, writers: list[tuple[Any, int]],
-            key_offset: int, label: str) -> int:
+            key_offset: int, label: str, view: Callable | None = None) -> int:
     """Roll the policy out for ``--steps`` transitions; each rollout goes to every ``(writer, first
     update)``. Returns the number of rollouts."""
     import jax
 
     rollouts = max(1, math.ceil(cfg.steps / (cfg.num_envs * cfg.rollout_length)))
-    run = make_collector(env, apply, cfg.rollout_length)
+    run = make_collector(env, apply, cfg.rollout_length, view)
     key = jax.random.PRNGKey(cfg.seed + 30_000 + key_offset)
     key, reset_key = jax.random.split(key)
     obs, state = env.reset(reset_key)
@@ -311,6 +328,22 @@ def collect(cfg: TiersConfig, env, apply: Callable, params: Any, writers: list[t
     if cfg.progress:
         print()
     return rollouts
+
+
+def data_env_for(cfg: TiersConfig, env) -> tuple[Any, Callable | None]:
+    """``(env whose observations the tiers hold, view)``: ``env`` itself, or with ``--pixels`` its pixel twin
+    and the view that gives the (symbolic) policies their own observation of each state."""
+    if not cfg.pixels:
+        return env, None
+    import jax
+
+    from utils import envs
+
+    twin = PIXEL_TWINS.get(env.name)
+    if twin is None:
+        raise UserError(f"--pixels: {env.name} has no pixel twin; the PPO run must be on one of "
+                        f"{', '.join(PIXEL_TWINS)}")
+    return envs.make(twin, env.num_envs, reset_ratio=env.reset_ratio), jax.vmap(env.base_env.get_obs)
 
 
 def _writer(folder: Path, env, num_streams: int, metadata: dict):
@@ -367,6 +400,7 @@ def build(cfg: TiersConfig) -> dict[str, Any]:
     expert_step = _latest_step(run_dir)
 
     env = envs.make(ppo_cfg.env, cfg.num_envs, reset_ratio=min(cfg.reset_ratio, cfg.num_envs))
+    data_env, view = data_env_for(cfg, env)
     policies = {
         "random": uniform_policy(env.num_actions),
         "medium": ppo_policy(ppo_cfg, medium_dir, medium_step, cfg.seed_index, env),
@@ -400,7 +434,7 @@ def build(cfg: TiersConfig) -> dict[str, Any]:
         both = (medium_return + expert_return) / 2 if medium_return is not None else None  # equal rows of each
         block = tier_block("medium-expert", data_return=both,
                            policies=[policy_entry("medium", rows), policy_entry("expert", rows)], **common)
-        mixed_writer = _writer(out / "medium-expert.partial", env, cfg.num_envs, {TIER_KEY: block, **builder})
+        mixed_writer = _writer(out / "medium-expert.partial", data_env, cfg.num_envs, {TIER_KEY: block, **builder})
     rollouts = max(1, math.ceil(cfg.steps / (cfg.num_envs * cfg.rollout_length)))
     for offset, name in enumerate(("random", "medium", "expert")):
         own = name in cfg.tiers and not (out / name).exists()
@@ -411,11 +445,11 @@ def build(cfg: TiersConfig) -> dict[str, Any]:
         if own:
             block = tier_block(name, data_return=measured[name]["return"], policies=[policy_entry(name, rows)],
                                **common)
-            writers.append((_writer(out / f"{name}.partial", env, cfg.num_envs, {TIER_KEY: block, **builder}), 0))
+            writers.append((_writer(out / f"{name}.partial", data_env, cfg.num_envs, {TIER_KEY: block, **builder}), 0))
         if into_mixed:  # expert after medium, one update apart: a gap in t, so no return chains across
             writers.append((mixed_writer, 0 if name == "medium" else rollouts + 1))
         apply, params = policies[name]
-        collect(cfg, env, apply, params, writers, offset, name)
+        collect(cfg, data_env, apply, params, writers, offset, name, view)
         if own:
             writers[0][0].close()
             written[name] = str(_finish(out / f"{name}.partial"))
@@ -423,7 +457,9 @@ def build(cfg: TiersConfig) -> dict[str, Any]:
         mixed_writer.close()
         written["medium-expert"] = str(_finish(out / "medium-expert.partial"))
 
-    if "medium-replay" in cfg.tiers and not (out / "medium-replay").exists():
+    if cfg.pixels and "medium-replay" in cfg.tiers:
+        say(cfg, "medium-replay: skipped with --pixels (it holds the PPO run's own symbolic rollouts)")
+    elif "medium-replay" in cfg.tiers and not (out / "medium-replay").exists():
         source_data = TrajectoryDataset(replay_source)
         count = sum(1 for s in source_data.shards if int(s["update"]) < medium_update)
         if count == 0:
@@ -443,7 +479,7 @@ def build(cfg: TiersConfig) -> dict[str, Any]:
         write_manifest(partial, manifest)
         written["medium-replay"] = str(_finish(partial))
 
-    summary = {"env": ppo_cfg.env, "ppo_run": str(run_dir), "returns": measured, "medium_update": medium_update,
+    summary = {"env": data_env.name, "ppo_run": str(run_dir), "returns": measured, "medium_update": medium_update,
                "tiers": {name: str(out / name) for name in cfg.tiers if (out / name).exists()},
                "written_now": sorted(written)}
     atomic_write_json(out / "tiers.json", summary)

@@ -563,30 +563,46 @@ def data_table(datasets: dict[str, dict]) -> list[str]:
     return lines
 
 
+def baseline_of(method: str, baseline: str) -> str:
+    """The method ``method`` is compared with: ``baseline`` itself, or, where ``baseline`` names only settings
+    (``augment=none``), ``method`` with those settings, so each algorithm is compared with itself off and on."""
+    if "=" not in baseline.split(" ", 1)[0]:
+        return baseline
+    wanted = dict(token.split("=", 1) for token in baseline.split(" "))
+    tokens = method.split(" ")
+    return " ".join([tokens[0], *(f"{token.split('=', 1)[0]}={wanted[token.split('=', 1)[0]]}"
+                                  if "=" in token and token.split("=", 1)[0] in wanted else token
+                                  for token in tokens[1:])])
+
+
 def render_scores(document: dict, data_name: str) -> str:
     """Methods by task (``records.SCORES_SCHEMA``): each cell's IQM and mean with intervals over seeds,
     and each method against the baseline method of the same task, with the page's only verdicts."""
     base_name, metric = document["baseline"], document["metric"]
+    own = "=" in base_name.split(" ", 1)[0]
+    against = f"the same method with {base_name}" if own else f"`{base_name}`"
+    short = f"its {base_name}" if own else base_name
     lines = [f"### {document['title']}", ""]
     if document.get("description"):
         lines += [document["description"].strip(), ""]
     role = ("Seeds used to choose settings: read as tuning, not as a result." if document.get("seed_role") == "tuning"
             else "")
-    lines += [f"Metric: {metric}, the final evaluation of each trained seed. Against `{base_name}` on the same "
+    lines += [f"Metric: {metric}, the final evaluation of each trained seed. Against {against} on the same "
               "data: IQM difference and P(method > baseline), stratified bootstrap 95% intervals over seeds; "
               f"\"above\"/\"below\" only when the interval excludes 0 with at least {stats.MIN_SEEDS_CLAIM} seeds "
               "a side, else \"level\". " + role, "",
-              f"| data | method | seeds | IQM [95% CI] | mean [95% CI] | IQM difference to {base_name} [95% CI] | "
-              f"P(method > {base_name}) [95% CI] | verdict |", "|---|---|---|---|---|---|---|---|"]
+              f"| data | method | seeds | IQM [95% CI] | mean [95% CI] | IQM difference to {short} [95% CI] | "
+              f"P(method > {short}) [95% CI] | verdict |", "|---|---|---|---|---|---|---|---|"]
     seed = 0
     for task, methods in document["tasks"].items():
-        base = np.asarray(methods.get(base_name, []), dtype=np.float64)
         for name, values in methods.items():
             seed += 1
+            reference = baseline_of(name, base_name)
+            base = np.asarray(methods.get(reference, []), dtype=np.float64)
             scores = np.asarray(values, dtype=np.float64)
             cells = [task, name, str(scores.size), estimate_text(scores, "IQM", seed), estimate_text(scores, "mean", seed)]
-            if name == base_name or base.size == 0:
-                cells += ["(baseline)" if name == base_name else "no baseline on this data", "", ""]
+            if name == reference or base.size == 0:
+                cells += ["(baseline)" if name == reference else "no baseline on this data", "", ""]
             else:
                 diff = stats.difference(scores, base, "IQM", seed=seed)
                 word = diff.verdict if diff.verdict != "too few seeds" else (

@@ -108,6 +108,18 @@ def test_evaluate_many_refuses_a_folder_without_checkpoints_before_evaluating(tm
     assert stop.value.code == 2 and "no checkpoint found" in capsys.readouterr().err
 
 
+def test_pixel_tiers_need_a_symbolic_env_with_a_pixel_twin():
+    from benchmarks.offline_tiers import TiersConfig, data_env_for
+    from utils import envs
+
+    symbolic = envs.make("Craftax-Classic-Symbolic-v1", 4, reset_ratio=4)
+    assert data_env_for(TiersConfig(), symbolic) == (symbolic, None)
+    pixel_env, view = data_env_for(TiersConfig(pixels=True), symbolic)
+    assert pixel_env.name == "Craftax-Classic-Pixels-v1" and pixel_env.num_envs == 4 and view is not None
+    with pytest.raises(UserError, match="no pixel twin"):
+        data_env_for(TiersConfig(pixels=True), pixel_env)
+
+
 @pytest.mark.slow
 def test_offline_tiers_builds_every_tier_from_a_tiny_ppo_run(tmp_path):
     """The whole pipeline at debug size (minutes on a busy CPU): PPO, the medium re-run saving every
@@ -145,3 +157,14 @@ def test_offline_tiers_builds_every_tier_from_a_tiny_ppo_run(tmp_path):
     assert rows["expert"]["expert_return"] == pytest.approx(returns["expert"]["return"], rel=1e-6)
     assert rows["medium-expert"]["rows"] == 2048
     assert rows["medium-replay"]["policies"] == f"ppo-training (update 0..{summary['medium_update'] - 1})"
+
+    pixels = tiers_main(["--preset", "debug", "--from-run", str(out / "ppo" / "run"), "--pixels", "--tiers", "expert",
+                         "medium-replay", "--out", str(tmp_path / "pixels"), "--no-progress"])
+    assert pixels["env"] == "Craftax-Classic-Pixels-v1" and sorted(pixels["tiers"]) == ["expert"]
+    frames, symbolic = TrajectoryDataset(pixels["tiers"]["expert"]), TrajectoryDataset(out / "expert")
+    assert frames.manifest["env_name"] == "Craftax-Classic-Pixels-v1" and frames.manifest["obs_shape"] == [63, 63, 3]
+    assert tier_of(frames.manifest)["expert_return"] == pytest.approx(returns["expert"]["return"], rel=1e-6)
+    ours, theirs = frames.load_shard(0), symbolic.load_shard(0)
+    same = np.mean(ours["action"] == theirs["action"])
+    assert same > 0.95, f"the same states and keys: the symbolic policy acts alike ({same:.0%} of actions equal)"
+    assert ours["obs"].shape[1:] == (63, 63, 3) and ours["obs"].std() > 0

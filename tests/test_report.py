@@ -397,3 +397,19 @@ def test_offline_table_describes_each_tier_from_its_manifest(tmp_path, monkeypat
     manifests.clear()
     document = json.loads(offline_table.main([str(table), "--name", "t", "--title", "T", "--out", str(data)]).read_text())
     assert "datasets" not in document and "The data" not in report.render_scores(document, "t.json")
+
+
+def test_a_settings_only_baseline_compares_each_algorithm_with_itself_off_and_on():
+    """``--baseline augment=none``: BC with the shift against BC without it, AWR against AWR; never across."""
+    assert report.baseline_of("awr augment=shift", "augment=none") == "awr augment=none"
+    assert report.baseline_of("bc augment=none [hidden_state]", "augment=none") == "bc augment=none [hidden_state]"
+    assert report.baseline_of("awr augment=shift", "bc") == "bc"
+    document = {"title": "Shift", "baseline": "augment=none", "metric": "normalised score", "command": "c",
+                "tasks": {"Craftax-Classic-Pixels-v1 / expert": {
+                    "bc augment=none": [50.0, 52.0, 51.0], "bc augment=shift": [70.0, 72.0, 71.0],
+                    "awr augment=none": [30.0, 31.0, 29.0], "awr augment=shift": [30.5, 29.5, 30.0]}}}
+    rows = {line.split(" | ")[1]: line for line in report.render_scores(document, "t.json").splitlines()
+            if line.startswith("| Craftax")}
+    assert rows["bc augment=none"].endswith("| (baseline) |  |  |") and rows["awr augment=none"].endswith("|  |  |")
+    assert "| 20.00 [" in rows["bc augment=shift"] and rows["bc augment=shift"].endswith("| above |")
+    assert rows["awr augment=shift"].endswith("| level |"), "AWR is compared with AWR, not with BC"
