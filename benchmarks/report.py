@@ -47,6 +47,14 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- report:{name}:begin -->", f"<!-- report:{name}:end -->"
 
 
+def verdict_text(diff, short: bool = False) -> str:
+    """A difference's verdict as the page prints it: above, below, level, or no claim where either side has
+    fewer seeds than a claim needs (``short`` leaves the reason out, for the narrow along-the-curve cells)."""
+    if diff.verdict != "too few seeds":
+        return diff.verdict
+    return "no claim" if short else f"no claim (fewer than {stats.MIN_SEEDS_CLAIM} seeds)"
+
+
 def replace_block(text: str, name: str, block: str) -> str:
     """``text`` with the named block replaced. A new block goes just before ``NEW_BLOCKS`` (the end of
     the page's headline section), or at the end of a page without that marker."""
@@ -158,8 +166,7 @@ def difference_table(methods: dict[str, dict]) -> list[str]:
             continue
         diff = stats.difference(scores, base, "IQM", seed=i)
         poi = stats.probability_of_improvement(scores, base, seed=i)
-        word = diff.verdict if diff.verdict != "too few seeds" else (
-            f"no claim (fewer than {stats.MIN_SEEDS_CLAIM} seeds)")
+        word = verdict_text(diff)
         rows.append(f"| {name} | {diff.estimate.text()} | {poi.text()} | {word} |")
     if not rows:
         return []
@@ -260,7 +267,7 @@ def along_curve_table(methods: dict[str, dict], curve_steps: list[int], at_steps
             base = at(methods[names[0]], k)
             if i and scores.size and base.size:
                 diff = stats.difference(scores, base, "IQM", seed=i)
-                word = diff.verdict if diff.verdict != "too few seeds" else "no claim"
+                word = verdict_text(diff, short=True)
                 text += f"<br>{diff.estimate.text()} {word}"
             cells.append(text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -500,7 +507,7 @@ def render_aggregate(aggregate: dict, loaded: dict[str, dict], data_name: str) -
             cells = ["", "(baseline)"]
         else:
             diff = stats.difference(values, scores[base_name], "IQM", seed=i)
-            word = diff.verdict if diff.verdict != "too few seeds" else "no claim (fewer than 3 seeds)"
+            word = verdict_text(diff)
             cells = [stats.probability_of_improvement(values, scores[base_name], seed=i).text(), word]
         lines.append(f"| {method} | {stats.interval(values, 'IQM', seed=i).text()} | "
                      f"{stats.interval(values, 'mean', seed=i).text()} | " + " | ".join(cells) + " |")
@@ -605,8 +612,7 @@ def render_scores(document: dict, data_name: str) -> str:
                 cells += ["(baseline)" if name == reference else "no baseline on this data", "", ""]
             else:
                 diff = stats.difference(scores, base, "IQM", seed=seed)
-                word = diff.verdict if diff.verdict != "too few seeds" else (
-                    f"no claim (fewer than {stats.MIN_SEEDS_CLAIM} seeds)")
+                word = verdict_text(diff)
                 cells += [diff.estimate.text(), stats.probability_of_improvement(scores, base, seed=seed).text(), word]
             lines.append("| " + " | ".join(cells) + " |")
     lines += data_table(document.get("datasets") or {})
