@@ -84,6 +84,34 @@ def final_scores(method: dict, metric: str = RETURN) -> np.ndarray:
     return np.array([v for v in values if v is not None], dtype=np.float64)
 
 
+#: Episode values every env logs; the others (Tetris ``lines`` and ``pieces``) are the env's own.
+COMMON_EPISODE_KEYS = ("episode/count", "episode/return", "episode/length")
+
+
+def episode_metric_table(methods: dict[str, dict]) -> list[str]:
+    """The env's own per-episode values (Tetris: lines a game), IQM over seeds with intervals and each
+    method against the first: the figure comparable across rewards, where the return is not."""
+    keys = sorted({k for m in methods.values() for run in m["runs"] for k in run["final"]
+                   if k.startswith("episode/") and k not in COMMON_EPISODE_KEYS})
+    if not keys:
+        return []
+    names = [k.removeprefix("episode/") for k in keys]
+    lines = ["The env's own episode values (same window; IQM [95% CI] over seeds; against the first method: IQM "
+             "difference and verdict):", "", "| method | " + " | ".join(names) + " |", "|---" * (len(keys) + 1) + "|"]
+    first = next(iter(methods.values()))
+    for i, (name, method) in enumerate(methods.items()):
+        cells = []
+        for key in keys:
+            scores, base = final_scores(method, key), final_scores(first, key)
+            text = estimate_text(scores, "IQM", i) if scores.size else "n/a"
+            if i and scores.size and base.size:
+                diff = stats.difference(scores, base, "IQM", seed=i)
+                text += f"; {diff.estimate.text()} {verdict_text(diff, short=True)}"
+            cells.append(text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def eval_scores(method: dict) -> np.ndarray:
     values = [run.get("eval", {}).get("eval/return") for run in method["runs"]]
     return np.array([v for v in values if v is not None], dtype=np.float64)
@@ -415,7 +443,7 @@ def render_record(record: dict, data_name: str) -> tuple[str, dict[str, tuple]]:
         lines += [f"#### {env}", "", f"Machine: {'; '.join(machines) or 'not recorded'}. "
                   f"Commit: {', '.join(c[:10] + ('+dirty' if c.endswith('+dirty') else '') for c in commits) or 'not recorded'}.",
                   "", *main_table(env, methods, record.get("references", [])), ""]
-        for block in (difference_table(methods),
+        for block in (difference_table(methods), episode_metric_table(methods),
                       equal_time_table(methods) if record.get("equal_compute") else [],
                       time_target_table(methods, record["time_target_seconds"])
                       if record.get("time_target_seconds") else [],

@@ -197,6 +197,22 @@ def test_block_says_above_only_when_the_interval_excludes_zero():
     assert list(figures) == ["figures/report_toy_Craftax-Classic-Symbolic-v1.png"]
 
 
+def test_an_envs_own_episode_values_get_their_table_with_intervals():
+    """Tetris logs lines a game: comparable across rewards where the return is not, so it gets a table; the
+    Craftax record, with only the common values, gets none."""
+    record = synthetic_record()
+    assert "The env's own episode values" not in report.render_record(record, "toy.json")[0]
+    for name, method in record["envs"]["Craftax-Classic-Symbolic-v1"]["methods"].items():
+        for i, run in enumerate(method["runs"]):
+            run["final"]["episode/lines"] = {"base": 1.0, "better": 3.0, "same": 1.0}[name] + 0.1 * i
+    block = report.render_record(record, "toy.json")[0]
+    table = block.split("The env's own episode values")[1].split("\n\n")[1]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert table.splitlines()[0] == "| method | lines |"
+    assert rows["base"].count("[") == 1 and rows["better"].rstrip().endswith("above |")
+    assert rows["same"].rstrip().endswith("level |")
+
+
 def test_two_seeds_make_no_claim_and_a_headline_needs_five():
     block, _ = report.render_record(synthetic_record(seeds=2), "toy.json")
     assert "no claim (fewer than 3 seeds)" in block and "above" not in block.split("verdict |")[1]
