@@ -670,6 +670,11 @@ SKIPS = {
     "'Offline RL on the Craftax-Classic tiers' --baseline 'bc top_fraction=1.0'":
         "normalised scores need tiers whose expert beats random; at the debug preset PPO learns nothing (expert "
         "return = random return), so the table is refused, rightly; the evaluate_many line above it runs",
+    "python -m benchmarks.offline_table runs/offline_tiers/classic_pixels_table.json --name "
+    "offline_augment_classic_pixels --title 'Image augmentation for offline BC and AWR on Craftax-Classic-Pixels "
+    "tiers' --baseline augment=none":
+        "normalised scores need tiers whose expert beats random, which the debug PPO run's pixel tiers do not "
+        "have, so the table is refused, rightly; the evaluate_many line above it runs",
     # run once per suite, not twice: two jax.distributed processes whose gloo connection times out when the
     # machine is so loaded that their compiles finish more than its connect timeout apart
     "XLA_FLAGS=--xla_force_host_platform_device_count=2 scripts/shell/ppo_multiprocess.sh --preset debug":
