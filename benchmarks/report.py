@@ -598,23 +598,28 @@ def data_table(datasets: dict[str, dict]) -> list[str]:
     return lines
 
 
+def settings_only(baseline: str) -> bool:
+    """Whether an offline table's baseline names only settings (``augment=none``), not a method."""
+    return "=" in baseline.split(" ", 1)[0]
+
+
 def baseline_of(method: str, baseline: str) -> str:
     """The method ``method`` is compared with: ``baseline`` itself, or, where ``baseline`` names only settings
     (``augment=none``), ``method`` with those settings, so each algorithm is compared with itself off and on."""
-    if "=" not in baseline.split(" ", 1)[0]:
+    if not settings_only(baseline):
         return baseline
     wanted = dict(token.split("=", 1) for token in baseline.split(" "))
-    tokens = method.split(" ")
-    return " ".join([tokens[0], *(f"{token.split('=', 1)[0]}={wanted[token.split('=', 1)[0]]}"
-                                  if "=" in token and token.split("=", 1)[0] in wanted else token
-                                  for token in tokens[1:])])
+    algo, *tokens = method.split(" ")
+    fields = [token.split("=", 1) for token in tokens]
+    return " ".join([algo, *(f"{field[0]}={wanted[field[0]]}" if len(field) == 2 and field[0] in wanted else token
+                             for token, field in zip(tokens, fields))])
 
 
 def render_scores(document: dict, data_name: str) -> str:
     """Methods by task (``records.SCORES_SCHEMA``): each cell's IQM and mean with intervals over seeds,
     and each method against the baseline method of the same task, with the page's only verdicts."""
     base_name, metric = document["baseline"], document["metric"]
-    own = "=" in base_name.split(" ", 1)[0]
+    own = settings_only(base_name)
     against = f"the same method with {base_name}" if own else f"`{base_name}`"
     short = f"its {base_name}" if own else base_name
     lines = [f"### {document['title']}", ""]
