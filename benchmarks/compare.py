@@ -386,8 +386,11 @@ def reproduce_command(suite: Suite) -> str:
     return shlex.join(["python", "-m", "benchmarks.compare", target, *suite.overrides])
 
 
-def method_record(tasks: list[Task], runs_root: str | Path, steps: list[int]) -> dict:
-    """One method on one env: its resolved config, its training processes and one entry per seed."""
+def method_record(tasks: list[Task], runs_root: str | Path, steps: list[int], previous: dict | None = None) -> dict:
+    """One method on one env: its resolved config, its training processes and one entry per seed.
+
+    ``previous`` is this method's entry in the record already committed: its seeds that have no run
+    folder under ``runs_root`` are kept (see :func:`merge_previous`)."""
     method = tasks[0].method
     entry = {"module": method.module, "presets": list(method.presets), "flags": list(method.flags),
              "config": {}, "processes": [], "runs": []}
@@ -403,13 +406,50 @@ def method_record(tasks: list[Task], runs_root: str | Path, steps: list[int]) ->
                                                    else task_record.get("cpu_seconds")),
                                    "machine": task_record.get("machine"), "commit": task_record.get("commit")})
         entry["runs"] += runs
-    return entry
+    return merge_previous(entry, previous, [seed for task in tasks for seed in task.seeds])
 
 
-def suite_record(suite: Suite, runs_root: str | Path) -> dict:
-    """The record ``benchmarks.report`` renders (layout: ``benchmarks.records``)."""
+def merge_previous(entry: dict, previous: dict | None, seeds: list[int]) -> dict:
+    """``entry`` plus the seeds of ``previous`` it has no run for, in seed order.
+
+    Run folders (``runs/``) do not outlive the machine they were trained on, and a suite's seeds can
+    take longer than one machine lasts: collecting seed 102 on a new machine must not drop seeds 100-101
+    from the committed record. Seeds merge only from the same method (module, presets, flags) at the same
+    resolved config; anything else is an error rather than a silent mix of two setups."""
+    if not previous or not previous.get("runs"):
+        return entry
+    same = all(previous.get(key) == entry[key] for key in ("module", "presets", "flags"))
+    if not same:
+        return entry  # the suite changed the method: its old seeds describe something else
+    if entry["config"] and previous.get("config") and previous["config"] != entry["config"]:
+        differ = sorted(k for k in {**entry["config"], **previous["config"]}
+                        if entry["config"].get(k) != previous["config"].get(k))
+        raise UserError(f"the committed record holds seeds of this method at another config (keys differ: "
+                        f"{', '.join(differ)}); rerun those seeds here, or delete the record file to drop them")
+    have = {run["seed"] for run in entry["runs"]}
+    kept = [run for run in previous["runs"] if run["seed"] not in have and run["seed"] in seeds]
+    if not kept:
+        return entry
+    kept_seeds = {run["seed"] for run in kept}
+    processes = [p for p in previous.get("processes", []) if set(p["seeds"]) <= kept_seeds]
+    order = {seed: i for i, seed in enumerate(seeds)}
+    return {**entry, "config": entry["config"] or previous.get("config", {}),
+            "processes": sorted(entry["processes"] + processes, key=lambda p: order[p["seeds"][0]]),
+            "runs": sorted(entry["runs"] + kept, key=lambda run: order[run["seed"]])}
+
+
+def suite_record(suite: Suite, runs_root: str | Path, previous: dict | None = None) -> dict:
+    """The record ``benchmarks.report`` renders (layout: ``benchmarks.records``). ``previous`` is the
+    committed record of the same suite: seeds trained on another machine are kept from it (only at the
+    same budget, whose curve points they share)."""
     tasks = suite_tasks(suite)
     steps = records.curve_steps(suite.budget)
+    if previous is not None and previous.get("budget") != suite.budget:
+        previous = None
+
+    def before(env: str, method: str) -> dict | None:
+        return ((previous or {}).get("envs", {}).get(env, {}).get("methods", {})).get(method)
+
     return {
         "name": suite.name, "title": f"Comparison `{suite.name}`", "description": suite.description,
         "command": reproduce_command(suite), "suite": f"benchmarks/suites/{suite.path.name}",
@@ -418,9 +458,19 @@ def suite_record(suite: Suite, runs_root: str | Path) -> dict:
         "references": [dict(r) for r in suite.references], "curve_steps": steps,
         "time_target_seconds": suite.time_target_seconds, "early_steps": list(suite.early_steps),
         "envs": {env: {"methods": {m.name: method_record([t for t in tasks if t.env == env and t.method == m],
-                                                         runs_root, steps) for m in suite.methods}}
+                                                         runs_root, steps, before(env, m.name))
+                                   for m in suite.methods}}
                  for env in suite.envs},
     }
+
+
+def committed_record(path: Path) -> dict | None:
+    """The record already at ``path``, or None where there is none or it is not a comparison record."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("schema") == records.SCHEMA else None
 
 
 def write_results(suite: Suite, runs_root: str | Path, results_md: str | Path,
@@ -431,8 +481,9 @@ def write_results(suite: Suite, runs_root: str | Path, results_md: str | Path,
 
     results_md = Path(results_md)
     data_dir = Path(data_dir) if data_dir is not None else results_md.parent / "data"
-    record = suite_record(suite, runs_root)
-    path = records.write(data_dir / f"{suite.name}.json", record)
+    path = data_dir / f"{suite.name}.json"
+    record = suite_record(suite, runs_root, committed_record(path))
+    path = records.write(path, record)
     report.write(results_md, data_dir)
     block, _ = report.render_record(records.read(path), path.name)
     return block

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +231,43 @@ def test_rerunning_one_method_keeps_every_row_of_the_block(debug_runs, capsys):
                          "--results-md", str(results)]) == 0
     assert "done, skipped" in capsys.readouterr().out
     assert results.read_text() == before, "the block must still list ppo and ppo_rnn, under the suite's command"
+
+
+def test_collecting_on_a_machine_without_the_runs_keeps_the_committed_seeds(debug_runs, tmp_path, capsys):
+    """Run folders die with their machine; the committed record must not: a collection from a runs root
+    holding nothing (or only some seeds) rewrites the same record and the same block."""
+    runs, results, _ = debug_runs
+    data = results.parent / "data" / "classic_debug.json"
+    record_before, page_before = data.read_text(), results.read_text()
+    assert compare.main(["classic_debug", "--budget", str(BUDGET), "--runs-root", str(tmp_path / "empty"),
+                         "--results-md", str(results), "--collect"]) == 0
+    assert data.read_text() == record_before and results.read_text() == page_before
+    partial = tmp_path / "partial"  # ppo's folder only: ppo_rnn comes from the record
+    shutil.copytree(runs / "classic_debug" / "Craftax-Classic-Symbolic-v1" / "ppo",
+                    partial / "classic_debug" / "Craftax-Classic-Symbolic-v1" / "ppo")
+    assert compare.main(["classic_debug", "--budget", str(BUDGET), "--runs-root", str(partial),
+                         "--results-md", str(results), "--collect"]) == 0
+    assert data.read_text() == record_before and results.read_text() == page_before
+
+
+def _entry(seeds, config=None, presets=("cpu",)):
+    return {"module": "online_rl.ppo", "presets": list(presets), "flags": [], "config": config or {"lr": 1},
+            "processes": [{"seeds": [s], "wall_seconds": 1.0} for s in seeds],
+            "runs": [{"seed": s, "final": {}} for s in seeds]}
+
+
+def test_merging_keeps_old_seeds_in_order_and_refuses_another_config():
+    merged = compare.merge_previous(_entry([101]), _entry([100, 102, 107]), [100, 101, 102])
+    assert [r["seed"] for r in merged["runs"]] == [100, 101, 102], "seed 107 is not in the suite"
+    assert [p["seeds"] for p in merged["processes"]] == [[100], [101], [102]]
+    fresh = _entry([100])
+    assert compare.merge_previous(fresh, _entry([100, 101]), [100, 101])["runs"][0] is fresh["runs"][0], \
+        "a seed trained here replaces its committed entry"
+    assert compare.merge_previous(_entry([101]), _entry([100], presets=("debug",)), [100, 101])["runs"] == \
+        [{"seed": 101, "final": {}}], "another method's seeds are not this method's"
+    with pytest.raises(UserError, match="keys differ: lr"):
+        compare.merge_previous(_entry([101]), _entry([100], config={"lr": 2}), [100, 101])
+    assert compare.merge_previous({**_entry([]), "config": {}}, _entry([100]), [100])["config"] == {"lr": 1}
 
 
 def test_a_changed_budget_is_a_new_run_not_done(debug_runs, capsys):
