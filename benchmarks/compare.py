@@ -53,7 +53,7 @@ TASK_RECORD = "compare_task.json"  # written by this script into each run folder
 
 _SUITE_KEYS = {"description", "envs", "seeds", "first_seed", "budget", "flags", "methods", "slurm",
                "seed_role", "headline", "equal_compute", "references", "time_target_seconds",
-               "early_steps"}
+               "early_steps", "diagnostics"}
 _REFERENCE_KEYS = {"env", "label", "value", "source"}
 _METHOD_KEYS = {"module", "presets", "flags", "seeds_together"}
 _SLURM_KEYS = {"time", "gres", "cpus_per_task", "mem"}
@@ -102,6 +102,9 @@ class Suite:
     early_steps: tuple[int, ...] = ()
     """Env steps at which the report also compares the methods along the curve (e.g. does a pretrained
     policy's head start survive the first updates, and where do the curves meet)."""
+    diagnostics: tuple[str, ...] = ()
+    """Logged metrics (e.g. ``diag/reward_pred_first``) the record keeps per seed as curves and the report
+    tabulates at ``early_steps``: the evidence for or against a hypothesis about why a method learns."""
 
 
 def suite_path(name_or_path: str) -> Path:
@@ -204,12 +207,14 @@ def load_suite(name_or_path: str, *, budget: int | None = None, seeds: int | Non
     if not isinstance(early, list) or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v
                                               for v in early):
         raise UserError(f"{path}: 'early_steps' must be a list of positive env-step counts, got {early!r}")
+    diagnostics = _strings(raw.get("diagnostics"), "diagnostics")
     return Suite(name=path.stem, path=path, description=str(raw.get("description", "")).strip(), envs=suite_envs,
                  seeds=values["seeds"], first_seed=values["first_seed"], budget=values["budget"],
                  flags=_strings(raw.get("flags"), "flags"), methods=tuple(parsed), slurm=dict(slurm),
                  overrides=tuple(overrides), seed_role=raw.get("seed_role"), headline=bool(raw.get("headline")),
                  equal_compute=bool(raw.get("equal_compute")), references=tuple(references),
-                 time_target_seconds=None if target is None else float(target), early_steps=tuple(early))
+                 time_target_seconds=None if target is None else float(target), early_steps=tuple(early),
+                 diagnostics=diagnostics)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -396,7 +401,7 @@ def method_record(tasks: list[Task], runs_root: str | Path, steps: list[int], pr
              "config": {}, "processes": [], "runs": []}
     for task in tasks:
         run_dir = task.run_dir(runs_root)
-        runs = records.run_entries(run_dir, task.seeds, steps)
+        runs = records.run_entries(run_dir, task.seeds, steps, task.suite.diagnostics)
         if not runs:
             continue
         entry["config"] = entry["config"] or records.run_config(run_dir)
@@ -457,6 +462,7 @@ def suite_record(suite: Suite, runs_root: str | Path, previous: dict | None = No
         "seed_role": suite.seed_role, "headline": suite.headline, "equal_compute": suite.equal_compute,
         "references": [dict(r) for r in suite.references], "curve_steps": steps,
         "time_target_seconds": suite.time_target_seconds, "early_steps": list(suite.early_steps),
+        **({"diagnostics": list(suite.diagnostics)} if suite.diagnostics else {}),
         "envs": {env: {"methods": {m.name: method_record([t for t in tasks if t.env == env and t.method == m],
                                                          runs_root, steps, before(env, m.name))
                                    for m in suite.methods}}

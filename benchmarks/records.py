@@ -18,7 +18,9 @@ Layout (``SCHEMA``)::
                                          "runs": [{"seed", "env_steps", "final": {metric: value},
                                                    "eval": {metric: value},
                                                    "curve": {"episode/return": [K], "achievement_rate": [K]},
-                                                   "train_seconds": [K]}]}}}}}
+                                                   "train_seconds": [K],
+                                                   optional "diagnostics": {metric: [K]}}]}}}},
+     optional "diagnostics": [metric names the suite asked for]}
 
 Curve points are the episode-weighted means of the logged rows in each window ``(step[k-1], step[k]]``
 (so a point summarises every episode of its window, not one noisy chunk), ``null`` where no episode
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -103,6 +106,20 @@ def window_curve(rows: list[dict], key: str, steps: list[int], seeds: int) -> np
     return out
 
 
+def mean_curve(rows: list[dict], key: str, steps: list[int], seeds: int) -> np.ndarray:
+    """``[points, seeds]``: the plain mean of ``key`` over the rows of each window that log it (for
+    diagnostics: one value per training chunk, not per episode)."""
+    out = np.full((len(steps), seeds), np.nan)
+    edges = [0, *steps]
+    for k in range(len(steps)):
+        values = [_values(r, key, seeds) for r in rows if edges[k] < r["step"] <= edges[k + 1] and key in r]
+        if values:
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a seed with no finite value in the window
+                out[k] = np.nanmean(np.array(values), 0)
+    return out
+
+
 def steady_sps(rows: list[dict], slots: int) -> float | None:
     """Env steps/s over all ``slots`` (seeds, or a sweep's points x seeds) between the first and last logged
     rows of the run's latest process: compilation is in the first row, and a resumed run restarts its wall
@@ -150,8 +167,10 @@ def _clean(value: Any, digits: int = 4) -> Any:
     return value
 
 
-def run_entries(run_dir: Path, seeds: Iterable[int], steps: list[int]) -> list[dict]:
-    """One entry per seed of a run folder (its seeds vmapped in one process)."""
+def run_entries(run_dir: Path, seeds: Iterable[int], steps: list[int],
+                diagnostics: Iterable[str] = ()) -> list[dict]:
+    """One entry per seed of a run folder (its seeds vmapped in one process); ``diagnostics`` names logged
+    metrics (e.g. ``diag/reward_pred_first``) kept per seed as curves of window means."""
     seeds = list(seeds)
     summary_path, metrics_path = run_dir / "summary.json", run_dir / "metrics.jsonl"
     if not summary_path.exists() or not metrics_path.exists():
@@ -161,6 +180,7 @@ def run_entries(run_dir: Path, seeds: Iterable[int], steps: list[int]) -> list[d
     n = len(seeds)
     curves = {key: window_curve(rows, key, steps, n) for key in ("episode/return", "achievement_rate")
               if any(key in r for r in rows)}
+    diags = {key: mean_curve(rows, key, steps, n) for key in diagnostics if any(key in r for r in rows)}
     seconds = train_seconds(rows, steps, n)
     final = summary.get("final", {})
     evals = summary.get("eval", {})
@@ -180,6 +200,7 @@ def run_entries(run_dir: Path, seeds: Iterable[int], steps: list[int]) -> list[d
                      and k in ("eval/return", "eval/length")},
             "curve": {k: v[:, i].tolist() for k, v in curves.items()},
             "train_seconds": seconds,
+            **({"diagnostics": {k: v[:, i].tolist() for k, v in diags.items()}} if diags else {}),
         })
     return _clean(entries)
 

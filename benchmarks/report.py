@@ -302,6 +302,32 @@ def along_curve_table(methods: dict[str, dict], curve_steps: list[int], at_steps
     return lines
 
 
+def diagnostics_table(methods: dict[str, dict], curve_steps: list[int], at_steps: list[int],
+                      keys: list[str]) -> list[str]:
+    """The logged diagnostics a suite asked for, at a few points of training: the mean over seeds, then
+    each seed's value. Not a comparison (no verdicts): what a hypothesis about the learning predicts."""
+    present = [key for key in keys if any(key in run.get("diagnostics", {})
+                                          for m in methods.values() for run in m["runs"])]
+    if not present:
+        return []
+    windows = sorted({window_index(curve_steps, s) for s in (at_steps or [curve_steps[-1]])})
+    edges = [0, *curve_steps]
+    lines = ["Diagnostics (the mean over each window's training chunks; mean over seeds, then each seed):", "",
+             "| metric | method | " + " | ".join(f"env steps {edges[k]:,}-{edges[k + 1]:,}" for k in windows)
+             + " |", "|---|---|" + "---|" * len(windows)]
+    for key in present:
+        for name, method in methods.items():
+            cells = []
+            for k in windows:
+                values = [run.get("diagnostics", {}).get(key, [])[k]
+                          if len(run.get("diagnostics", {}).get(key, [])) > k else None for run in method["runs"]]
+                finite = [v for v in values if v is not None and np.isfinite(v)]
+                cells.append(f"{fmt(float(np.mean(finite)))} ({', '.join(fmt(v) for v in values)})" if finite
+                             else "-")
+            lines.append(f"| `{key}` | {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def achievement_table(methods: dict[str, dict]) -> list[str]:
     methods = {name: m for name, m in methods.items() if final_scores(m).size}
     keys = sorted({k for m in methods.values() for run in m["runs"] for k in run["final"]
@@ -449,6 +475,8 @@ def render_record(record: dict, data_name: str) -> tuple[str, dict[str, tuple]]:
                       if record.get("time_target_seconds") else [],
                       along_curve_table(methods, record["curve_steps"], record["early_steps"])
                       if record.get("early_steps") else [],
+                      diagnostics_table(methods, record["curve_steps"], record.get("early_steps", []),
+                                        record.get("diagnostics", [])),
                       achievement_table(methods)):
             if block:
                 lines += [*block, ""]

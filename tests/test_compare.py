@@ -67,6 +67,8 @@ def write_suite(tmp_path: Path, text: str) -> str:
     ("envs: [Craftax-Classic-Symbolic-v1]\nbudget: 10\nmethods: {a: {module: m}}\nreferences:\n"
      "  - {env: Craftax-Classic-Symbolic-v1, label: x, value: 1.0, source: s, env_steps: -5}\n",
      "may give env_steps (a positive integer"),
+    ("envs: [Craftax-Classic-Symbolic-v1]\nbudget: 10\nmethods: {a: {module: m}}\ndiagnostics: diag/x\n",
+     "diagnostics must be a list of strings"),
 ])
 def test_bad_suites_are_one_clear_error(tmp_path, text, message):
     with pytest.raises(UserError, match=re.escape(message)):

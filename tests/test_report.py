@@ -141,6 +141,30 @@ def test_run_entries_split_a_vmapped_run_into_seeds(tmp_path):
     assert records.run_entries(tmp_path / "missing", [0], [1]) == []
 
 
+def test_diagnostics_are_kept_per_seed_as_window_means(tmp_path):
+    rows = [{**row, "diag/first": [0.1 * i, None], "loss/x": 1.0} for i, row in enumerate(ROWS)]
+    run = write_run(tmp_path / "run", rows, {"complete": True, "env_steps_per_seed": 300})
+    entries = records.run_entries(run, [10, 11], [150, 300], diagnostics=["diag/first", "diag/never_logged"])
+    assert entries[0]["diagnostics"] == {"diag/first": [0.0, pytest.approx(0.15)]}, "a plain mean per window"
+    assert entries[1]["diagnostics"] == {"diag/first": [None, None]}
+    assert "diagnostics" not in records.run_entries(run, [10, 11], [150, 300])[0], "only what the suite asks"
+
+
+def test_diagnostics_table_lists_each_seed_at_the_asked_points():
+    record = synthetic_record(seeds=3)
+    for name, method in record["envs"]["Craftax-Classic-Symbolic-v1"]["methods"].items():
+        for i, run in enumerate(method["runs"]):
+            run["diagnostics"] = {"diag/reward_pred_first": [0.1, 0.2, 0.3, 0.4 + 0.1 * i]}
+    assert "Diagnostics" not in report.render_record(record, "toy.json")[0], "none asked, no table"
+    record["diagnostics"] = ["diag/reward_pred_first", "diag/absent"]
+    block, _ = report.render_record(record, "toy.json")
+    table = block.split("Diagnostics")[1].split("\n\n")[1]
+    assert "| metric | method | env steps 750-1,000 |" in table and "absent" not in table
+    assert "| `diag/reward_pred_first` | better | 0.50 (0.40, 0.50, 0.60) |" in table
+    record["early_steps"] = [100, 1000]
+    assert "env steps 0-250 | env steps 750-1,000 |" in report.render_record(record, "toy.json")[0]
+
+
 def test_records_refuse_other_schemas(tmp_path):
     path = records.write(tmp_path / "r.json", {"name": "r"})
     assert records.read(path)["schema"] == records.SCHEMA
