@@ -55,7 +55,7 @@ _SUITE_KEYS = {"description", "envs", "seeds", "first_seed", "budget", "flags", 
                "seed_role", "headline", "equal_compute", "references", "time_target_seconds",
                "early_steps", "diagnostics"}
 _REFERENCE_KEYS = {"env", "label", "value", "source"}
-_METHOD_KEYS = {"module", "presets", "flags", "seeds_together"}
+_METHOD_KEYS = {"module", "presets", "flags", "seeds_together", "budget_factor"}
 _SLURM_KEYS = {"time", "gres", "cpus_per_task", "mem"}
 
 
@@ -72,6 +72,10 @@ class Method:
     flags: tuple[str, ...] = ()
     seeds_together: bool = True
     """True: all seeds in one process (--num-seeds, vmapped); False: one process per seed."""
+    budget_factor: int = 1
+    """This method trains ``budget_factor`` times the suite's env steps: a cheap method given the compute
+    of an expensive one (PPO for as many CPU seconds as Dreamer). The report compares it with the others
+    at equal training time only, never at equal env steps."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +158,12 @@ def load_suite(name_or_path: str, *, budget: int | None = None, seeds: int | Non
         _unknown_keys(spec, _METHOD_KEYS, f"{path}: method {name}")
         if not isinstance(spec.get("module"), str) or not spec["module"]:
             raise UserError(f"{path}: method {name} needs 'module' (e.g. online_rl.ppo)")
+        factor = spec.get("budget_factor", 1)
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise UserError(f"{path}: method {name}: 'budget_factor' must be a positive integer, got {factor!r}")
         parsed.append(Method(str(name), spec["module"], _strings(spec.get("presets"), f"{name}.presets"),
-                             _strings(spec.get("flags"), f"{name}.flags"), bool(spec.get("seeds_together", True))))
+                             _strings(spec.get("flags"), f"{name}.flags"), bool(spec.get("seeds_together", True)),
+                             factor))
     overrides: list[str] = []
     if methods is not None:
         methods = list(methods)
@@ -237,6 +245,10 @@ class Task:
     def title(self) -> str:
         return f"{self.method.name} on {self.env} ({self.label})"
 
+    @property
+    def budget(self) -> int:
+        return self.suite.budget * self.method.budget_factor
+
     def run_dir(self, runs_root: str | Path) -> Path:
         return Path(runs_root) / self.suite.name / self.env / self.method.name / self.label
 
@@ -247,7 +259,7 @@ class Task:
         if self.method.presets:
             argv += ["--preset", *self.method.presets]
         argv += ["--run-dir", str(self.run_dir(runs_root)), "--seed", str(self.seeds[0]),
-                 "--num-seeds", str(len(self.seeds)), "--total-steps", str(self.suite.budget)]
+                 "--num-seeds", str(len(self.seeds)), "--total-steps", str(self.budget)]
         return argv + [expand_flag(f) for f in (*self.suite.flags, *self.method.flags)]
 
 
@@ -399,6 +411,9 @@ def method_record(tasks: list[Task], runs_root: str | Path, steps: list[int], pr
     method = tasks[0].method
     entry = {"module": method.module, "presets": list(method.presets), "flags": list(method.flags),
              "config": {}, "processes": [], "runs": []}
+    if method.budget_factor != 1:  # its own budget, so its own curve points
+        steps = records.curve_steps(tasks[0].budget)
+        entry.update(budget=tasks[0].budget, curve_steps=steps)
     for task in tasks:
         run_dir = task.run_dir(runs_root)
         runs = records.run_entries(run_dir, task.seeds, steps, task.suite.diagnostics)
@@ -423,7 +438,7 @@ def merge_previous(entry: dict, previous: dict | None, seeds: list[int]) -> dict
     resolved config; anything else is an error rather than a silent mix of two setups."""
     if not previous or not previous.get("runs"):
         return entry
-    same = all(previous.get(key) == entry[key] for key in ("module", "presets", "flags"))
+    same = all(previous.get(key) == entry.get(key) for key in ("module", "presets", "flags", "budget"))
     if not same:
         return entry  # the suite changed the method: its old seeds describe something else
     if entry["config"] and previous.get("config") and previous["config"] != entry["config"]:

@@ -213,15 +213,18 @@ def value_at_seconds(run: dict, seconds: float) -> float | None:
     return best
 
 
+def median_total_seconds(method: dict) -> float | None:
+    """The median over seeds of the training seconds each took for its whole budget."""
+    finished = [run["train_seconds"][-1] for run in method["runs"] if run.get("train_seconds")
+                and run["train_seconds"][-1] is not None]
+    return float(np.median(finished)) if finished else None
+
+
 def equal_time_table(methods: dict[str, dict]) -> list[str]:
     """Each method's return after as much training time as the fastest-finishing method needed: the
     equal-compute view that equal env steps hide (a world model spends far more per step)."""
-    totals = {}
-    for name, method in methods.items():
-        finished = [run["train_seconds"][-1] for run in method["runs"] if run.get("train_seconds")
-                    and run["train_seconds"][-1] is not None]
-        if finished:
-            totals[name] = float(np.median(finished))
+    totals = {name: median_total_seconds(m) for name, m in methods.items()}
+    totals = {name: t for name, t in totals.items() if t is not None}
     if len(totals) < 2:
         return []
     budget = min(totals.values())
@@ -233,6 +236,34 @@ def equal_time_table(methods: dict[str, dict]) -> list[str]:
         values = np.array([v for v in (value_at_seconds(run, budget) for run in method["runs"]) if v is not None])
         lines.append(f"| {name} | {fmt(totals.get(name), 0)} | {estimate_text(values, 'IQM', i)} | "
                      f"{values.size} of {len(method['runs'])} |")
+    return lines
+
+
+def equal_compute_table(methods: dict[str, dict], longer: dict[str, dict]) -> list[str]:
+    """The methods given more env steps (a suite's ``budget_factor``) against the slowest method at the
+    suite's budget, each read at that method's training time: what a cheap method does with the compute
+    an expensive one spends on its budget."""
+    totals = {name: median_total_seconds(m) for name, m in methods.items()}
+    totals = {name: t for name, t in totals.items() if t is not None}
+    if not totals or not longer:
+        return []
+    slow = max(totals, key=totals.get)
+    seconds = totals[slow]
+    lines = [f"Equal compute: each method's return after {seconds:,.0f} s of training per process (what "
+             f"`{slow}`, the slowest at the suite's budget, took; the last curve point within that time) and "
+             f"its difference to `{slow}`:", "",
+             "| method | env steps per seed | training s for its budget (median) | return at equal time, IQM "
+             f"[95% CI] | difference to `{slow}` | seeds with a point |", "|---|---|---|---|---|---|"]
+    base = np.array([v for v in (value_at_seconds(run, seconds) for run in methods[slow]["runs"]) if v is not None])
+    for i, (name, method) in enumerate({slow: methods[slow], **longer}.items()):
+        values = np.array([v for v in (value_at_seconds(run, seconds) for run in method["runs"]) if v is not None])
+        diff = ""
+        if i and values.size and base.size:
+            difference = stats.difference(values, base, "IQM", seed=i)
+            diff = f"{difference.estimate.text()} {verdict_text(difference, short=True)}"
+        steps = method.get("budget") or max((run.get("env_steps") or 0 for run in method["runs"]), default=0)
+        lines.append(f"| {name} | {steps:,} | {fmt(median_total_seconds(method), 0)} | "
+                     f"{estimate_text(values, 'IQM', i)} | {diff} | {values.size} of {len(method['runs'])} |")
     return lines
 
 
@@ -377,10 +408,11 @@ def _steps_axis(ax) -> None:
 
 
 def plot_env(title: str, steps: list[int], methods: dict[str, dict], equal_compute: bool, path: Path,
-             digest: str, references: list[dict] = ()) -> None:
+             digest: str, references: list[dict] = (), longer: dict[str, dict] | None = None) -> None:
     """Return against env steps (mean over seeds, 95% bootstrap band), achievement rate, and with
     ``equal_compute`` return against training seconds. ``references`` that name their ``env_steps`` are
-    drawn on the return panel, so a curve is read against the published one, not only a table cell."""
+    drawn on the return panel, so a curve is read against the published one, not only a table cell.
+    ``longer`` (methods with a budget of their own) appear only on the seconds panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,7 +424,7 @@ def plot_env(title: str, steps: list[int], methods: dict[str, dict], equal_compu
     panels += ["time"] if equal_compute else []
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        for name, method in methods.items():
+        for name, method in {**methods, **((longer or {}) if panel == "time" else {})}.items():
             key = RETURN if panel == "time" else panel
             curves = [run["curve"].get(key) for run in method["runs"] if run["curve"].get(key)]
             if not curves:
@@ -461,7 +493,9 @@ def render_record(record: dict, data_name: str) -> tuple[str, dict[str, tuple]]:
               "over the seeds they trained.", ""]
     figures = {}
     for env, entry in record["envs"].items():
-        methods = entry["methods"]
+        # Methods with a budget of their own (budget_factor) meet the others only at equal training time.
+        methods = {name: m for name, m in entry["methods"].items() if "budget" not in m}
+        longer = {name: m for name, m in entry["methods"].items() if "budget" in m}
         machines = sorted({p.get("machine") for m in methods.values() for p in m.get("processes", [])
                            if p.get("machine")})
         commits = sorted({p.get("commit") for m in methods.values() for p in m.get("processes", [])
@@ -471,6 +505,7 @@ def render_record(record: dict, data_name: str) -> tuple[str, dict[str, tuple]]:
                   "", *main_table(env, methods, record.get("references", [])), ""]
         for block in (difference_table(methods), episode_metric_table(methods),
                       equal_time_table(methods) if record.get("equal_compute") else [],
+                      equal_compute_table(methods, longer),
                       time_target_table(methods, record["time_target_seconds"])
                       if record.get("time_target_seconds") else [],
                       along_curve_table(methods, record["curve_steps"], record["early_steps"])
@@ -485,8 +520,8 @@ def render_record(record: dict, data_name: str) -> tuple[str, dict[str, tuple]]:
             title = f"{record['name']}: {env}"
             args = (title, record["curve_steps"], methods, bool(record.get("equal_compute")))
             marks = [r for r in record.get("references", []) if r["env"] == env and r.get("env_steps")]
-            figures[rel] = (functools.partial(plot_env, references=marks), args,
-                            data_hash(list(args) + ([marks] if marks else [])))
+            figures[rel] = (functools.partial(plot_env, references=marks, longer=longer), args,
+                            data_hash(list(args) + ([marks] if marks else []) + ([longer] if longer else [])))
             lines += [f"![{record['name']} learning curves on {env}]({rel})", ""]
     return "\n".join(lines).rstrip() + "\n", figures
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -69,6 +70,8 @@ def write_suite(tmp_path: Path, text: str) -> str:
      "may give env_steps (a positive integer"),
     ("envs: [Craftax-Classic-Symbolic-v1]\nbudget: 10\nmethods: {a: {module: m}}\ndiagnostics: diag/x\n",
      "diagnostics must be a list of strings"),
+    ("envs: [Craftax-Classic-Symbolic-v1]\nbudget: 10\nmethods: {a: {module: m, budget_factor: 0.5}}\n",
+     "method a: 'budget_factor' must be a positive integer"),
 ])
 def test_bad_suites_are_one_clear_error(tmp_path, text, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -104,6 +107,8 @@ methods:
     monkeypatch.setenv("SITE_MODEL", "/m/qwen")
     assert tasks[2].argv("R")[-2:] == ["--llm-model", "/m/qwen"] and "--seed" in tasks[2].argv("R")
     assert tasks[2].run_dir("R") == Path("R/suite/Craftax-Classic-Symbolic-v1/apart/seed5")
+    long = dataclasses.replace(tasks[0], method=dataclasses.replace(tasks[0].method, budget_factor=20))
+    assert long.argv("R")[long.argv("R").index("--total-steps") + 1] == str(20 * suite.budget)
 
 
 def test_cpu_seconds_of_a_killed_segment_mark_the_total_incomplete(tmp_path, monkeypatch):

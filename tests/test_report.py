@@ -291,6 +291,29 @@ def test_references_with_env_steps_are_drawn_on_the_curve(tmp_path):
     assert report.figure_hash(tmp_path / "f.png") == digest
 
 
+def test_a_method_with_more_env_steps_meets_the_others_only_at_equal_compute(tmp_path):
+    record = synthetic_record(seeds=3)
+    methods = record["envs"]["Craftax-Classic-Symbolic-v1"]["methods"]
+    long_runs = [{"seed": 100 + i, "env_steps": 8000, "complete": True, "final": {"episode/return": 50.0},
+                  "eval": {}, "curve": {"episode/return": [5.0 + i, 6.0 + i, 9.0 + i, 50.0]},
+                  "train_seconds": [150.0, 300.0, 390.0, 800.0]} for i in range(3)]
+    methods["cheap_long"] = {"module": "m", "presets": [], "flags": [], "config": {}, "budget": 8000,
+                             "curve_steps": records.curve_steps(8000, 4), "processes": [], "runs": long_runs}
+    block, figures = report.render_record(record, "toy.json")
+    main = block.split("| method | seeds |")[1].split("\n\n")[0]
+    assert "cheap_long" not in main, "never at equal env steps"
+    assert "cheap_long" not in block.split("Each method against")[1].split("\n\n")[1]
+    table = block.split("Equal compute:")[1].split("\n\n")[1]
+    # 'better' is the slowest at the budget (400 s); cheap_long is read at its last point within 400 s
+    assert "after 400 s" in block.split("Equal compute:")[1].split("\n")[0]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"method", "better", "cheap_long"}
+    assert "| 8,000 |" in rows["cheap_long"] and "10.00" in rows["cheap_long"] and "above" in rows["cheap_long"]
+    plot, args, _ = next(iter(figures.values()))
+    plot(*args, path=tmp_path / "f.png", digest="d")
+    assert (tmp_path / "f.png").stat().st_size > 10_000
+
+
 def test_equal_time_reads_each_run_at_the_quickest_methods_budget():
     run = {"curve": {"episode/return": [1.0, 2.0, None, 4.0]}, "train_seconds": [10, 20, 30, 40]}
     assert report.value_at_seconds(run, 35) == 2.0 and report.value_at_seconds(run, 5) is None
