@@ -27,7 +27,7 @@ from utils.io import check_output_path, output_path_problem, read_jsonl
 REPO = Path(__file__).resolve().parent.parent
 
 TRAINING = ["online_rl.ppo", "online_rl.ppo_rnn", "online_rl.ppo_rnd", "world_models.dreamer",
-            "online_rl_llm.ppo_llm"]
+            "online_rl_llm.ppo_llm", "online_rl.random_policy"]
 PPO_FAMILY = ["online_rl.ppo", "online_rl.ppo_rnn", "online_rl.ppo_rnd", "online_rl_llm.ppo_llm"]
 OFFLINE = ["offline_rl.bc", "offline_rl.awr"]
 RUN_FOLDERS = TRAINING + OFFLINE + ["online_rl_llm.llm_play"]

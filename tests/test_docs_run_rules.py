@@ -814,7 +814,8 @@ def interactive_rule(module: str, argv: list[str]) -> tuple[list[str], dict[str,
 
 #: Entry points that train (docs/design.md's algorithm files, LLM play aside): a run of one must leave a
 #: complete run folder.
-TRAINING_MODULES = {"online_rl.ppo", "online_rl.ppo_rnn", "online_rl.ppo_rnd", "world_models.dreamer",
+TRAINING_MODULES = {"online_rl.ppo", "online_rl.ppo_rnn", "online_rl.ppo_rnd", "online_rl.random_policy",
+                    "world_models.dreamer",
                     "offline_rl.awr", "offline_rl.bc", "offline_rl.iql", "online_rl_llm.ppo_llm"}
 
 #: Flags that change where and how a run is shown, never what it computes (utils.config's
