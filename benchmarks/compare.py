@@ -441,9 +441,11 @@ def merge_previous(entry: dict, previous: dict | None, seeds: list[int]) -> dict
     same = all(previous.get(key) == entry.get(key) for key in ("module", "presets", "flags", "budget"))
     if not same:
         return entry  # the suite changed the method: its old seeds describe something else
-    if entry["config"] and previous.get("config") and previous["config"] != entry["config"]:
-        differ = sorted(k for k in {**entry["config"], **previous["config"]}
-                        if entry["config"].get(k) != previous["config"].get(k))
+    # A field only one side has is a setting added to the code between the two machines, at the default
+    # that keeps the old behaviour; a field both have with different values is another setup.
+    differ = sorted(k for k in set(entry["config"]) & set(previous.get("config") or {})
+                    if entry["config"][k] != previous["config"][k])
+    if differ:
         raise UserError(f"the committed record holds seeds of this method at another config (keys differ: "
                         f"{', '.join(differ)}); rerun those seeds here, or delete the record file to drop them")
     have = {run["seed"] for run in entry["runs"]}

@@ -275,6 +275,8 @@ def test_merging_keeps_old_seeds_in_order_and_refuses_another_config():
     with pytest.raises(UserError, match="keys differ: lr"):
         compare.merge_previous(_entry([101]), _entry([100], config={"lr": 2}), [100, 101])
     assert compare.merge_previous({**_entry([]), "config": {}}, _entry([100]), [100])["config"] == {"lr": 1}
+    added = compare.merge_previous(_entry([101], config={"lr": 1, "new_field": 0}), _entry([100]), [100, 101])
+    assert [r["seed"] for r in added["runs"]] == [100, 101], "a field added to the code since is no other setup"
 
 
 def test_a_changed_budget_is_a_new_run_not_done(debug_runs, capsys):
