@@ -309,6 +309,12 @@ def test_a_method_with_more_env_steps_meets_the_others_only_at_equal_compute(tmp
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert set(rows) == {"method", "better", "cheap_long"}
     assert "| 8,000 |" in rows["cheap_long"] and "10.00" in rows["cheap_long"] and "above" in rows["cheap_long"]
+    floor = {**methods["same"], "module": "online_rl.random_policy",
+             "runs": [{**run, "train_seconds": [0.1, 0.2, 0.3, 0.4]} for run in methods["same"]["runs"]]}
+    methods["random"] = floor  # seconds to run: it must set neither the equal-time nor the equal-compute budget
+    timed, _ = report.render_record(record, "toy.json")
+    assert "after 40 s of training" in timed.split("Equal training time:")[1].split("\n")[0]
+    assert "after 400 s" in timed.split("Equal compute:")[1].split("\n")[0]
     plot, args, _ = next(iter(figures.values()))
     plot(*args, path=tmp_path / "f.png", digest="d")
     assert (tmp_path / "f.png").stat().st_size > 10_000
