@@ -251,14 +251,19 @@ def equal_compute_table(methods: dict[str, dict], longer: dict[str, dict]) -> li
     if not totals or not longer:
         return []
     slow = max(totals, key=totals.get)
-    seconds = totals[slow]
-    lines = [f"Equal compute: each method's return after {seconds:,.0f} s of training per process (what "
-             f"`{slow}`, the slowest at the suite's budget, took; the last curve point within that time) and "
-             f"its difference to `{slow}`:", "",
+    # Every seed of the slowest method reads its own final point: the time its longest seed took.
+    seconds = max(run["train_seconds"][-1] for run in methods[slow]["runs"]
+                  if run.get("train_seconds") and run["train_seconds"][-1] is not None)
+    lines = [f"Equal compute: each method's return after {seconds:,.0f} s of training per process (what the "
+             f"longest seed of `{slow}`, the slowest method at the suite's budget, took; the last curve point "
+             f"within that time) and its difference to `{slow}`:", "",
              "| method | env steps per seed | training s for its budget (median) | return at equal time, IQM "
              f"[95% CI] | difference to `{slow}` | seeds with a point |", "|---|---|---|---|---|---|"]
     base = np.array([v for v in (value_at_seconds(run, seconds) for run in methods[slow]["runs"]) if v is not None])
     for i, (name, method) in enumerate({slow: methods[slow], **longer}.items()):
+        if not method["runs"]:
+            lines.append(f"| {name} | {method.get('budget', 0):,} | not run yet | | | 0 |")
+            continue
         values = np.array([v for v in (value_at_seconds(run, seconds) for run in method["runs"]) if v is not None])
         diff = ""
         if i and values.size and base.size:
@@ -351,6 +356,8 @@ def diagnostics_table(methods: dict[str, dict], curve_steps: list[int], at_steps
              + " |", "|---|---|" + "---|" * len(windows)]
     for key in present:
         for name, method in methods.items():
+            if not any(key in run.get("diagnostics", {}) for run in method["runs"]):
+                continue  # a method that does not log it (PPO has no reward head)
             cells = []
             for k in windows:
                 values = [run.get("diagnostics", {}).get(key, [])[k]

@@ -161,8 +161,12 @@ def test_diagnostics_table_lists_each_seed_at_the_asked_points():
     table = block.split("Diagnostics")[1].split("\n\n")[1]
     assert "| metric | method | env steps 750-1,000 |" in table and "absent" not in table
     assert "| `diag/reward_pred_first` | better | 0.50 (0.40, 0.50, 0.60) |" in table
+    assert "| same |" in table
+    for run in record["envs"]["Craftax-Classic-Symbolic-v1"]["methods"]["same"]["runs"]:
+        del run["diagnostics"]  # a method that logs none (PPO has no reward head) gets no rows
     record["early_steps"] = [100, 1000]
-    assert "env steps 0-250 | env steps 750-1,000 |" in report.render_record(record, "toy.json")[0]
+    block, _ = report.render_record(record, "toy.json")
+    assert "env steps 0-250 | env steps 750-1,000 |" in block and "| same |" not in block.split("Diagnostics")[1].split("\n\n")[1]
 
 
 def test_records_refuse_other_schemas(tmp_path):
@@ -315,6 +319,8 @@ def test_a_method_with_more_env_steps_meets_the_others_only_at_equal_compute(tmp
     timed, _ = report.render_record(record, "toy.json")
     assert "after 40 s of training" in timed.split("Equal training time:")[1].split("\n")[0]
     assert "after 400 s" in timed.split("Equal compute:")[1].split("\n")[0]
+    methods["cheap_long"]["runs"] = []
+    assert "| cheap_long | 8,000 | not run yet |" in report.render_record(record, "toy.json")[0]
     plot, args, _ = next(iter(figures.values()))
     plot(*args, path=tmp_path / "f.png", digest="d")
     assert (tmp_path / "f.png").stat().st_size > 10_000
