@@ -101,6 +101,7 @@ def test_chunks_divide_the_run_and_seed_keys_are_independent_of_the_group():
 # Every preset file and the config class its entry point parses it into.
 PRESET_FILES = {
     ("online_rl", "ppo"): "online_rl.ppo:PPOConfig", ("online_rl", "ppo_rnn"): "online_rl.ppo_rnn:PPORNNConfig",
+    ("online_rl", "random_policy"): "online_rl.random_policy:RandomPolicyConfig",
     ("world_models", "dreamer"): "world_models.dreamer:DreamerConfig",
     ("offline_rl", "bc"): "offline_rl.bc:BCConfig", ("offline_rl", "awr"): "offline_rl.awr:AWRConfig",
     ("offline_rl", "evaluate"): "offline_rl.evaluate:EvalConfig", ("offline_rl", "iql"): "offline_rl.iql:IQLConfig",
