@@ -50,11 +50,11 @@ def make_chunk(env: envs.VecEnv, cfg: RandomPolicyConfig, length: int):
     episode stats [length])``."""
 
     def one_step(carry, _):
-        obs, state, key = carry
+        state, key = carry  # no observation: the policy never looks (and checkpoints stay small)
         key, act_key, step_key = jax.random.split(key, 3)
         action = jax.random.randint(act_key, (cfg.num_envs,), 0, env.num_actions)
-        obs, state, _, done, info = env.step(step_key, state, action)
-        return (obs, state, key), EpisodeStats.from_step(done, info)
+        _, state, _, done, info = env.step(step_key, state, action)
+        return (state, key), EpisodeStats.from_step(done, info)
 
     def one_update(carry, _):
         carry, stats = jax.lax.scan(one_step, carry, None, cfg.num_steps)
@@ -76,8 +76,8 @@ def train(cfg: RandomPolicyConfig, stop_after_updates: int | None = None) -> dic
 
     def init(key):
         reset_key, key = jax.random.split(key)
-        obs, state = env.reset(reset_key)
-        return obs, state, key
+        _, state = env.reset(reset_key)
+        return state, key
 
     carry = loop.restore(jax.vmap(init)(seed_keys(cfg.seed, cfg.num_seeds)))
     run_chunk = jax.jit(jax.vmap(make_chunk(env, cfg, length)))
