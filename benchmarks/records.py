@@ -90,12 +90,17 @@ def achievement_rate_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def windows(rows: list[dict], steps: list[int], needs: str) -> list[list[dict]]:
+    """The rows that log ``needs`` in each window ``(step[k-1], step[k]]`` of the curve points."""
+    edges = [0, *steps]
+    return [[r for r in rows if edges[k] < r["step"] <= edges[k + 1] and r.get(needs) is not None]
+            for k in range(len(steps))]
+
+
 def window_curve(rows: list[dict], key: str, steps: list[int], seeds: int) -> np.ndarray:
     """``[points, seeds]``: the episode-weighted mean of ``key`` over the rows of each window."""
     out = np.full((len(steps), seeds), np.nan)
-    edges = [0, *steps]
-    for k in range(len(steps)):
-        window = [r for r in rows if edges[k] < r["step"] <= edges[k + 1] and r.get("episode/count") is not None]
+    for k, window in enumerate(windows(rows, steps, "episode/count")):
         if not window:
             continue
         counts = np.array([_values(r, "episode/count", seeds) for r in window])
@@ -110,13 +115,11 @@ def mean_curve(rows: list[dict], key: str, steps: list[int], seeds: int) -> np.n
     """``[points, seeds]``: the plain mean of ``key`` over the rows of each window that log it (for
     diagnostics: one value per training chunk, not per episode)."""
     out = np.full((len(steps), seeds), np.nan)
-    edges = [0, *steps]
-    for k in range(len(steps)):
-        values = [_values(r, key, seeds) for r in rows if edges[k] < r["step"] <= edges[k + 1] and key in r]
-        if values:
+    for k, window in enumerate(windows(rows, steps, key)):
+        if window:
             with np.errstate(invalid="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a seed with no finite value in the window
-                out[k] = np.nanmean(np.array(values), 0)
+                out[k] = np.nanmean(np.array([_values(r, key, seeds) for r in window]), 0)
     return out
 
 
