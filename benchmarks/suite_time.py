@@ -36,7 +36,7 @@ from benchmarks import records
 from benchmarks.common import REPO_ROOT, cpu_description
 
 README = REPO_ROOT / "README.md"
-SLOW_COMMAND = '.venv/bin/python -m pytest -n 2 --dist loadfile -m slow'
+SLOW_COMMAND = '.venv/bin/python -m pytest -n 2 --dist loadfile -m "slow and not docs"'
 
 
 def readme_test_command(readme: Path | None = None) -> str:

@@ -40,9 +40,18 @@ def tiny_vlm_path(tmp_path_factory) -> str:
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"))
 
 
+# Every command of the other docs pages, in two files so that `-n 2 --dist loadfile` runs the halves side by
+# side: `slow` and also `docs`. About 45 minutes on 2 cores with a cold cache, which CI's 90 minutes cannot
+# hold beside the rest, so CI runs `-m "slow and not docs"`; run them by hand (`-m docs`) before a change to
+# the docs or to an entry point's flags lands.
+DOCS_TESTS = (
+    "tests/test_docs_run_a.py::test_documented_command_runs",
+    "tests/test_docs_run_b.py::test_documented_command_runs",
+)
+
 # Tests that each compile and train whole programs for a minute or more on a cold compilation cache
 # (measured: docs/results.md, "Test suite"). The README's test command leaves them out (`-m "not slow"`)
-# so a new user's first run stays under 15 minutes; CI runs them as its second command (`-m slow`).
+# so a new user's first run stays under 15 minutes; CI runs them as its second command (`-m "slow and not docs"`).
 # Listed here, by node id prefix, so the split can be tuned from one place as the measured durations
 # change; tests that are slow wherever they run carry `@pytest.mark.slow` themselves.
 SLOW_TESTS = (
@@ -58,6 +67,7 @@ SLOW_TESTS = (
     "tests/test_compare.py::test_rerunning_one_method_keeps_every_row",
     "tests/test_compare.py::test_a_changed_budget_is_a_new_run",
     "tests/test_compare.py::test_slurm_dry_run_prints_a_valid_array_job",
+    "tests/test_compare.py::test_collecting_on_a_machine_without_the_runs_keeps_the_committed_seeds",  # same fixture
     "tests/test_ppo.py::test_pixels_debug_run_uses_the_cnn",
     "tests/test_augment.py::test_ppo_pixels_shift_trains_and_pad_zero_is_the_plain_run",  # three pixel PPO programs
     "tests/test_ppo.py::test_ppo_trains_on_tetris_and_reports_lines",
@@ -85,10 +95,9 @@ SLOW_TESTS = (
     "tests/test_ppo_vlm.py::test_frames_are_refreshed_every_skip_n_steps_and_at_episode_starts",  # 113 (20 warm)
     "tests/test_ppo_vlm.py::test_debug_pixel_run_in_process_and_through_the_server",  # 271
     "tests/test_ppo_vlm.py::test_ppo_vlm_sps_writes_its_table_at_a_tiny_budget",  # 111
-    # Every command of README.md and docs/*.md at a small budget (docs/README.md, "How the docs are tested"),
-    # in two files so that `-n 2 --dist loadfile` runs the halves side by side:
-    "tests/test_docs_run_a.py::test_documented_command_runs",
-    "tests/test_docs_run_b.py::test_documented_command_runs",
+    # Every command of README.md and docs/README.md at a small budget (docs/README.md, "How the docs are tested"):
+    "tests/test_docs_run_front.py::test_documented_command_runs",
+    *DOCS_TESTS,
 )
 
 
@@ -96,3 +105,5 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.startswith(SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
+        if item.nodeid.startswith(DOCS_TESTS):
+            item.add_marker(pytest.mark.docs)

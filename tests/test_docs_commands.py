@@ -156,7 +156,7 @@ def test_ci_runs_the_readme_test_command_as_written():
     ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert test_commands[0] in ci_lines
     assert '-m "not slow"' in test_commands[0], "the README's command is the fast half"
-    slow = '.venv/bin/python -m pytest -n 2 --dist loadfile -m slow'
+    slow = '.venv/bin/python -m pytest -n 2 --dist loadfile -m "slow and not docs"'
     assert slow in ci_lines and f"`{slow}`" in (REPO / "README.md").read_text(), \
         "CI runs the slow half as its second command, and the README says so"
 
@@ -247,7 +247,7 @@ def test_every_documented_python_command_parses():
     """Every ``python -m`` command of the README and docs/*.md, results.md's reproduction commands
     included, is parsed by its own module (flags, presets, subcommands), with no training: a renamed
     flag or a removed preset fails here. Every one of them also runs, at a small budget, in
-    tests/test_docs_run_a.py and tests/test_docs_run_b.py (slow; the rules: docs/README.md, "How the docs
+    tests/test_docs_run_front.py, tests/test_docs_run_a.py and tests/test_docs_run_b.py (slow; the rules: docs/README.md, "How the docs
     are tested"); what those run is parsed here too, so a rule that breaks a command line fails fast."""
     from test_docs_run_rules import small_commands
 

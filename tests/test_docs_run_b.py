@@ -2,6 +2,8 @@
 
 The pages are split over tests/test_docs_run_a.py and tests/test_docs_run_b.py so that
 `pytest -n 2 --dist loadfile` runs the halves side by side; a page's commands run in order in one folder.
+Both carry the ``docs`` marker (tests/conftest.py): CI leaves them out, the front pages' commands
+(tests/test_docs_run_front.py) stay in it.
 """
 
 from __future__ import annotations

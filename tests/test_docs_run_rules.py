@@ -1,7 +1,7 @@
 """How every documented command becomes a small run (docs/README.md, "How the docs are tested").
 
-``tests/test_docs_run_a.py`` and ``tests/test_docs_run_b.py`` run every command of the ``bash`` fences of
-README.md and docs/*.md; this module turns each documented command into a :class:`Plan` of what those
+``tests/test_docs_run_front.py``, ``tests/test_docs_run_a.py`` and ``tests/test_docs_run_b.py`` run every
+command of the ``bash`` fences of README.md and docs/*.md; this module turns each documented command into a :class:`Plan` of what those
 tests run, with rules written once (by flag name, by preset, by placeholder) rather than per command:
 
 * **budget**: an entry point with a ``debug`` preset gets ``--preset debug`` as its last preset, and any
@@ -1155,7 +1155,22 @@ def small_commands() -> list[tuple[str, tuple[str, ...]]]:
 
 def page_plans(pages: tuple[str, ...]) -> list:
     """The plans of ``pages`` as test parameters, duplicates left out (each runs once, under its first
-    occurrence): tests/test_docs_run_a.py and tests/test_docs_run_b.py each take half of the pages."""
+    occurrence): tests/test_docs_run_front.py takes the front pages, tests/test_docs_run_a.py and
+    tests/test_docs_run_b.py each take half of the others."""
     import pytest
 
     return [pytest.param(p, id=p.command.id) for p in plans() if p.command.page in pages and p.same_as is None]
+
+
+def test_every_page_with_commands_runs_in_exactly_one_file():
+    """The pages are split over three files (CI runs the front one, the others are `docs`); a page added
+    to docs/ or dropped from every tuple would otherwise go untested without a word."""
+    import test_docs_run_a
+    import test_docs_run_b
+    import test_docs_run_front
+
+    files = (test_docs_run_front.PAGES, test_docs_run_a.PAGES, test_docs_run_b.PAGES)
+    listed = [page for pages in files for page in pages]
+    assert len(listed) == len(set(listed)), f"a page runs in two files: {sorted(listed)}"
+    with_commands = {p.command.page for p in plans()}
+    assert with_commands <= set(listed), f"pages whose commands no file runs: {sorted(with_commands - set(listed))}"
