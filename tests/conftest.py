@@ -41,7 +41,7 @@ def tiny_vlm_path(tmp_path_factory) -> str:
 
 
 # Every command of the other docs pages, in two files so that `-n 2 --dist loadfile` runs the halves side by
-# side: `slow` and also `docs`. About 45 minutes on 2 cores with a cold cache, which CI's 90 minutes cannot
+# side: `slow` and also `docs`. 40 minutes or more on 2 cores with a cold cache, which CI's 90 minutes cannot
 # hold beside the rest, so CI runs `-m "slow and not docs"`; run them by hand (`-m docs`) before a change to
 # the docs or to an entry point's flags lands.
 DOCS_TESTS = (

@@ -1,7 +1,7 @@
 """Every command of the two front pages runs, under the rules of docs/README.md ("How the docs are tested").
 
 These are the commands a new user types first, so they run in CI's slow half; the other pages' commands
-(tests/test_docs_run_a.py and tests/test_docs_run_b.py, marker ``docs``) take about 45 minutes more on
+(tests/test_docs_run_a.py and tests/test_docs_run_b.py, marker ``docs``) take 40 minutes or more on
 2 cores and run by hand before a change to the docs or to an entry point's flags lands.
 """
 
