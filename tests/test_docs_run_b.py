@@ -8,13 +8,8 @@ Both carry the ``docs`` marker (tests/conftest.py): CI leaves them out, the fron
 
 from __future__ import annotations
 
-import pytest
-from test_docs_run_rules import page_plans
-from test_docs_run_support import artefacts, page_folder, pages_base, run_plan, services  # noqa: F401 - fixtures
+from test_docs_run_support import artefacts, documented_command_test, pages_base, services  # noqa: F401 - fixtures
 
 PAGES = ("docs/offline_rl.md", "docs/tools.md", "docs/online_rl_llm.md", "docs/servers.md", "docs/labelling.md", "docs/scripts.md")
 
-
-@pytest.mark.parametrize("plan", page_plans(PAGES))
-def test_documented_command_runs(plan, artefacts, services, pages_base):  # noqa: F811 - fixtures
-    run_plan(plan, page_folder(pages_base, plan.command.page), artefacts, services)
+test_documented_command_runs = documented_command_test(PAGES)

@@ -7,13 +7,8 @@ These are the commands a new user types first, so they run in CI's slow half; th
 
 from __future__ import annotations
 
-import pytest
-from test_docs_run_rules import page_plans
-from test_docs_run_support import artefacts, page_folder, pages_base, run_plan, services  # noqa: F401 - fixtures
+from test_docs_run_support import artefacts, documented_command_test, pages_base, services  # noqa: F401 - fixtures
 
 PAGES = ("README.md", "docs/README.md")
 
-
-@pytest.mark.parametrize("plan", page_plans(PAGES))
-def test_documented_command_runs(plan, artefacts, services, pages_base):  # noqa: F811 - fixtures
-    run_plan(plan, page_folder(pages_base, plan.command.page), artefacts, services)
+test_documented_command_runs = documented_command_test(PAGES)

@@ -493,3 +493,15 @@ def test_every_artefact_kind_has_a_recipe():
     makeable = set(RECIPES) | set(PRODUCTS) | {"tier"}
     assert kinds <= makeable, sorted(kinds - makeable)
     assert sys.executable  # the runner starts the project's Python (tests/test_docs_commands.py: _bin_dir)
+
+
+def documented_command_test(pages: tuple[str, ...]):
+    """The one test of tests/test_docs_run_front.py, _a.py and _b.py, over their own ``pages`` (each file
+    also imports the fixtures it names, so pytest finds them in the module)."""
+    from test_docs_run_rules import page_plans
+
+    @pytest.mark.parametrize("plan", page_plans(pages))
+    def test_documented_command_runs(plan, artefacts, services, pages_base):
+        run_plan(plan, page_folder(pages_base, plan.command.page), artefacts, services)
+
+    return test_documented_command_runs
